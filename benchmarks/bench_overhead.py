@@ -1,0 +1,176 @@
+"""What retry costs: the happy path and the retry path, against tenacity, stamina and backoff.
+
+One process, one event loop, every contender in the same run. Happy path: ns per call of a
+trivial async handler that succeeds. Retry path: a handler that fails twice with a transient
+error and then succeeds, with zero delay, against a hand-written loop doing the same.
+
+    python benchmarks/bench_overhead.py           # full run (about a minute)
+    python benchmarks/bench_overhead.py --quick   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import backoff
+import stamina
+import tenacity
+
+from cqrs_resilience import (
+    Command,
+    CommandResponse,
+    FixedRetryPolicy,
+    RetryableCommandHandler,
+    TransientError,
+    pipeline,
+    retry,
+)
+
+Call = Callable[[Any], Awaitable[Any]]
+ZERO = FixedRetryPolicy(max_retries=3, delay_ms=0, jitter=False)
+
+
+class Ping(Command[str]):
+    pass
+
+
+async def ok(command: Any) -> str:
+    return "ok"
+
+
+def flaky_handler() -> Call:
+    """Fails twice with a transient error, then succeeds; again and again."""
+    calls = 0
+
+    async def flaky(command: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls % 3:
+            raise TransientError("blip")
+        return "ok"
+
+    return flaky
+
+
+def noop_behavior(handler: Call) -> Call:
+    async def wrapped(command: Any) -> Any:
+        return await handler(command)
+
+    return wrapped
+
+
+def hand_written(handler: Call) -> Call:
+    """The loop a careful engineer writes by hand: the baseline for the retry path."""
+
+    async def loop(command: Any) -> Any:
+        for attempt in range(4):
+            try:
+                return await handler(command)
+            except TransientError:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0)
+        raise AssertionError("unreachable")
+
+    return loop
+
+
+class OkHandler(RetryableCommandHandler[str]):
+    retry_policy = ZERO
+
+    async def process(self, command: Any) -> CommandResponse[str]:
+        return await self.dispatcher(command)  # type: ignore[no-any-return]
+
+
+def contenders() -> dict[str, Callable[[Call], Call]]:
+    # stamina logs every retry by default; switch that off so only its machinery is timed.
+    stamina.instrumentation.set_on_retry_hooks([])
+    return {
+        "bare (no retry)": lambda h: h,
+        "hand-written loop": hand_written,
+        "cqrs_resilience retry()": retry(ZERO),
+        "cqrs_resilience pipeline(retry(), 2 no-ops)": pipeline(
+            retry(ZERO), noop_behavior, noop_behavior
+        ),
+        "cqrs_resilience RetryableCommandHandler.handle": lambda h: OkHandler(h).handle,
+        "tenacity.retry": tenacity.retry(
+            stop=tenacity.stop_after_attempt(4),
+            wait=tenacity.wait_none(),
+            retry=tenacity.retry_if_exception_type(TransientError),
+            reraise=True,
+        ),
+        "stamina.retry": stamina.retry(
+            on=TransientError, attempts=4, wait_initial=0, wait_max=0, wait_jitter=0
+        ),
+        "backoff.on_exception": backoff.on_exception(
+            backoff.constant, TransientError, interval=0, jitter=None, max_tries=4
+        ),
+    }
+
+
+async def per_call_ns(fn: Call, calls: int, rounds: int) -> float:
+    """Best of `rounds` timings of `calls` sequential awaits, in ns per call."""
+    command = Ping()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            await fn(command)
+        best = min(best, (time.perf_counter_ns() - start) / calls)
+    return best
+
+
+def fmt_ns(ns: float) -> str:
+    return f"{ns / 1000:,.2f} µs" if ns >= 10_000 else f"{ns:,.0f} ns"
+
+
+async def main(quick: bool) -> None:
+    calls, rounds = (2_000, 3) if quick else (50_000, 7)
+    retry_calls = calls // 5
+    makers = contenders()
+    happy = {name: await per_call_ns(make(ok), calls, rounds) for name, make in makers.items()}
+    path = {
+        name: await per_call_ns(make(flaky_handler()), retry_calls, rounds)
+        for name, make in makers.items()
+        if name != "bare (no retry)"
+    }
+    bare = happy["bare (no retry)"]
+    ours = happy["cqrs_resilience retry()"] - bare
+    hand = path["hand-written loop"]
+
+    versions = ", ".join(
+        f"{pkg} {importlib.metadata.version(pkg)}"
+        for pkg in ("cqrs-resilience", "tenacity", "stamina", "backoff")
+    )
+    print(f"# Retry overhead ({versions}; {calls:,} calls x best of {rounds})\n")
+    print(
+        "| contender | happy path per call | overhead vs bare | overhead vs ours "
+        "| retry path (2 failures) | vs hand-written loop |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in makers:
+        overhead = happy[name] - bare
+        ratio = f"{overhead / ours:,.1f}x" if name != "bare (no retry)" and ours > 0 else "-"
+        retry_cell = fmt_ns(path[name]) if name in path else "-"
+        retry_ratio = f"{path[name] / hand:.2f}x" if name in path else "-"
+        print(
+            f"| {name} | {fmt_ns(happy[name])} | {fmt_ns(max(overhead, 0))} | {ratio} "
+            f"| {retry_cell} | {retry_ratio} |"
+        )
+    tenacity_overhead = happy["tenacity.retry"] - bare
+    print(
+        f"\nretry() happy-path overhead: {fmt_ns(ours)}; tenacity's is "
+        f"{tenacity_overhead / ours:,.0f}x larger (target >= 50x). Retry path: "
+        f"{path['cqrs_resilience retry()'] / hand:.2f}x the hand-written loop (target <= 2x)."
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    asyncio.run(main(parser.parse_args().quick))

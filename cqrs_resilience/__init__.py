@@ -1,0 +1,69 @@
+"""Retry and conflict resolution for CQRS command handlers.
+
+Behaviours are plain higher-order functions (`retry`, `resolve_conflicts`) composed with
+`pipeline()`; the handler classes are thin shells generated from the same behaviours.
+"""
+
+from ._clock import Clock, FakeClock, SystemClock, is_testing, set_testing
+from ._conflict_config import ConflictConfig, ConflictResolutionPolicy, OnMergeConflict
+from ._errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    Conflict,
+    MergeConflictError,
+    TransientError,
+)
+from ._handlers import (
+    PipelinedCommandHandler,
+    RetryableCommandHandler,
+    RetryBehaviorMixin,
+)
+from ._hooks import HookRegistry, get_hook_registry
+from ._idempotency import command_scope, current_command_id
+from ._messages import Command, CommandResponse, ConflictResilient, Retryable
+from ._pipeline import Behavior, Pipeline, pipeline
+from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
+from ._repository import Aggregate, InMemoryRepository, Repository
+from ._retry import DEFAULT_RETRY_ON, Retry, retry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregate",
+    "Behavior",
+    "Clock",
+    "Command",
+    "CommandResponse",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "Conflict",
+    "ConflictConfig",
+    "ConflictResilient",
+    "ConflictResolutionPolicy",
+    "DEFAULT_RETRY_ON",
+    "ExponentialBackoffPolicy",
+    "FakeClock",
+    "FixedRetryPolicy",
+    "HookRegistry",
+    "InMemoryRepository",
+    "MergeConflictError",
+    "OnMergeConflict",
+    "Pipeline",
+    "PipelinedCommandHandler",
+    "Repository",
+    "Retry",
+    "RetryBehaviorMixin",
+    "RetryPolicy",
+    "Retryable",
+    "RetryableCommandHandler",
+    "SystemClock",
+    "TransientError",
+    "__version__",
+    "command_scope",
+    "current_command_id",
+    "get_hook_registry",
+    "is_testing",
+    "pipeline",
+    "retry",
+    "set_testing",
+]

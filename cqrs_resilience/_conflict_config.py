@@ -1,0 +1,78 @@
+"""How a command wants its optimistic-concurrency conflicts settled."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from ._errors import ConfigurationError
+
+
+class ConflictResolutionPolicy(enum.StrEnum):
+    """What to do when a command loses an optimistic-concurrency race."""
+
+    FIRST_WINS = "first_wins"
+    """The earlier write stands; the conflict propagates to the caller."""
+    LAST_WINS = "last_wins"
+    """The command's state is laid over the latest state and the command runs again."""
+    MERGE = "merge"
+    """The command's state is merged into the latest state and the command runs again."""
+
+
+class OnMergeConflict(enum.StrEnum):
+    """What a three-way merge does with a path both sides changed differently."""
+
+    RAISE = "raise"
+    """Raise MergeConflictError listing every conflicting path (the default: nothing lost)."""
+    PREFER_CURRENT = "prefer_current"
+    """Keep the value already stored."""
+    PREFER_INCOMING = "prefer_incoming"
+    """Take the command's value."""
+
+
+class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Conflict-resolution settings; travels with a `ConflictResilient` command."""
+
+    policy: ConflictResolutionPolicy = ConflictResolutionPolicy.FIRST_WINS
+    strategy_name: str = "deep"
+    append_lists: bool = False
+    list_identity_key: str | None = None
+    include_fields: frozenset[str] | None = None
+    exclude_fields: frozenset[str] | None = None
+    timestamp_field: str = "modified_at"
+    fallback_to_incoming: bool = True
+    max_attempts: int = 3
+    protected_fields: frozenset[str] = frozenset({"id", "version"})
+    on_conflict: OnMergeConflict = OnMergeConflict.RAISE
+
+    def __post_init__(self) -> None:
+        # Coerce the friendly spellings users write (sets, lists, strings) into the real types.
+        for name in ("include_fields", "exclude_fields", "protected_fields"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, frozenset):
+                if isinstance(value, str):
+                    raise ConfigurationError(f"{name} must be a set of field names, not a string")
+                msgspec.structs.force_setattr(self, name, frozenset(value))
+        try:
+            msgspec.structs.force_setattr(self, "policy", ConflictResolutionPolicy(self.policy))
+        except ValueError:
+            allowed = ", ".join(p.name for p in ConflictResolutionPolicy)
+            raise ConfigurationError(
+                f"policy must be one of {allowed}, got {self.policy!r}"
+            ) from None
+        try:
+            msgspec.structs.force_setattr(self, "on_conflict", OnMergeConflict(self.on_conflict))
+        except ValueError:
+            allowed = ", ".join(p.value for p in OnMergeConflict)
+            raise ConfigurationError(
+                f"on_conflict must be one of {allowed}, got {self.on_conflict!r}"
+            ) from None
+        if not isinstance(self.strategy_name, str) or not self.strategy_name:
+            raise ConfigurationError(
+                f"strategy_name must be a non-empty string, got {self.strategy_name!r}"
+            )
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ConfigurationError(f"max_attempts must be an int, got {self.max_attempts!r}")
+        if self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")

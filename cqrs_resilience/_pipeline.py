@@ -1,0 +1,62 @@
+"""`pipeline()`: compose behaviours, first listed outermost."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeAlias, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Behavior: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
+"""A behaviour takes a handler and returns one that does more around it."""
+
+
+def _describe(behavior: Behavior) -> str:
+    if isinstance(behavior, types.FunctionType | types.MethodType):
+        return behavior.__name__
+    return repr(behavior)
+
+
+class Pipeline:
+    """Behaviours composed into one: `Pipeline(a, b)(h)` is `a(b(h))`."""
+
+    __slots__ = ("behaviors",)
+
+    def __init__(self, *behaviors: Behavior) -> None:
+        for position, behavior in enumerate(behaviors, 1):
+            if not callable(behavior):
+                raise TypeError(
+                    f"pipeline() takes behaviours (callables); argument {position} is {behavior!r}"
+                )
+        self.behaviors = behaviors
+
+    def __call__(self, handler: Callable[P, T]) -> Callable[P, T]:
+        if not callable(handler):
+            raise TypeError(f"a pipeline wraps a callable handler, got {handler!r}")
+        wrapped: Callable[..., Any] = handler
+        for behavior in reversed(self.behaviors):
+            wrapped = behavior(wrapped)
+        return wrapped
+
+    @property
+    def __name__(self) -> str:
+        return repr(self)
+
+    def __repr__(self) -> str:
+        return f"pipeline({', '.join(map(_describe, self.behaviors))})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.behaviors == other.behaviors
+
+    def __hash__(self) -> int:
+        return hash(self.behaviors)
+
+
+def pipeline(*behaviors: Behavior) -> Pipeline:
+    """Compose behaviours; `pipeline(a, b, c)(h)` is `a(b(c(h)))`, `pipeline()` the identity.
+
+    The result is itself a behaviour and a decorator.
+    """
+    return Pipeline(*behaviors)

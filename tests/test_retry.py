@@ -1,0 +1,441 @@
+"""retry(): what is retried, how often, how long it waits, and what the caller finally sees."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import traceback
+from typing import Any
+
+import msgspec
+import pytest
+
+from cqrs_resilience import (
+    Command,
+    ConcurrencyError,
+    ExponentialBackoffPolicy,
+    FakeClock,
+    FixedRetryPolicy,
+    HookRegistry,
+    Retryable,
+    TransientError,
+    pipeline,
+    retry,
+    set_testing,
+)
+
+NO_JITTER = FixedRetryPolicy(max_retries=3, delay_ms=10, jitter=False)
+
+
+class Flaky:
+    """Fails with `error` the first `failures` calls, then returns the call count."""
+
+    def __init__(self, failures: int, error: type[BaseException] | BaseException = TransientError):
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+
+    def step(self) -> int:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error if isinstance(self.error, BaseException) else self.error("flaky")
+        return self.calls
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> int:
+        return self.step()
+
+
+async def test_success_calls_once_and_never_sleeps(clock: FakeClock, events: list[Any]) -> None:
+    """A call that succeeds runs once, with no sleep and no event."""
+    flaky = Flaky(0)
+    assert await retry(NO_JITTER, clock=clock)(flaky)() == 1
+    assert flaky.calls == 1
+    assert clock.sleeps == []
+    assert events == []
+
+
+async def test_transient_failures_are_retried_on_schedule(clock: FakeClock) -> None:
+    """Two transient failures then success: three calls, two policy delays."""
+    flaky = Flaky(2)
+    policy = ExponentialBackoffPolicy(max_retries=5, initial_delay_ms=100, jitter=False)
+    assert await retry(policy, clock=clock)(flaky)() == 3
+    assert clock.sleeps == [0.1, 0.2]
+
+
+async def test_max_retries_counts_retries_after_the_first_attempt(clock: FakeClock) -> None:
+    """max_retries=3 means four calls at most, then the last error itself is raised."""
+    errors: list[TransientError] = []
+
+    async def always_fails() -> None:
+        errors.append(TransientError(f"failure {len(errors) + 1}"))
+        raise errors[-1]
+
+    with pytest.raises(TransientError) as info:
+        await retry(NO_JITTER, clock=clock)(always_fails)()
+    assert len(errors) == 4
+    assert info.value is errors[-1]
+    assert info.value.__notes__ == ["gave up after 4 attempts"]
+    frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert "always_fails" in frames
+
+
+async def test_zero_retries_means_one_call(clock: FakeClock) -> None:
+    """max_retries=0 calls once and gives up with a note."""
+    flaky = Flaky(5)
+    with pytest.raises(TransientError) as info:
+        await retry(FixedRetryPolicy(max_retries=0), clock=clock)(flaky)()
+    assert flaky.calls == 1
+    assert info.value.__notes__ == ["gave up after 1 attempt"]
+
+
+@pytest.mark.parametrize("error", [ConnectionError, TimeoutError, asyncio.TimeoutError])
+async def test_connection_and_timeout_errors_are_retried_by_default(
+    clock: FakeClock, error: type[Exception]
+) -> None:
+    """ConnectionError and TimeoutError (asyncio's too) are retried without configuration."""
+    flaky = Flaky(1, error)
+    assert await retry(NO_JITTER, clock=clock)(flaky)() == 2
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConcurrencyError(aggregate_id="a", expected_version=1, actual_version=2),
+        ValueError("bad"),
+        TypeError("bad"),
+        msgspec.ValidationError("bad"),
+        RuntimeError("bug"),
+    ],
+)
+async def test_other_errors_are_not_retried(clock: FakeClock, error: Exception) -> None:
+    """Conflicts, validation errors and bugs fail at once, untouched."""
+    flaky = Flaky(1, error)
+    with pytest.raises(type(error)) as info:
+        await retry(NO_JITTER, clock=clock)(flaky)()
+    assert info.value is error
+    assert flaky.calls == 1
+    assert not getattr(error, "__notes__", None)
+    assert clock.sleeps == []
+
+
+async def test_on_takes_exception_types(clock: FakeClock) -> None:
+    """`on=` replaces the default set of retried types."""
+    assert await retry(NO_JITTER, on=KeyError, clock=clock)(Flaky(2, KeyError))() == 3
+    flaky = Flaky(1, TransientError)
+    with pytest.raises(TransientError):
+        await retry(NO_JITTER, on=(KeyError,), clock=clock)(flaky)()
+    assert flaky.calls == 1
+
+
+async def test_on_takes_a_predicate(clock: FakeClock) -> None:
+    """A predicate decides per exception."""
+    seen: list[BaseException] = []
+
+    def only_503(exc: BaseException) -> bool:
+        seen.append(exc)
+        return "503" in str(exc)
+
+    assert await retry(NO_JITTER, on=only_503, clock=clock)(Flaky(2, RuntimeError("503")))() == 3
+    flaky = Flaky(1, RuntimeError("404"))
+    with pytest.raises(RuntimeError, match="404"):
+        await retry(NO_JITTER, on=only_503, clock=clock)(flaky)()
+    assert flaky.calls == 1
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    "error", [asyncio.CancelledError, KeyboardInterrupt, SystemExit, GeneratorExit]
+)
+async def test_cancellation_and_exits_are_never_retried(
+    clock: FakeClock, error: type[BaseException]
+) -> None:
+    """Whatever `on` says, cancellation and interpreter exits propagate at once."""
+    asked: list[BaseException] = []
+    flaky = Flaky(1, error)
+
+    def everything(exc: BaseException) -> bool:
+        asked.append(exc)
+        return True
+
+    with pytest.raises(error):
+        await retry(NO_JITTER, on=everything, clock=clock)(flaky)()
+    with pytest.raises(error):
+        await retry(NO_JITTER, on=(Exception,), clock=clock)(Flaky(1, error))()
+    assert flaky.calls == 1
+    assert asked == []
+
+
+async def test_cancelling_during_backoff_cancels_at_once() -> None:
+    """A task cancelled while it waits to retry ends cancelled; no further attempt is made."""
+    clock = FakeClock(autojump=False)
+    flaky = Flaky(10)
+    task = asyncio.create_task(retry(NO_JITTER, clock=clock)(flaky)())
+    await clock.wait_for_sleepers(1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert flaky.calls == 1
+    clock.advance(10)
+    await asyncio.sleep(0)
+    assert flaky.calls == 1
+
+
+async def test_cancelling_during_a_real_long_backoff_returns_promptly(hooks: HookRegistry) -> None:
+    """With the real clock and an hour's backoff, cancel still ends the call immediately."""
+    scheduled = asyncio.Event()
+    hooks.subscribe("handler.retry.scheduled", lambda ctx: scheduled.set())
+    flaky = Flaky(10)
+    hour = FixedRetryPolicy(max_retries=3, delay_ms=3_600_000, jitter=False)
+    task = asyncio.create_task(retry(hour, hooks=hooks)(flaky)())
+    await scheduled.wait()
+    task.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert flaky.calls == 1
+
+
+class Ping(Command[str], Retryable):
+    target: str = "db"
+
+
+class Pong(Command[str]):
+    target: str = "db"
+
+
+async def test_command_policy_wins_over_decorator_policy(clock: FakeClock) -> None:
+    """A Retryable command's retry_policy takes precedence over the behaviour's."""
+    flaky = Flaky(10)
+    command = Ping(retry_policy=FixedRetryPolicy(max_retries=1, delay_ms=7, jitter=False))
+    with pytest.raises(TransientError):
+        await retry(NO_JITTER, clock=clock)(flaky)(command)
+    assert flaky.calls == 2
+    assert clock.sleeps == [0.007]
+
+
+async def test_decorator_policy_applies_to_commands_without_one(clock: FakeClock) -> None:
+    """Without a command policy the behaviour's policy applies."""
+    flaky = Flaky(10)
+    with pytest.raises(TransientError):
+        await retry(NO_JITTER, clock=clock)(flaky)(Pong())
+    assert flaky.calls == 4
+
+
+async def test_default_policy_is_exponential_backoff(clock: FakeClock) -> None:
+    """With neither, ExponentialBackoffPolicy() applies: 5 retries, jittered doubling delays."""
+    flaky = Flaky(10)
+    with pytest.raises(TransientError):
+        await retry(clock=clock)(flaky)(Pong())
+    assert flaky.calls == 6
+    for k, slept in enumerate(clock.sleeps, 1):
+        full = min(0.1 * 2 ** (k - 1), 5.0)
+        assert full / 2 <= slept <= full
+
+
+async def test_command_policy_is_found_after_self_in_methods(clock: FakeClock) -> None:
+    """Decorating a method: the command is the argument after self."""
+
+    class Handler:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        @retry(NO_JITTER, clock=clock)
+        async def process(self, command: Ping) -> str:
+            self.calls += 1
+            raise TransientError("down")
+
+    handler = Handler()
+    with pytest.raises(TransientError):
+        await handler.process(Ping(retry_policy=FixedRetryPolicy(max_retries=2, jitter=False)))
+    assert handler.calls == 3
+
+
+async def test_retry_after_is_a_minimum_for_the_next_delay(
+    clock: FakeClock, hooks: HookRegistry, events: list[Any]
+) -> None:
+    """A server's retry_after stretches a shorter delay, and is what hooks report."""
+    errors = [TransientError("slow down", retry_after=2.5), TransientError("x", retry_after=0.001)]
+
+    async def throttled() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    assert await retry(NO_JITTER, clock=clock, hooks=hooks)(throttled)() == "ok"
+    assert clock.sleeps == [2.5, 0.01]
+    assert [ctx["delay_ms"] for _, ctx in events] == [2500, 10]
+
+
+def test_negative_retry_after_is_rejected() -> None:
+    """retry_after below zero is a configuration error."""
+    with pytest.raises(ValueError, match="retry_after"):
+        TransientError("x", retry_after=-1)
+
+
+def test_sync_functions_are_retried_with_sync_sleeps(clock: FakeClock) -> None:
+    """A plain function is retried in place, sleeping through the clock's sync sleep."""
+    calls: list[int] = []
+
+    @retry(NO_JITTER, clock=clock)
+    def legacy(a: int, b: int = 2) -> int:
+        calls.append(a)
+        if len(calls) < 3:
+            raise ConnectionError("reset")
+        return a + b
+
+    assert legacy(1, b=5) == 6
+    assert calls == [1, 1, 1]
+    assert clock.sleeps == [0.01, 0.01]
+
+
+def test_sync_functions_give_up_with_the_last_error(clock: FakeClock) -> None:
+    """Sync retries end like async ones: the last error itself, with a note."""
+    flaky = Flaky(10)
+    with pytest.raises(TransientError) as info:
+        retry(NO_JITTER, clock=clock)(flaky.step)()
+    assert flaky.calls == 4
+    assert info.value.__notes__ == ["gave up after 4 attempts"]
+
+
+def legacy_transfer(account: str, amount: int, *, memo: str = "") -> str:
+    """Move money (legacy code)."""
+    return f"{account}:{amount}:{memo}"
+
+
+async def async_transfer(account: str, amount: int, *, memo: str = "") -> str:
+    """Move money (async code)."""
+    return f"{account}:{amount}:{memo}"
+
+
+@pytest.mark.parametrize("fn", [legacy_transfer, async_transfer])
+def test_wrapping_keeps_signature_name_and_docstring(fn: Any) -> None:
+    """A wrapped function looks like the original to callers and introspection."""
+    wrapped = retry()(fn)
+    assert wrapped.__name__ == fn.__name__
+    assert wrapped.__doc__ == fn.__doc__
+    assert wrapped.__wrapped__ is fn
+    assert inspect.signature(wrapped) == inspect.signature(fn)
+    assert inspect.iscoroutinefunction(wrapped) == inspect.iscoroutinefunction(fn)
+
+
+def test_wrapping_a_legacy_function_in_place_keeps_callers_working() -> None:
+    """Rebinding a module function to its wrapped self changes nothing for callers."""
+    import tests.legacy_module as legacy
+
+    original = legacy.charge
+    legacy.charge = retry(NO_JITTER, clock=FakeClock())(legacy.charge)
+    try:
+        assert legacy.checkout("alice", 30) == "charged alice 30"
+        assert legacy.failures_seen == 2
+    finally:
+        legacy.charge = original
+
+
+async def test_bare_decorator_uses_defaults() -> None:
+    """@retry without parentheses decorates with the default policy."""
+
+    @retry
+    async def ok(x: int) -> int:
+        return x + 1
+
+    assert await ok(1) == 2
+
+
+async def test_concurrent_calls_keep_their_own_attempt_counts() -> None:
+    """1,000 concurrent calls of one wrapped function each count their own attempts."""
+    attempts: dict[int, int] = {}
+
+    @retry(FixedRetryPolicy(max_retries=5, delay_ms=0, jitter=False), clock=FakeClock())
+    async def work(i: int) -> int:
+        attempts[i] = attempts.get(i, 0) + 1
+        await asyncio.sleep(0)
+        if attempts[i] <= i % 4:
+            raise TransientError(f"call {i} attempt {attempts[i]}")
+        return attempts[i]
+
+    results = await asyncio.gather(*(work(i) for i in range(1000)))
+    assert results == [i % 4 + 1 for i in range(1000)]
+
+
+async def test_hooks_see_every_retry_and_the_exhaustion(
+    clock: FakeClock, hooks: HookRegistry, events: list[Any]
+) -> None:
+    """Each retry emits `scheduled` with attempt k and the delay; giving up emits `exhausted`."""
+    flaky = Flaky(10)
+    command = Ping(retry_policy=FixedRetryPolicy(max_retries=2, delay_ms=5, jitter=False))
+    with pytest.raises(TransientError) as info:
+        await retry(clock=clock, hooks=hooks)(flaky)(command)
+    names = [name for name, _ in events]
+    assert names == ["handler.retry.scheduled"] * 2 + ["handler.retry.exhausted"]
+    first, second, exhausted = (ctx for _, ctx in events)
+    assert (first["attempt"], second["attempt"]) == (1, 2)
+    assert first["delay_ms"] == second["delay_ms"] == 5
+    assert first["max_retries"] == 2
+    assert first["command.type"] == "Ping"
+    assert first["handler.type"] == "Flaky"
+    assert first["policy"] == command.retry_policy
+    assert isinstance(first["error"], TransientError)
+    assert exhausted["error"] is info.value
+
+
+async def test_a_raising_hook_never_breaks_the_command(
+    clock: FakeClock, hooks: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that raises is logged at WARNING; the retry goes on."""
+
+    @hooks.hook("handler.retry.*")
+    async def broken(ctx: dict[str, Any]) -> None:
+        raise RuntimeError("hook bug")
+
+    with caplog.at_level(logging.WARNING, logger="cqrs_resilience"):
+        assert await retry(NO_JITTER, clock=clock, hooks=hooks)(Flaky(1))() == 2
+    assert any("hook bug" in (r.exc_text or "") for r in caplog.records)
+    assert all(r.levelno >= logging.WARNING for r in caplog.records)
+
+
+async def test_set_testing_removes_sleeping_but_keeps_retries(clock: FakeClock) -> None:
+    """In testing mode retries happen with no sleep; leaving the block restores sleeping."""
+    with set_testing():
+        flaky = Flaky(3)
+        assert await retry(NO_JITTER, clock=clock)(flaky)() == 4
+        assert clock.sleeps == []
+    assert await retry(NO_JITTER, clock=clock)(Flaky(1))() == 2
+    assert clock.sleeps == [0.01]
+
+
+def test_set_testing_removes_sync_sleeping(clock: FakeClock) -> None:
+    """Testing mode also skips sync sleeps."""
+    with set_testing():
+        assert retry(NO_JITTER, clock=clock)(Flaky(2).step)() == 3
+    assert clock.sleeps == []
+
+
+def test_bad_arguments_are_rejected_up_front() -> None:
+    """A non-policy, a bad `on` or a non-callable target raise TypeError when wrapping."""
+    with pytest.raises(TypeError, match="RetryPolicy"):
+        retry(3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="on="):
+        retry(on=("nope",))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        retry()(42)  # type: ignore[call-overload]
+
+
+async def test_retry_composes_in_a_pipeline(clock: FakeClock) -> None:
+    """retry() is a behaviour: it works inside pipeline() like any other."""
+    order: list[str] = []
+
+    def tag(name: str) -> Any:
+        def behavior(handler: Any) -> Any:
+            async def wrapped(*args: Any) -> Any:
+                order.append(name)
+                return await handler(*args)
+
+            return wrapped
+
+        return behavior
+
+    flaky = Flaky(1)
+    handler = pipeline(tag("outer"), retry(NO_JITTER, clock=clock), tag("inner"))(flaky)
+    assert await handler() == 2
+    assert order == ["outer", "inner", "inner"]
