@@ -5,6 +5,14 @@ Behaviours are plain higher-order functions (`retry`, `resolve_conflicts`) compo
 """
 
 from ._clock import Clock, FakeClock, SystemClock, is_testing, set_testing
+from ._conflict import (
+    FetchBaseState,
+    FetchLatestState,
+    GetIncomingState,
+    ResolveConflicts,
+    UpdateCommand,
+    resolve_conflicts,
+)
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy, OnMergeConflict
 from ._errors import (
     ConcurrencyError,
@@ -13,13 +21,28 @@ from ._errors import (
     MergeConflictError,
     TransientError,
 )
+from ._faults import FaultyRepository
 from ._handlers import (
+    ConflictCommandHandler,
+    ConflictResolutionMixin,
     PipelinedCommandHandler,
+    ResilientCommandHandler,
     RetryableCommandHandler,
     RetryBehaviorMixin,
 )
 from ._hooks import HookRegistry, get_hook_registry
 from ._idempotency import command_scope, current_command_id
+from ._merge import (
+    DeepMergeStrategy,
+    FieldLevelMergeStrategy,
+    IMergeStrategy,
+    MergeStrategy,
+    MergeStrategyRegistry,
+    ThreeWayMergeStrategy,
+    TimestampLastWinsStrategy,
+    UnknownStrategyError,
+    three_way_merge,
+)
 from ._messages import Command, CommandResponse, ConflictResilient, Retryable
 from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
@@ -37,33 +60,52 @@ __all__ = [
     "ConcurrencyError",
     "ConfigurationError",
     "Conflict",
+    "ConflictCommandHandler",
     "ConflictConfig",
     "ConflictResilient",
+    "ConflictResolutionMixin",
     "ConflictResolutionPolicy",
     "DEFAULT_RETRY_ON",
+    "DeepMergeStrategy",
     "ExponentialBackoffPolicy",
     "FakeClock",
+    "FaultyRepository",
+    "FetchBaseState",
+    "FetchLatestState",
+    "FieldLevelMergeStrategy",
     "FixedRetryPolicy",
+    "GetIncomingState",
     "HookRegistry",
+    "IMergeStrategy",
     "InMemoryRepository",
     "MergeConflictError",
+    "MergeStrategy",
+    "MergeStrategyRegistry",
     "OnMergeConflict",
     "Pipeline",
     "PipelinedCommandHandler",
     "Repository",
+    "ResilientCommandHandler",
+    "ResolveConflicts",
     "Retry",
     "RetryBehaviorMixin",
     "RetryPolicy",
     "Retryable",
     "RetryableCommandHandler",
     "SystemClock",
+    "ThreeWayMergeStrategy",
+    "TimestampLastWinsStrategy",
     "TransientError",
+    "UnknownStrategyError",
+    "UpdateCommand",
     "__version__",
     "command_scope",
     "current_command_id",
     "get_hook_registry",
     "is_testing",
     "pipeline",
+    "resolve_conflicts",
     "retry",
     "set_testing",
+    "three_way_merge",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Set as AbstractSet
 
 import msgspec
 
@@ -32,18 +33,22 @@ class OnMergeConflict(enum.StrEnum):
 
 
 class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
-    """Conflict-resolution settings; travels with a `ConflictResilient` command."""
+    """Conflict-resolution settings; travels with a `ConflictResilient` command.
+
+    Field-name sets accept any set or list of names and are stored as frozensets, so a config
+    stays hashable and safe to share.
+    """
 
     policy: ConflictResolutionPolicy = ConflictResolutionPolicy.FIRST_WINS
     strategy_name: str = "deep"
     append_lists: bool = False
     list_identity_key: str | None = None
-    include_fields: frozenset[str] | None = None
-    exclude_fields: frozenset[str] | None = None
+    include_fields: AbstractSet[str] | None = None
+    exclude_fields: AbstractSet[str] | None = None
     timestamp_field: str = "modified_at"
     fallback_to_incoming: bool = True
     max_attempts: int = 3
-    protected_fields: frozenset[str] = frozenset({"id", "version"})
+    protected_fields: AbstractSet[str] = frozenset({"id", "version"})
     on_conflict: OnMergeConflict = OnMergeConflict.RAISE
 
     def __post_init__(self) -> None:

@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from ._conflict import resolve_conflicts
+from ._conflict_config import ConflictConfig
 from ._idempotency import current_command_id
 from ._messages import CommandResponse
 from ._pipeline import Behavior, pipeline
@@ -104,3 +106,54 @@ class RetryBehaviorMixin(PipelinedCommandHandler[R]):
 
 class RetryableCommandHandler(RetryBehaviorMixin[R]):
     """A handler whose `process` is retried on transient failures."""
+
+
+class ConflictResolutionMixin(PipelinedCommandHandler[R]):
+    """Adds `resolve_conflicts` wired to this handler's own state methods.
+
+    Implement `fetch_latest_state`, `get_incoming_state` and `update_command`; define
+    `fetch_base_state` too for a three-way merge. The command's own `conflict_config`
+    (`ConflictResilient`) wins over the class's `conflict_config`.
+    """
+
+    conflict_config: ClassVar[ConflictConfig | None] = None
+
+    @abstractmethod
+    async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
+        """The aggregate's latest state, or None if it no longer exists."""
+
+    @abstractmethod
+    def get_incoming_state(self, command: Any) -> dict[str, Any]:
+        """The state the command wants to write."""
+
+    @abstractmethod
+    def update_command(self, command: Any, merged_state: dict[str, Any]) -> Any:
+        """A command like `command`, carrying `merged_state`."""
+
+    async def fetch_base_state(self, command: Any) -> dict[str, Any] | None:
+        """The state the command was issued against; override it for a three-way merge."""
+        return None
+
+    def default_behaviors(self) -> list[Behavior]:
+        behavior = resolve_conflicts(
+            self.fetch_latest_state,
+            self.get_incoming_state,
+            self.update_command,
+            config=self.conflict_config,
+            registry=self.strategy_registry,
+            hooks=self.hooks,
+            fetch_base_state=self.fetch_base_state,
+        )
+        return [*super().default_behaviors(), behavior]
+
+
+class ConflictCommandHandler(ConflictResolutionMixin[R]):
+    """A handler whose optimistic-concurrency conflicts are resolved by policy."""
+
+
+class ResilientCommandHandler(RetryBehaviorMixin[R], ConflictResolutionMixin[R]):
+    """Both: `retry` outside `resolve_conflicts` outside `process`.
+
+    A transient failure retries the whole command, conflict resolution included; a conflict
+    is resolved without spending the retry budget.
+    """

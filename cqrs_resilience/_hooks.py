@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import inspect
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -124,6 +125,17 @@ class HookRegistry:
     def __repr__(self) -> str:
         patterns = sorted({pattern for pattern, _ in self._subscriptions})
         return f"HookRegistry({len(self._subscriptions)} subscriber(s) on {patterns})"
+
+
+def describe_handler(fn: Callable[..., Any]) -> str:
+    """The name hooks report: the handler class for bound methods, else the function."""
+    target: Any = fn
+    while target is not None:
+        owner = getattr(target, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            return type(owner).__name__
+        target = getattr(target, "__wrapped__", None)
+    return str(getattr(fn, "__qualname__", type(fn).__name__))
 
 
 _global = HookRegistry()

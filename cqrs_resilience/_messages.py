@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
 
 import msgspec
 
@@ -47,6 +47,8 @@ class _CommandMeta(msgspec.StructMeta):
         return super().__new__(mcls, name, bases, namespace, **kwargs)
 
 
+# Tells type checkers what the metaclass does at run time: every command field is keyword-only.
+@dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
 class Command(msgspec.Struct, Generic[R], kw_only=True, metaclass=_CommandMeta):
     """Base for commands; `command_id` is the idempotency key, kept across retries and merges."""
 
@@ -60,21 +62,37 @@ class CommandResponse(msgspec.Struct, Generic[R], kw_only=True):
     events: list[Any] = msgspec.field(default_factory=list)
 
 
-class Retryable:
-    """Mixin: the command carries a `retry_policy`, which overrides the handler's."""
+if TYPE_CHECKING:
+    # What type checkers see: Structs whose fields join a command's __init__ (msgspec's
+    # dataclass_transform collects fields only from Struct bases). At run time the mixins are
+    # plain classes, because msgspec allows one base with fields; the metaclass adds them.
 
-    __slots__ = ()
-    __promised_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any]]]] = {
-        "retry_policy": (AnyRetryPolicy, ExponentialBackoffPolicy)
-    }
-    retry_policy: AnyRetryPolicy
+    class Retryable(msgspec.Struct, kw_only=True):
+        """Mixin: the command carries a `retry_policy`, which overrides the handler's."""
 
+        retry_policy: AnyRetryPolicy = msgspec.field(default_factory=ExponentialBackoffPolicy)
 
-class ConflictResilient:
-    """Mixin: the command carries a `conflict_config`, which overrides the handler's."""
+    class ConflictResilient(msgspec.Struct, kw_only=True):
+        """Mixin: the command carries a `conflict_config`, which overrides the handler's."""
 
-    __slots__ = ()
-    __promised_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any]]]] = {
-        "conflict_config": (ConflictConfig, ConflictConfig)
-    }
-    conflict_config: ConflictConfig
+        conflict_config: ConflictConfig = msgspec.field(default_factory=ConflictConfig)
+
+else:
+
+    class Retryable:
+        """Mixin: the command carries a `retry_policy`, which overrides the handler's."""
+
+        __slots__ = ()
+        __promised_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any]]]] = {
+            "retry_policy": (AnyRetryPolicy, ExponentialBackoffPolicy)
+        }
+        retry_policy: AnyRetryPolicy
+
+    class ConflictResilient:
+        """Mixin: the command carries a `conflict_config`, which overrides the handler's."""
+
+        __slots__ = ()
+        __promised_fields__: ClassVar[dict[str, tuple[Any, Callable[[], Any]]]] = {
+            "conflict_config": (ConflictConfig, ConflictConfig)
+        }
+        conflict_config: ConflictConfig

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import types
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
@@ -19,7 +18,13 @@ import tenacity
 
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._errors import TransientError
-from ._hooks import RETRY_EXHAUSTED, RETRY_SCHEDULED, HookRegistry, get_hook_registry
+from ._hooks import (
+    RETRY_EXHAUSTED,
+    RETRY_SCHEDULED,
+    HookRegistry,
+    describe_handler,
+    get_hook_registry,
+)
 from ._messages import Command
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
@@ -50,17 +55,6 @@ def _predicate(on: RetryOn | None) -> Callable[[Exception], bool]:
     if callable(on):
         return cast(Callable[[Exception], bool], on)
     raise TypeError(f"retry(on=...) takes exception types or a predicate, got {on!r}")
-
-
-def _handler_type(fn: Callable[..., Any]) -> str:
-    """The name hooks report: the handler class for bound methods, else the function."""
-    target: Any = fn
-    while target is not None:
-        owner = getattr(target, "__self__", None)
-        if owner is not None and not isinstance(owner, types.ModuleType):
-            return type(owner).__name__
-        target = getattr(target, "__wrapped__", None)
-    return str(getattr(fn, "__qualname__", type(fn).__name__))
 
 
 def command_of(args: tuple[Any, ...]) -> Any:
@@ -130,7 +124,7 @@ class Retry:
         if not callable(fn):
             raise TypeError(f"retry() wraps a callable, got {fn!r}")
         should_retry = self._should_retry
-        handler_type = _handler_type(fn)
+        handler_type = describe_handler(fn)
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
         ):

@@ -1,0 +1,689 @@
+"""resolve_conflicts() and the conflict handler classes: policies, merges, guards, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from cqrs_resilience import (
+    Aggregate,
+    Command,
+    CommandResponse,
+    ConcurrencyError,
+    ConflictCommandHandler,
+    ConflictConfig,
+    ConflictResilient,
+    ConflictResolutionMixin,
+    ConflictResolutionPolicy,
+    FakeClock,
+    FaultyRepository,
+    FixedRetryPolicy,
+    HookRegistry,
+    InMemoryRepository,
+    MergeConflictError,
+    MergeStrategyRegistry,
+    OnMergeConflict,
+    ResilientCommandHandler,
+    Retryable,
+    pipeline,
+    resolve_conflicts,
+    retry,
+)
+
+MERGE = ConflictConfig(policy=ConflictResolutionPolicy.MERGE)
+
+
+class Update(Command[str]):
+    aggregate_id: str = "a1"
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Scenario:
+    """A handler that conflicts a set number of times, and hooks that record what they saw."""
+
+    def __init__(self, latest: dict[str, Any] | None, conflicts: int = 1) -> None:
+        self.latest = latest
+        self.conflicts = conflicts
+        self.seen: list[Update] = []
+        self.merged: list[dict[str, Any]] = []
+
+    async def handler(self, command: Update) -> str:
+        self.seen.append(command)
+        if len(self.seen) <= self.conflicts:
+            raise ConcurrencyError(aggregate_id="a1", expected_version=1, actual_version=2)
+        return "done"
+
+    async def fetch_latest_state(self, command: Update) -> dict[str, Any] | None:
+        return self.latest
+
+    def get_incoming_state(self, command: Update) -> dict[str, Any]:
+        return command.state
+
+    def update_command(self, command: Update, merged: dict[str, Any]) -> Update:
+        self.merged.append(merged)
+        return Update(aggregate_id=command.aggregate_id, state=merged)
+
+    def wrap(self, **kwargs: Any) -> Any:
+        behavior = resolve_conflicts(
+            self.fetch_latest_state, self.get_incoming_state, self.update_command, **kwargs
+        )
+        return behavior(self.handler)
+
+
+LATEST = {"id": "a1", "version": 2, "status": "processing", "meta": {"a": 1, "b": 2}}
+INCOMING = {"notes": "gift", "meta": {"b": 3}}
+
+
+async def test_first_wins_propagates_at_once(hooks: HookRegistry, events: list[Any]) -> None:
+    """FIRST_WINS: the conflict reaches the caller and the handler is not called again."""
+    scenario = Scenario(LATEST)
+    with pytest.raises(ConcurrencyError):
+        await scenario.wrap(hooks=hooks)(Update(state=INCOMING))
+    assert len(scenario.seen) == 1
+    assert [name for name, _ in events] == ["handler.conflict.detected", "handler.conflict.failed"]
+
+
+async def test_last_wins_overlays_incoming_shallowly() -> None:
+    """LAST_WINS: {**latest, **incoming}; a nested dict in incoming replaces latest's."""
+    scenario = Scenario(LATEST)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS)
+    assert await scenario.wrap(config=config)(Update(state=INCOMING)) == "done"
+    assert scenario.merged == [
+        {"id": "a1", "version": 2, "status": "processing", "meta": {"b": 3}, "notes": "gift"}
+    ]
+    assert scenario.seen[1].state == scenario.merged[0]
+
+
+async def test_merge_uses_the_named_strategy() -> None:
+    """MERGE with "deep": nested dicts merge, current keys kept, incoming wins."""
+    scenario = Scenario(LATEST)
+    assert await scenario.wrap(config=MERGE)(Update(state=INCOMING)) == "done"
+    assert scenario.merged == [
+        {
+            "id": "a1",
+            "version": 2,
+            "status": "processing",
+            "meta": {"a": 1, "b": 3},
+            "notes": "gift",
+        }
+    ]
+
+
+async def test_attempts_are_bounded_then_the_last_conflict_propagates(
+    hooks: HookRegistry, events: list[Any]
+) -> None:
+    """At most max_attempts resolutions per call; then the last ConcurrencyError is raised."""
+    scenario = Scenario(LATEST, conflicts=100)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, max_attempts=3)
+    with pytest.raises(ConcurrencyError) as info:
+        await scenario.wrap(config=config, hooks=hooks)(Update(state=INCOMING))
+    assert len(scenario.seen) == 4
+    assert "after 3 resolution attempts" in info.value.__notes__[0]
+    names = [name for name, _ in events]
+    assert names.count("handler.conflict.detected") == 3
+    assert names[-1] == "handler.conflict.failed"
+
+
+async def test_a_vanished_aggregate_propagates_at_once() -> None:
+    """If fetch_latest_state returns None the conflict propagates without another call."""
+    scenario = Scenario(None)
+    with pytest.raises(ConcurrencyError) as info:
+        await scenario.wrap(config=MERGE)(Update(state=INCOMING))
+    assert len(scenario.seen) == 1
+    assert "no longer exists" in info.value.__notes__[0]
+
+
+@pytest.mark.parametrize(
+    "policy", [ConflictResolutionPolicy.LAST_WINS, ConflictResolutionPolicy.MERGE]
+)
+@pytest.mark.parametrize("strategy", ["deep", "field", "timestamp"])
+async def test_protected_fields_always_come_from_latest(
+    policy: ConflictResolutionPolicy, strategy: str
+) -> None:
+    """Whatever the policy or strategy, id and version come from latest, never incoming."""
+    scenario = Scenario({"id": "a1", "version": 2, "modified_at": 1})
+    hostile = {"id": "someone-else", "version": 999, "owner": "mallory", "modified_at": 2}
+    config = ConflictConfig(policy=policy, strategy_name=strategy)
+    await scenario.wrap(config=config)(Update(state=hostile))
+    assert scenario.merged[0]["id"] == "a1"
+    assert scenario.merged[0]["version"] == 2
+
+
+async def test_protected_fields_absent_from_latest_cannot_be_introduced() -> None:
+    """A protected field missing from latest is dropped, not taken from incoming."""
+    scenario = Scenario({"status": "x"})
+    config = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS, protected_fields={"owner"})
+    await scenario.wrap(config=config)(Update(state={"owner": "mallory", "status": "y"}))
+    assert scenario.merged == [{"status": "y"}]
+
+
+async def test_rebuilt_commands_keep_the_command_id() -> None:
+    """update_command need not pass command_id: the library carries it over."""
+    scenario = Scenario(LATEST, conflicts=2)
+    original = Update(state=INCOMING)
+    await scenario.wrap(config=MERGE)(original)
+    assert [c.command_id for c in scenario.seen] == [original.command_id] * 3
+
+
+async def test_every_round_merges_the_original_intent_into_the_newest_state() -> None:
+    """After repeated conflicts the command's own state is merged into the latest latest."""
+    scenario = Scenario({"id": "a1", "version": 2, "status": "a"}, conflicts=2)
+    handler = scenario.wrap(config=MERGE)
+
+    async def moving_target(command: Update) -> dict[str, Any]:
+        version = 2 + len(scenario.seen)
+        return {"id": "a1", "version": version, "status": f"s{version}"}
+
+    scenario.fetch_latest_state = moving_target  # type: ignore[method-assign]
+    handler = scenario.wrap(config=MERGE)
+    await handler(Update(state={"notes": "n"}))
+    assert scenario.merged == [
+        {"id": "a1", "version": 3, "status": "s3", "notes": "n"},
+        {"id": "a1", "version": 4, "status": "s4", "notes": "n"},
+    ]
+
+
+class Configured(Command[str], ConflictResilient):
+    aggregate_id: str = "a1"
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+async def test_command_config_wins_over_behaviour_config() -> None:
+    """A ConflictResilient command's conflict_config takes precedence over config=."""
+    scenario = Scenario(LATEST)
+    command = Configured(state=INCOMING, conflict_config=MERGE)
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state,
+        scenario.get_incoming_state,
+        lambda cmd, merged: msgspec.structs.replace(cmd, state=merged),
+    )
+    assert await behavior(scenario.handler)(command) == "done"  # type: ignore[arg-type]
+    first_wins = Configured(
+        state=INCOMING, conflict_config=ConflictConfig(policy=ConflictResolutionPolicy.FIRST_WINS)
+    )
+    scenario2 = Scenario(LATEST)
+    behavior2 = resolve_conflicts(
+        scenario2.fetch_latest_state,
+        scenario2.get_incoming_state,
+        lambda cmd, merged: cmd,
+        config=MERGE,
+    )
+    with pytest.raises(ConcurrencyError):
+        await behavior2(scenario2.handler)(first_wins)  # type: ignore[arg-type]
+
+
+async def test_unknown_strategy_names_every_registered_one() -> None:
+    """An unknown strategy_name fails with a ValueError listing the registered names."""
+    scenario = Scenario(LATEST)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, strategy_name="nope")
+    with pytest.raises(ValueError, match="deep") as info:
+        await scenario.wrap(config=config)(Update(state=INCOMING))
+    assert "field" in str(info.value)
+    assert "timestamp" in str(info.value)
+
+
+async def test_a_custom_registry_supplies_strategies() -> None:
+    """registry= makes custom strategy names available."""
+
+    class KeepCurrent:
+        def merge(self, current: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
+            return dict(current)
+
+    registry = MergeStrategyRegistry()
+    registry.register("keep", KeepCurrent)
+    scenario = Scenario(LATEST)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, strategy_name="keep")
+    await scenario.wrap(config=config, registry=registry)(Update(state=INCOMING))
+    assert scenario.merged == [LATEST]
+
+
+async def test_three_way_merge_keeps_both_sides_disjoint_changes() -> None:
+    """With a base, a field changed only by the other writer survives a full-state command."""
+    base = {"id": "a1", "version": 1, "status": "pending", "notes": ""}
+    latest = {"id": "a1", "version": 2, "status": "processing", "notes": ""}
+    full_state = {"id": "a1", "version": 1, "status": "pending", "notes": "gift wrap"}
+    scenario = Scenario(latest)
+
+    async def fetch_base(command: Update) -> dict[str, Any]:
+        return base
+
+    await scenario.wrap(config=MERGE, fetch_base_state=fetch_base)(Update(state=full_state))
+    assert scenario.merged == [
+        {"id": "a1", "version": 2, "status": "processing", "notes": "gift wrap"}
+    ]
+
+
+async def test_two_way_merge_would_have_lost_that_update() -> None:
+    """Without a base the same full-state command silently reverts the other writer's change."""
+    latest = {"id": "a1", "version": 2, "status": "processing", "notes": ""}
+    full_state = {"id": "a1", "version": 1, "status": "pending", "notes": "gift wrap"}
+    scenario = Scenario(latest)
+    await scenario.wrap(config=MERGE)(Update(state=full_state))
+    assert scenario.merged[0]["status"] == "pending"  # the concurrent "processing" is gone
+
+
+async def test_three_way_conflicts_raise_with_every_path(
+    hooks: HookRegistry, events: list[Any]
+) -> None:
+    """Both sides changing the same fields differently raises MergeConflictError with all paths."""
+    base = {"id": "a1", "version": 1, "status": "pending", "notes": "", "qty": 1}
+    latest = {"id": "a1", "version": 2, "status": "processing", "notes": "a", "qty": 1}
+    incoming = {"id": "a1", "version": 1, "status": "cancelled", "notes": "b", "qty": 5}
+    scenario = Scenario(latest)
+
+    async def fetch_base(command: Update) -> dict[str, Any]:
+        return base
+
+    handler = scenario.wrap(config=MERGE, fetch_base_state=fetch_base, hooks=hooks)
+    with pytest.raises(MergeConflictError) as info:
+        await handler(Update(state=incoming))
+    assert sorted(c.path for c in info.value.conflicts) == [("notes",), ("status",)]
+    assert isinstance(info.value.__cause__, ConcurrencyError)
+    assert len(scenario.seen) == 1
+    assert events[-1][0] == "handler.conflict.failed"
+    assert events[-1][1]["error"] is info.value
+
+
+async def test_three_way_conflicts_can_be_settled_by_config() -> None:
+    """on_conflict=PREFER_INCOMING settles both-sides changes with the command's values."""
+    base = {"id": "a1", "version": 1, "status": "pending", "notes": ""}
+    latest = {"id": "a1", "version": 2, "status": "processing", "notes": "a"}
+    incoming = {"id": "a1", "version": 1, "status": "cancelled", "notes": ""}
+    scenario = Scenario(latest)
+
+    async def fetch_base(command: Update) -> dict[str, Any]:
+        return base
+
+    config = ConflictConfig(
+        policy=ConflictResolutionPolicy.MERGE, on_conflict=OnMergeConflict.PREFER_INCOMING
+    )
+    await scenario.wrap(config=config, fetch_base_state=fetch_base)(Update(state=incoming))
+    assert scenario.merged == [{"id": "a1", "version": 2, "status": "cancelled", "notes": "a"}]
+
+
+async def test_conflict_hooks_report_detection_and_resolution(
+    hooks: HookRegistry, events: list[Any]
+) -> None:
+    """A resolved conflict emits detected then resolved, naming policy and strategy."""
+    scenario = Scenario(LATEST)
+    await scenario.wrap(config=MERGE, hooks=hooks)(Update(state=INCOMING))
+    assert [name for name, _ in events] == [
+        "handler.conflict.detected",
+        "handler.conflict.resolved",
+    ]
+    resolved = events[1][1]
+    assert resolved["strategy"] == "deep"
+    assert resolved["policy"] is ConflictResolutionPolicy.MERGE
+    assert resolved["command.type"] == "Update"
+    assert resolved["attempt"] == 1
+    assert isinstance(resolved["error"], ConcurrencyError)
+
+
+async def test_other_errors_pass_through_untouched() -> None:
+    """Only ConcurrencyError triggers resolution; other errors propagate as they are."""
+
+    async def broken(command: Update) -> str:
+        raise KeyError("x")
+
+    scenario = Scenario(LATEST)
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state, scenario.get_incoming_state, scenario.update_command
+    )
+    with pytest.raises(KeyError):
+        await behavior(broken)(Update())
+    assert scenario.merged == []
+
+
+def test_bad_hooks_are_rejected() -> None:
+    """Non-callable hooks and a non-ConflictConfig config fail up front."""
+    with pytest.raises(TypeError, match="fetch_latest_state"):
+        resolve_conflicts(None, dict, lambda c, m: c)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="config"):
+        resolve_conflicts(dict, dict, lambda c, m: c, config={"policy": "merge"})  # type: ignore[arg-type,arg-type]
+
+
+# The reference's handler classes and examples, ported.
+
+
+class Order(Aggregate):
+    status: str = "pending"
+    notes: str = ""
+    items: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    created_at: str = "2024-01-01"
+
+    def model_dump(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+class UpdateOrderCommand(Command[str], Retryable, ConflictResilient):
+    order_id: str
+    updates: dict[str, Any]
+    retry_policy: FixedRetryPolicy = msgspec.field(
+        default_factory=lambda: FixedRetryPolicy(max_retries=3, delay_ms=10, jitter=False)
+    )
+    conflict_config: ConflictConfig = msgspec.field(
+        default_factory=lambda: ConflictConfig(
+            policy=ConflictResolutionPolicy.MERGE,
+            strategy_name="deep",
+            append_lists=True,
+            list_identity_key="product_id",
+        )
+    )
+
+
+class UpdateOrderHandler(ResilientCommandHandler[str]):
+    """Example 3 of the reference: the handler applies updates, including a stale version."""
+
+    async def process(self, command: UpdateOrderCommand) -> CommandResponse[str]:
+        orders = await self.dispatcher.retrieve([command.order_id], None)
+        if not orders:
+            raise ValueError(f"Order {command.order_id} not found")
+        order = orders[0]
+        for key, value in command.updates.items():
+            if hasattr(order, key):
+                setattr(order, key, value)
+        await self.dispatcher.persist(order, None)
+        return CommandResponse(result=order.id, events=[])
+
+    async def fetch_latest_state(self, command: UpdateOrderCommand) -> dict[str, Any] | None:
+        orders = await self.dispatcher.retrieve([command.order_id], None)
+        return orders[0].model_dump() if orders else None
+
+    def get_incoming_state(self, command: UpdateOrderCommand) -> dict[str, Any]:
+        return command.updates
+
+    def update_command(
+        self, command: UpdateOrderCommand, merged_state: dict[str, Any]
+    ) -> UpdateOrderCommand:
+        return UpdateOrderCommand(
+            order_id=command.order_id,
+            updates=merged_state,
+            retry_policy=command.retry_policy,
+            conflict_config=command.conflict_config,
+        )
+
+
+@pytest.fixture
+async def orders() -> InMemoryRepository[Order]:
+    repository = InMemoryRepository(Order)
+    await repository.persist(
+        Order(id="order_123", items=[{"product_id": "p1", "qty": 1}]), command_id="create"
+    )
+    return repository
+
+
+async def test_reference_example_3_full_resilience(
+    orders: InMemoryRepository[Order], clock: FakeClock
+) -> None:
+    """A stale command conflicts, is deep-merged by product_id, retried, and succeeds."""
+    await orders.persist(
+        Order(
+            id="order_123",
+            version=1,
+            status="processing",
+            items=[{"product_id": "p1", "qty": 1}, {"product_id": "p2", "qty": 4}],
+        )
+    )
+    handler = UpdateOrderHandler(FaultyRepository(orders, transient_rate=0.0), clock=clock)
+    stale = UpdateOrderCommand(
+        order_id="order_123",
+        updates={
+            "version": 1,
+            "notes": "Express delivery",
+            "items": [{"product_id": "p1", "qty": 3}],
+        },
+    )
+    response = await handler.handle(stale)
+    assert response.result == "order_123"
+    final = (await orders.retrieve(["order_123"]))[0]
+    assert final.version == 3
+    assert final.status == "processing"
+    assert final.notes == "Express delivery"
+    assert final.items == [{"product_id": "p1", "qty": 3}, {"product_id": "p2", "qty": 4}]
+
+
+async def test_reference_best_practice_test_conflict_resolution(
+    orders: InMemoryRepository[Order],
+) -> None:
+    """The reference's "Test Conflict Resolution": the concurrent status stays, notes are added."""
+    order2 = (await orders.retrieve(["order_123"]))[0]
+    order2.status = "processing"
+    await orders.persist(order2)
+    command = UpdateOrderCommand(
+        order_id="order_123",
+        updates={"notes": "Customer request"},
+        conflict_config=ConflictConfig(policy=ConflictResolutionPolicy.MERGE),
+    )
+    result = await UpdateOrderHandler(orders).handle(command)
+    assert result.result == "order_123"
+    final = (await orders.retrieve(["order_123"]))[0]
+    assert final.status == "processing"
+    assert final.notes == "Customer request"
+
+
+class UpdateProfileCommand(Command[str], ConflictResilient):
+    user_id: str
+    updates: dict[str, Any]
+    conflict_config: ConflictConfig = msgspec.field(
+        default_factory=lambda: ConflictConfig(
+            policy=ConflictResolutionPolicy.MERGE,
+            strategy_name="field",
+            include_fields={"name", "email", "preferences", "version"},
+        )
+    )
+
+
+class User(Aggregate):
+    name: str = ""
+    email: str = ""
+    role: str = "member"
+    preferences: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class UpdateProfileHandler(ConflictCommandHandler[str]):
+    """Example 2 of the reference."""
+
+    async def process(self, command: UpdateProfileCommand) -> CommandResponse[str]:
+        user = (await self.dispatcher.retrieve([command.user_id], None))[0]
+        for key, value in command.updates.items():
+            setattr(user, key, value)
+        await self.dispatcher.persist(user, None)
+        return CommandResponse(result=user.id)
+
+    async def fetch_latest_state(self, command: UpdateProfileCommand) -> dict[str, Any] | None:
+        users = await self.dispatcher.retrieve([command.user_id], None)
+        return users[0].to_dict() if users else None
+
+    def get_incoming_state(self, command: UpdateProfileCommand) -> dict[str, Any]:
+        return command.updates
+
+    def update_command(
+        self, command: UpdateProfileCommand, merged_state: dict[str, Any]
+    ) -> UpdateProfileCommand:
+        return UpdateProfileCommand(
+            user_id=command.user_id,
+            updates=merged_state,
+            conflict_config=command.conflict_config,
+        )
+
+
+async def test_reference_example_2_field_level_merge() -> None:
+    """Only the included fields are taken from the command; role stays as stored."""
+    users = InMemoryRepository(User)
+    await users.persist(User(id="u1", name="Ada", email="ada@old"))
+    await users.persist(User(id="u1", version=1, name="Ada", email="ada@old", role="admin"))
+    command = UpdateProfileCommand(
+        user_id="u1", updates={"version": 1, "email": "ada@new", "role": "member"}
+    )
+    assert (await UpdateProfileHandler(users).handle(command)).result == "u1"
+    final = (await users.retrieve(["u1"]))[0]
+    assert (final.version, final.email, final.role) == (3, "ada@new", "admin")
+
+
+class CustomOrderMergeStrategy:
+    """Example 4 of the reference."""
+
+    def merge(self, current: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
+        merged = current.copy()
+        merged["created_at"] = current.get("created_at")
+        current_items = {item["product_id"]: item for item in current.get("items", [])}
+        for item in incoming.get("items", []):
+            current_items[item["product_id"]] = item
+        merged["items"] = list(current_items.values())
+        merged["status"] = incoming.get("status", current.get("status"))
+        return merged
+
+
+async def test_reference_example_4_custom_strategy_injected_into_a_handler(
+    orders: InMemoryRepository[Order],
+) -> None:
+    """A registered custom strategy is used by name through the handler's registry."""
+    registry = MergeStrategyRegistry()
+    registry.register("custom_order", CustomOrderMergeStrategy)
+    await orders.persist(Order(id="order_123", version=1, notes="kept"))
+    command = UpdateOrderCommand(
+        order_id="order_123",
+        updates={"version": 1, "status": "shipped", "items": [{"product_id": "p9", "qty": 1}]},
+        conflict_config=ConflictConfig(
+            policy=ConflictResolutionPolicy.MERGE, strategy_name="custom_order"
+        ),
+    )
+    handler = UpdateOrderHandler(orders, strategy_registry=registry)
+    await handler.handle(command)
+    final = (await orders.retrieve(["order_123"]))[0]
+    assert final.status == "shipped"
+    assert final.notes == "kept"
+    assert final.items == [{"product_id": "p9", "qty": 1}]
+
+
+def test_resilient_handler_puts_retry_outside_conflict_resolution() -> None:
+    """retry -> resolve_conflicts -> process, as the contract says."""
+    handler = UpdateOrderHandler(InMemoryRepository(Order))
+    names = [type(b).__name__ for b in handler.behaviors]
+    assert names == ["ResolveConflicts", "Retry"]  # the last added is the outermost
+    assert issubclass(UpdateOrderHandler, ConflictResolutionMixin)
+
+
+def test_conflict_handlers_must_implement_the_state_methods() -> None:
+    """A ConflictCommandHandler without the state methods cannot be instantiated."""
+
+    class Incomplete(ConflictCommandHandler[str]):
+        async def process(self, command: Any) -> CommandResponse[str]:
+            return CommandResponse()
+
+    with pytest.raises(TypeError, match="fetch_latest_state"):
+        Incomplete()  # type: ignore[abstract]
+
+
+# Many writers at once.
+
+
+class AddItem(Command[str], Retryable, ConflictResilient):
+    order_id: str
+    expected_version: int
+    state: dict[str, Any]
+
+
+class AddItemHandler(ResilientCommandHandler[str]):
+    """Full-state commands: the client sends the whole order as it wants it to be."""
+
+    async def process(self, command: AddItem) -> CommandResponse[str]:
+        await asyncio.sleep(0)  # let the other writers interleave between read and write
+        fields = {k: v for k, v in command.state.items() if k not in ("id", "version")}
+        order = Order(id=command.order_id, version=command.expected_version, **fields)
+        stored = await self.dispatcher.persist(order)
+        return CommandResponse(result=f"v{stored.version}")
+
+    async def fetch_latest_state(self, command: AddItem) -> dict[str, Any] | None:
+        found = await self.dispatcher.retrieve([command.order_id])
+        return found[0].to_dict() if found else None
+
+    async def fetch_base_state(self, command: AddItem) -> dict[str, Any] | None:
+        base = await self.dispatcher.retrieve_version(command.order_id, command.expected_version)
+        return base.to_dict() if base else None
+
+    def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
+        return command.state
+
+    def update_command(self, command: AddItem, merged_state: dict[str, Any]) -> AddItem:
+        return AddItem(
+            order_id=command.order_id,
+            expected_version=merged_state["version"],
+            state=merged_state,
+            retry_policy=command.retry_policy,
+            conflict_config=command.conflict_config,
+        )
+
+
+async def test_fifty_concurrent_writers_lose_nothing_and_apply_nothing_twice() -> None:
+    """50 stale full-state writers with transient faults: every item lands once; version 51."""
+    store = InMemoryRepository(Order)
+    await store.persist(Order(id="o1"))
+    faulty = FaultyRepository(store, transient_rate=0.2, timeout_after_commit_rate=0.1, seed=42)
+    handler = AddItemHandler(faulty, clock=FakeClock())
+    seen = (await store.retrieve(["o1"]))[0].to_dict()
+    config = ConflictConfig(
+        policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=100
+    )
+    policy = FixedRetryPolicy(max_retries=50, delay_ms=1, jitter=False)
+    commands = [
+        AddItem(
+            order_id="o1",
+            expected_version=1,
+            state={**seen, "items": [{"id": f"item-{i}", "by": i}]},
+            retry_policy=policy,
+            conflict_config=config,
+        )
+        for i in range(50)
+    ]
+    await asyncio.gather(*(handler.handle(c) for c in commands))
+    final = (await store.retrieve(["o1"]))[0]
+    assert sorted(item["id"] for item in final.items) == sorted(f"item-{i}" for i in range(50))
+    assert final.version == 51
+    assert faulty.injected_transient > 0
+    assert faulty.injected_timeouts > 0
+
+
+async def test_functional_pipeline_gives_the_same_guarantees() -> None:
+    """pipeline(retry(), resolve_conflicts(...)) on a plain function behaves like the class."""
+    store = InMemoryRepository(Order)
+    await store.persist(Order(id="o1"))
+    faulty = FaultyRepository(store, transient_rate=0.3, timeout_after_commit_rate=0.2, seed=7)
+    handler = AddItemHandler(faulty)
+    config = ConflictConfig(
+        policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=50
+    )
+
+    @pipeline(
+        retry(FixedRetryPolicy(max_retries=20, delay_ms=0), clock=FakeClock()),
+        resolve_conflicts(
+            handler.fetch_latest_state,
+            handler.get_incoming_state,
+            handler.update_command,
+            fetch_base_state=handler.fetch_base_state,
+        ),
+    )
+    async def add_item(command: AddItem) -> CommandResponse[str]:
+        return await handler.process(command)
+
+    seen = (await store.retrieve(["o1"]))[0].to_dict()
+    await asyncio.gather(
+        *(
+            add_item(
+                AddItem(
+                    order_id="o1",
+                    expected_version=1,
+                    state={**seen, "items": [{"id": f"i{i}"}]},
+                    retry_policy=FixedRetryPolicy(max_retries=20, delay_ms=0),
+                    conflict_config=config,
+                )
+            )
+            for i in range(20)
+        )
+    )
+    final = (await store.retrieve(["o1"]))[0]
+    assert sorted(item["id"] for item in final.items) == sorted(f"i{i}" for i in range(20))
+    assert final.version == 21
