@@ -6,6 +6,8 @@ import pytest
 
 from cqrs_resilience import FakeClock, HookRegistry
 
+pytest_plugins = ["tests.conftest_stores"]
+
 
 @pytest.fixture
 def clock() -> FakeClock:

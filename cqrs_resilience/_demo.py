@@ -1,0 +1,418 @@
+"""The demo: many writers, a few hot orders, injected faults, and a check that nothing is lost.
+
+Each writer reads an order, sends a *full-state* command (the whole order as it wants it: the
+state it read plus one new line item) through a `ResilientCommandHandler` with a three-way
+MERGE, and goes on. Writers race, so most commands conflict; the store fails some writes
+before they happen and times out some after they commit. At the end every line item must be
+in its order exactly once, and each order's version must equal one plus its item count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
+from ._faults import FaultyRepository
+from ._handlers import ResilientCommandHandler
+from ._hooks import HookRegistry
+from ._messages import Command, CommandResponse, ConflictResilient, Retryable
+from ._policies import ExponentialBackoffPolicy
+from ._repository import Aggregate, Repository
+
+
+class DemoOrder(Aggregate):
+    """A hot aggregate: line items many writers add to at once."""
+
+    status: str = "open"
+    items: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+class AddLineItem(Command[str], Retryable, ConflictResilient):
+    """A full-state command: the order as the writer wants it, and the version it read."""
+
+    order_id: str
+    expected_version: int
+    state: dict[str, Any]
+
+
+class AddLineItemHandler(ResilientCommandHandler[str]):
+    """Writes the command's state at its expected version; conflicts are merged three-way."""
+
+    def __init__(self, repository: Repository[DemoOrder], hooks: HookRegistry) -> None:
+        super().__init__(repository, hooks=hooks)
+        self.attempts = 0
+
+    async def process(self, command: AddLineItem) -> CommandResponse[str]:
+        self.attempts += 1
+        fields = {k: v for k, v in command.state.items() if k not in ("id", "version")}
+        order = DemoOrder(id=command.order_id, version=command.expected_version, **fields)
+        stored = await self.dispatcher.persist(order)
+        return CommandResponse(result=f"{stored.id}@v{stored.version}")
+
+    async def fetch_latest_state(self, command: AddLineItem) -> dict[str, Any] | None:
+        found = await self.dispatcher.retrieve([command.order_id])
+        return found[0].to_dict() if found else None
+
+    async def fetch_base_state(self, command: AddLineItem) -> dict[str, Any] | None:
+        base = await self.dispatcher.retrieve_version(command.order_id, command.expected_version)
+        return base.to_dict() if base else None
+
+    def get_incoming_state(self, command: AddLineItem) -> dict[str, Any]:
+        return command.state
+
+    def update_command(self, command: AddLineItem, merged_state: dict[str, Any]) -> AddLineItem:
+        return AddLineItem(
+            order_id=command.order_id,
+            expected_version=merged_state["version"],
+            state=merged_state,
+            retry_policy=command.retry_policy,
+            conflict_config=command.conflict_config,
+        )
+
+
+class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything a demo run needs; picklable, so worker processes get the same."""
+
+    writers: int = 32
+    updates: int = 10
+    orders: int = 3
+    transient_rate: float = 0.1
+    timeout_rate: float = 0.02
+    processes: int = 1
+    dsn: str | None = None
+    sqlite_path: str | None = None
+    seed: int = 0
+    run_id: str = ""
+
+    def order_ids(self) -> list[str]:
+        return [f"demo-{self.run_id}-order-{n}" for n in range(1, self.orders + 1)]
+
+
+class WorkerStats(msgspec.Struct, kw_only=True):
+    """What one process saw; summed across processes for the report."""
+
+    commands: int = 0
+    failed: int = 0
+    attempts: int = 0
+    retries: int = 0
+    conflicts_detected: int = 0
+    conflicts_resolved: int = 0
+    injected_transient: int = 0
+    injected_timeouts: int = 0
+    latencies_ms: list[float] = msgspec.field(default_factory=list)
+    sent: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    errors: list[str] = msgspec.field(default_factory=list)
+
+    def add(self, other: WorkerStats) -> None:
+        for name in (
+            "commands",
+            "failed",
+            "attempts",
+            "retries",
+            "conflicts_detected",
+            "conflicts_resolved",
+            "injected_transient",
+            "injected_timeouts",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies_ms.extend(other.latencies_ms)
+        for order_id, tokens in other.sent.items():
+            self.sent.setdefault(order_id, []).extend(tokens)
+        self.errors.extend(other.errors)
+
+
+async def open_repository(options: DemoOptions) -> Any:
+    """The store the options name: PostgreSQL for a DSN, else the SQLite file."""
+    from .stores import PostgresRepository, SQLiteRepository
+
+    repository: Any
+    if options.dsn:
+        repository = PostgresRepository(options.dsn, DemoOrder)
+    else:
+        assert options.sqlite_path is not None
+        repository = SQLiteRepository(options.sqlite_path, DemoOrder)
+    await repository.open()
+    return repository
+
+
+async def create_orders(options: DemoOptions) -> None:
+    repository = await open_repository(options)
+    try:
+        for order_id in options.order_ids():
+            await repository.persist(DemoOrder(id=order_id))
+    finally:
+        await repository.close()
+
+
+async def run_writers(
+    options: DemoOptions, writer_ids: list[int], progress: Callable[[], None]
+) -> WorkerStats:
+    """Run some writers to completion in this process and count what happened."""
+    stats = WorkerStats()
+    hooks = HookRegistry()
+
+    def count(name: str) -> Callable[[dict[str, Any]], None]:
+        def counter(context: dict[str, Any]) -> None:
+            setattr(stats, name, getattr(stats, name) + 1)
+
+        return counter
+
+    hooks.subscribe("handler.retry.scheduled", count("retries"))
+    hooks.subscribe("handler.conflict.detected", count("conflicts_detected"))
+    hooks.subscribe("handler.conflict.resolved", count("conflicts_resolved"))
+
+    repository = await open_repository(options)
+    faulty = FaultyRepository(
+        repository,
+        transient_rate=options.transient_rate,
+        timeout_after_commit_rate=options.timeout_rate,
+        seed=options.seed * 1_000_003 + min(writer_ids, default=0),
+    )
+    handler = AddLineItemHandler(faulty, hooks)
+    policy = ExponentialBackoffPolicy(max_retries=12, initial_delay_ms=2, max_delay_ms=200)
+    config = ConflictConfig(
+        policy=ConflictResolutionPolicy.MERGE,
+        strategy_name="deep",
+        list_identity_key="id",
+        max_attempts=200,
+    )
+    order_ids = options.order_ids()
+
+    async def writer(writer_id: int) -> None:
+        rng = random.Random(options.seed * 7919 + writer_id)
+        for n in range(options.updates):
+            order_id = rng.choice(order_ids)
+            token = f"w{writer_id}-u{n}"
+            seen = (await repository.retrieve([order_id]))[0].to_dict()
+            item = {"id": token, "writer": writer_id, "qty": rng.randint(1, 5)}
+            command = AddLineItem(
+                order_id=order_id,
+                expected_version=seen["version"],
+                state={**seen, "items": [*seen["items"], item]},
+                retry_policy=policy,
+                conflict_config=config,
+            )
+            stats.sent.setdefault(order_id, []).append(token)
+            started = time.perf_counter()
+            try:
+                await handler.handle(command)
+            except Exception as exc:
+                stats.failed += 1
+                stats.errors.append(f"{token}: {type(exc).__name__}: {exc}")
+            stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+            stats.commands += 1
+            progress()
+
+    try:
+        await asyncio.gather(*(writer(w) for w in writer_ids))
+    finally:
+        await repository.close()
+    stats.attempts = handler.attempts
+    stats.injected_transient = faulty.injected_transient
+    stats.injected_timeouts = faulty.injected_timeouts
+    return stats
+
+
+def _process_main(options: DemoOptions, writer_ids: list[int], done: Any, results: Any) -> None:
+    def progress() -> None:
+        with done.get_lock():
+            done.value += 1
+
+    try:
+        stats = asyncio.run(run_writers(options, writer_ids, progress))
+    except BaseException as exc:  # report, so the parent can say what went wrong
+        stats = WorkerStats(errors=[f"worker crashed: {type(exc).__name__}: {exc}"])
+    results.put(msgspec.msgpack.encode(stats))
+
+
+@dataclass
+class Report:
+    """The outcome of a run: counts, timings, and the exactly-once check."""
+
+    options: DemoOptions
+    stats: WorkerStats
+    elapsed: float
+    final: dict[str, DemoOrder] = field(default_factory=dict)
+    lost: list[str] = field(default_factory=list)
+    doubled: list[str] = field(default_factory=list)
+    bad_versions: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.doubled or self.bad_versions or self.stats.failed)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per 10% when not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+        self.last = -1
+
+    def show(self, done: int) -> None:
+        if done == self.last:
+            return
+        self.last = done
+        percent = done * 100 // max(self.total, 1)
+        if self.tty:
+            if percent == self.shown and done != self.total:
+                return
+            bar = "#" * (percent * 30 // 100)
+            sys.stderr.write(f"\r  [{bar:<30}] {done}/{self.total} commands")
+            if done >= self.total:
+                sys.stderr.write("\n")
+        elif percent // 10 != self.shown // 10 or done == self.total:
+            sys.stderr.write(f"  {done}/{self.total} commands ({percent}%)\n")
+        sys.stderr.flush()
+        self.shown = percent
+
+
+async def verify(options: DemoOptions, report: Report) -> None:
+    """Every update in its order exactly once; versions consistent with the items."""
+    repository = await open_repository(options)
+    try:
+        for order_id in options.order_ids():
+            order = (await repository.retrieve([order_id]))[0]
+            report.final[order_id] = order
+            tokens = [item["id"] for item in order.items]
+            sent = report.stats.sent.get(order_id, [])
+            report.lost += sorted(set(sent) - set(tokens))
+            report.doubled += sorted({t for t in tokens if tokens.count(t) > 1})
+            if order.version != 1 + len(tokens):
+                report.bad_versions.append(
+                    f"{order_id}: version {order.version} with {len(tokens)} items"
+                )
+            for version in range(1, order.version + 1):
+                if await repository.retrieve_version(order_id, version) is None:
+                    report.bad_versions.append(f"{order_id}: version {version} missing")
+    finally:
+        await repository.close()
+
+
+def run_demo(options: DemoOptions) -> Report:
+    """Create the orders, run the writers (in K processes if asked), verify, report."""
+    asyncio.run(create_orders(options))
+    total = options.writers * options.updates
+    bar = _Progress(total)
+    bar.show(0)
+    started = time.perf_counter()
+    if options.processes == 1:
+        count = 0
+
+        def progress() -> None:
+            nonlocal count
+            count += 1
+            bar.show(count)
+
+        stats = asyncio.run(run_writers(options, list(range(options.writers)), progress))
+    else:
+        stats = _run_processes(options, bar)
+    report = Report(options, stats, time.perf_counter() - started)
+    asyncio.run(verify(options, report))
+    return report
+
+
+def _run_processes(options: DemoOptions, bar: _Progress) -> WorkerStats:
+    context = multiprocessing.get_context("spawn")
+    done = context.Value("i", 0)
+    results = context.Queue()
+    shares = [list(range(p, options.writers, options.processes)) for p in range(options.processes)]
+    workers = [
+        context.Process(target=_process_main, args=(options, share, done, results), daemon=True)
+        for share in shares
+    ]
+    for worker in workers:
+        worker.start()
+    stats = WorkerStats()
+    received = 0
+    while received < len(workers):
+        try:
+            stats.add(msgspec.msgpack.decode(results.get(timeout=0.2), type=WorkerStats))
+            received += 1
+        except Exception:  # queue.Empty: nothing yet
+            if not any(w.is_alive() for w in workers) and results.empty():
+                stats.errors.append("a worker process died without reporting")
+                break
+        bar.show(done.value)
+    for worker in workers:
+        worker.join()
+    bar.show(done.value)
+    return stats
+
+
+def format_report(report: Report) -> str:
+    """The closing table."""
+    stats, options = report.stats, report.options
+    store = "PostgreSQL" if options.dsn else f"SQLite ({options.sqlite_path})"
+    total = options.writers * options.updates
+    rows = [
+        ("store", store),
+        (
+            "writers x updates",
+            f"{options.writers} x {options.updates} in {options.processes} process(es)",
+        ),
+        ("hot orders", str(options.orders)),
+        ("commands", f"{stats.commands} ({stats.failed} failed)"),
+        ("attempts (process calls)", str(stats.attempts)),
+        ("retries (transient)", str(stats.retries)),
+        ("conflicts detected", str(stats.conflicts_detected)),
+        ("conflicts resolved", str(stats.conflicts_resolved)),
+        ("injected transient faults", str(stats.injected_transient)),
+        ("injected commit-then-timeout", str(stats.injected_timeouts)),
+        ("throughput", f"{stats.commands / report.elapsed:,.0f} commands/s"),
+        ("latency p50", f"{_percentile(stats.latencies_ms, 0.50):.1f} ms"),
+        ("latency p99", f"{_percentile(stats.latencies_ms, 0.99):.1f} ms"),
+        ("elapsed", f"{report.elapsed:.2f} s"),
+    ]
+    items = sum(len(order.items) for order in report.final.values())
+    check = (
+        f"PASS: {items}/{total} updates present exactly once, versions consistent"
+        if report.ok
+        else f"FAIL: {len(report.lost)} lost, {len(report.doubled)} doubled, "
+        f"{len(report.bad_versions)} version problems, {stats.failed} failed commands"
+    )
+    rows.append(("every update exactly once", check))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"| {'metric':<{width}} | value", f"|{'-' * (width + 2)}|{'-' * 40}"]
+    lines += [f"| {name:<{width}} | {value}" for name, value in rows]
+    for label, problems in (
+        ("lost", report.lost),
+        ("doubled", report.doubled),
+        ("versions", report.bad_versions),
+        ("errors", stats.errors),
+    ):
+        if problems:
+            lines.append(
+                f"{label}: {', '.join(problems[:10])}{' ...' if len(problems) > 10 else ''}"
+            )
+    return "\n".join(lines)
+
+
+def default_options(**overrides: Any) -> DemoOptions:
+    """Options with a fresh run id and, without a DSN, a SQLite file in a temporary folder."""
+    run_id = overrides.pop("run_id", None) or uuid.uuid4().hex[:8]
+    if not overrides.get("dsn") and not overrides.get("sqlite_path"):
+        folder = tempfile.mkdtemp(prefix="cqrs-resilience-demo-")
+        overrides["sqlite_path"] = os.path.join(folder, "demo.sqlite3")
+    return DemoOptions(run_id=run_id, **overrides)

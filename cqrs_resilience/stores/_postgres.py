@@ -1,0 +1,299 @@
+"""A `Repository` on PostgreSQL through psycopg 3 and an async connection pool.
+
+Same tables and rules as the SQLite store: each version is a row keyed by (aggregate_id,
+version), and a persist is one transaction that inserts the next version only if the read
+version is still the latest, and records the command id beside it. Two writers racing for one
+version meet on the primary key; the loser gets `ConcurrencyError`, or the first outcome when
+it is a repeat of the command that won.
+
+psycopg is imported when a repository is built, so `cqrs_resilience.stores` imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from .._errors import ConcurrencyError
+from .._idempotency import current_command_id
+from .._repository import A, Repository
+from ._codec import AggregateCodec
+from ._errors import (
+    StoreClosedError,
+    StoreConfigurationError,
+    map_postgres_connect_error,
+    postgres_errors,
+    safe_target,
+)
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection, AsyncCursor
+    from psycopg.rows import TupleRow
+    from psycopg_pool import AsyncConnectionPool
+
+    Cursor: TypeAlias = AsyncCursor[TupleRow]
+    Pool: TypeAlias = AsyncConnectionPool[Any]
+
+_INSTALL_HINT = (
+    "PostgresRepository needs psycopg 3 and psycopg-pool: pip install 'cqrs-resilience[postgres]'"
+)
+_TABLES = ("aggregate_versions", "processed_commands")
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS aggregate_versions (
+        aggregate_id TEXT NOT NULL,
+        version INTEGER NOT NULL CHECK (version > 0),
+        state BYTEA NOT NULL,
+        PRIMARY KEY (aggregate_id, version)
+    )""",
+    """CREATE TABLE IF NOT EXISTS processed_commands (
+        command_id TEXT NOT NULL,
+        aggregate_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (command_id, aggregate_id)
+    )""",
+)
+_HAS_SCHEMA = (
+    "SELECT to_regclass('aggregate_versions') IS NOT NULL"
+    " AND to_regclass('processed_commands') IS NOT NULL"
+)
+# Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; take turns.
+_SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('cqrs_resilience.stores.schema'))"
+# Inserts nothing unless `expected` is still the latest version; the primary key backs this up
+# against a writer whose insert is not committed yet.
+_INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
+    SELECT %(id)s, %(expected)s + 1, %(state)s
+    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions
+           WHERE aggregate_id = %(id)s) = %(expected)s"""
+_LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = %s"
+_FIRST_OUTCOME = """SELECT p.version, v.state FROM processed_commands AS p
+    LEFT JOIN aggregate_versions AS v ON v.aggregate_id = p.aggregate_id AND v.version = p.version
+    WHERE p.command_id = %s AND p.aggregate_id = %s"""
+_RECORD = "INSERT INTO processed_commands (command_id, aggregate_id, version) VALUES (%s, %s, %s)"
+_LATEST = """SELECT DISTINCT ON (aggregate_id) aggregate_id, version, state
+    FROM aggregate_versions WHERE aggregate_id = ANY(%s) ORDER BY aggregate_id, version DESC"""
+_ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = %s AND version = %s"
+_WAS_PROCESSED = "SELECT 1 FROM processed_commands WHERE command_id = %s AND aggregate_id = %s"
+
+
+class PostgresRepository(Repository[A]):
+    """Aggregates of `aggregate_type` in PostgreSQL, reached by a DSN or a pool you pass in.
+
+    Given a DSN, the repository owns its pool (`min_size`, `max_size`, `pool_timeout` seconds
+    to wait for a free connection) and closes it. Given an `AsyncConnectionPool`, it uses it
+    and leaves closing it to you. Tables are created on `open()` or first use when missing.
+    `uow` is accepted for the `Repository` protocol and ignored: each persist commits on its own.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | Pool,
+        aggregate_type: type[A],
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        pool_timeout: float = 30.0,
+    ) -> None:
+        try:
+            import psycopg
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+            from psycopg_pool import AsyncConnectionPool
+        except ImportError as exc:
+            raise ImportError(_INSTALL_HINT) from exc
+
+        self._codec = AggregateCodec(aggregate_type)
+        self.aggregate_type = aggregate_type
+        self._unique_violation = psycopg.errors.UniqueViolation
+        self._owns_pool = isinstance(dsn_or_pool, str)
+        if isinstance(dsn_or_pool, str):
+            params = _parse_dsn(dsn_or_pool)
+            self._conninfo = (
+                dsn_or_pool
+                if "connect_timeout" in params
+                else make_conninfo(dsn_or_pool, connect_timeout=10)
+            )
+            self.target = safe_target(params)
+            self._pool: Pool = AsyncConnectionPool(
+                self._conninfo,
+                open=False,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=pool_timeout,
+                kwargs={"autocommit": True},
+                name=f"cqrs-resilience {self.target}",
+            )
+        elif isinstance(dsn_or_pool, AsyncConnectionPool):
+            self._conninfo = ""
+            self._pool = dsn_or_pool
+            conninfo = dsn_or_pool.conninfo
+            self.target = (
+                safe_target(conninfo_to_dict(conninfo))
+                if isinstance(conninfo, str)
+                else (f"pool {dsn_or_pool.name!r}")
+            )
+        else:
+            raise TypeError(
+                f"dsn_or_pool must be a DSN string or a psycopg_pool.AsyncConnectionPool, "
+                f"got {type(dsn_or_pool).__name__}"
+            )
+        self._ready = False
+        self._closed = False
+        self._opening = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PostgresRepository({self.target!r}, {self.aggregate_type.__name__})"
+
+    async def __aenter__(self) -> PostgresRepository[A]:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Check the server takes us, create missing tables, start the pool. Idempotent."""
+        if self._closed:
+            raise StoreClosedError(f"PostgreSQL {self.target}: open: the repository is closed")
+        async with self._opening:
+            if self._ready:
+                return
+            if self._owns_pool:
+                # A direct connection reports why it failed; a pool would only time out.
+                import psycopg
+
+                try:
+                    conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                except psycopg.Error as exc:
+                    raise map_postgres_connect_error(exc, self.target) from exc
+                with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
+                    async with conn:
+                        await _ensure_schema(conn)
+                await self._pool.open()
+            else:
+                with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
+                    await self._pool.open()
+                    async with self._pool.connection() as conn:
+                        await _ensure_schema(conn)
+            self._ready = True
+
+    async def close(self) -> None:
+        """Stop serving (later calls raise `StoreClosedError`); close the pool if it is ours."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_pool:
+            await self._pool.close()
+
+    async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
+        wanted = list(ids)
+        async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
+            await cur.execute(_LATEST, (list(dict.fromkeys(wanted)),))
+            rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+        return [self._codec.decode(rows[i][1], i, rows[i][0]) for i in wanted if i in rows]
+
+    async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
+        doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
+        async with self._cursor(doing) as cur:
+            await cur.execute(_ONE_VERSION, (aggregate_id, version))
+            row = await cur.fetchone()
+        return None if row is None else self._codec.decode(row[0], aggregate_id, version)
+
+    async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
+        command_id = command_id or current_command_id.get()
+        stored, encoded = self._codec.next_version(aggregate)
+        expected = aggregate.version
+        doing = f"persist of aggregate {aggregate.id!r} at version {expected}"
+        async with self._cursor(doing) as cur:
+            try:
+                async with cur.connection.transaction():
+                    if command_id is not None:
+                        done = await self._first_outcome(cur, command_id, aggregate.id)
+                        if done is not None:
+                            return done
+                    args = {"id": aggregate.id, "expected": expected, "state": encoded}
+                    if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
+                        if command_id is not None:
+                            await cur.execute(_RECORD, (command_id, aggregate.id, expected + 1))
+                        return stored
+            except self._unique_violation as exc:
+                # Another transaction committed this version, or this command, first.
+                if exc.diag.table_name not in _TABLES:
+                    raise
+            # Lost the race; unless what won was an earlier attempt of this very command.
+            if command_id is not None:
+                done = await self._first_outcome(cur, command_id, aggregate.id)
+                if done is not None:
+                    return done
+            await cur.execute(_LATEST_VERSION, (aggregate.id,))
+            row = await cur.fetchone()
+        raise ConcurrencyError(
+            aggregate_id=aggregate.id,
+            expected_version=expected,
+            actual_version=row[0] if row is not None else None,
+        )
+
+    async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
+        """Whether `command_id` already wrote `aggregate_id`."""
+        doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
+        async with self._cursor(doing) as cur:
+            await cur.execute(_WAS_PROCESSED, (command_id, aggregate_id))
+            return await cur.fetchone() is not None
+
+    @asynccontextmanager
+    async def _cursor(self, doing: str) -> AsyncIterator[Cursor]:
+        """A tuple-row cursor on a pooled connection (a pool passed in may make other rows)."""
+        if self._closed:
+            raise StoreClosedError(f"PostgreSQL {self.target}: {doing}: the repository is closed")
+        if not self._ready:
+            await self.open()
+        from psycopg.rows import tuple_row
+
+        with postgres_errors(f"PostgreSQL {self.target}: {doing}"):
+            async with (
+                self._pool.connection() as conn,
+                conn.cursor(row_factory=tuple_row) as cur,
+            ):
+                yield cur
+
+    async def _first_outcome(self, cur: Cursor, command_id: str, aggregate_id: str) -> A | None:
+        await cur.execute(_FIRST_OUTCOME, (command_id, aggregate_id))
+        row = await cur.fetchone()
+        return None if row is None else self._codec.decode(row[1], aggregate_id, row[0])
+
+
+def _parse_dsn(dsn: str) -> dict[str, Any]:
+    """The DSN's parameters; a malformed DSN is reported without quoting any of it."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        pass
+    # Raised outside the handler so not even __context__ keeps the parser's message, which
+    # quotes the string and so may quote a password.
+    raise StoreConfigurationError(
+        "invalid PostgreSQL connection string (not shown: it may hold a password)"
+    )
+
+
+async def _ensure_schema(conn: AsyncConnection[Any]) -> None:
+    """Create the tables when missing; a role without CREATE rights works once they exist."""
+    from psycopg.rows import tuple_row
+
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(_HAS_SCHEMA)
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return
+        async with conn.transaction():
+            await cur.execute(_SCHEMA_LOCK)
+            for statement in _SCHEMA:
+                await cur.execute(statement)
