@@ -15,9 +15,13 @@ and run again. Three rules keep this from losing data:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import msgspec
@@ -104,6 +108,8 @@ class ResolveConflicts:
         self.registry = registry
         self.hooks = hooks
         self.fetch_base_state = fetch_base_state
+        # Locks live only while someone holds or waits for them.
+        self._turns: weakref.WeakValueDictionary[Any, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def __repr__(self) -> str:
         config = f"config={self.config!r}" if self.config is not None else ""
@@ -118,7 +124,11 @@ class ResolveConflicts:
         @functools.wraps(handler)
         async def resolving(command: Any) -> T:
             # Stores record this id with the write, so a repeat after a commit is recognised.
-            token = current_command_id.set(getattr(command, "command_id", None))
+            # Inside handle() it is already current, and a context-variable write is not free.
+            command_id = getattr(command, "command_id", None)
+            token = None
+            if command_id is not None and current_command_id.get() != command_id:
+                token = current_command_id.set(command_id)
             try:
                 try:
                     return await one_arg(command)
@@ -126,11 +136,30 @@ class ResolveConflicts:
                     conflict = exc
                 return await self._resolve(handler_type, one_arg, command, conflict)
             finally:
-                current_command_id.reset(token)
+                if token is not None:
+                    current_command_id.reset(token)
 
         return resolving  # type: ignore[return-value]
 
     # The conflict path: everything below runs only after a ConcurrencyError.
+
+    def _turn(self, aggregate_id: Any) -> AbstractAsyncContextManager[Any]:
+        """Resolution rounds for one aggregate take turns within this process.
+
+        Without turns, N local writers that lost a race re-read, re-merge and race again
+        together: about N/2 attempts each. Taking turns, each round reads the state the
+        previous round wrote, so a round fails only against a first attempt or another
+        process. First attempts never wait; the database still arbitrates.
+        """
+        try:
+            lock = self._turns.get(aggregate_id) if aggregate_id is not None else None
+        except TypeError:  # an unhashable id: no turns, only the database
+            return contextlib.nullcontext()
+        if aggregate_id is None:
+            return contextlib.nullcontext()
+        if lock is None:
+            lock = self._turns[aggregate_id] = asyncio.Lock()
+        return lock
 
     def _strategy(self, config: ConflictConfig) -> MergeStrategy:
         return (self.registry or _DEFAULT_REGISTRY).get(config.strategy_name, config)
@@ -201,25 +230,26 @@ class ResolveConflicts:
 
         command = original
         for attempt in range(1, config.max_attempts + 1):
-            latest = await _maybe_await(self.fetch_latest_state(command))
-            if latest is None:
-                error.add_note("conflict not resolved: the aggregate no longer exists")
-                await emit(CONFLICT_FAILED, attempt, error)
-                raise error
-            try:
-                merged = self._merge(config, base, latest, incoming)
-            except MergeConflictError as merge_error:
-                merge_error.__cause__ = error
-                await emit(CONFLICT_FAILED, attempt, merge_error)
-                raise
-            command = _keep_identity(self.update_command(original, merged), original)
-            try:
-                result = await handler(command)
-            except ConcurrencyError as exc:
-                error = exc
-                if attempt < config.max_attempts:
-                    await emit(CONFLICT_DETECTED, attempt + 1, error)
-                continue
+            async with self._turn(error.aggregate_id):
+                latest = await _maybe_await(self.fetch_latest_state(command))
+                if latest is None:
+                    error.add_note("conflict not resolved: the aggregate no longer exists")
+                    await emit(CONFLICT_FAILED, attempt, error)
+                    raise error
+                try:
+                    merged = self._merge(config, base, latest, incoming)
+                except MergeConflictError as merge_error:
+                    merge_error.__cause__ = error
+                    await emit(CONFLICT_FAILED, attempt, merge_error)
+                    raise
+                command = _keep_identity(self.update_command(original, merged), original)
+                try:
+                    result = await handler(command)
+                except ConcurrencyError as exc:
+                    error = exc
+                    if attempt < config.max_attempts:
+                        await emit(CONFLICT_DETECTED, attempt + 1, error)
+                    continue
             await emit(CONFLICT_RESOLVED, attempt, error)
             return result
         error.add_note(f"conflict not resolved after {config.max_attempts} resolution attempts")

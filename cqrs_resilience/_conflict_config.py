@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Set as AbstractSet
+from typing import TypeVar
 
 import msgspec
 
@@ -30,6 +31,24 @@ class OnMergeConflict(enum.StrEnum):
     """Keep the value already stored."""
     PREFER_INCOMING = "prefer_incoming"
     """Take the command's value."""
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _coerce(config: ConflictConfig, name: str, kind: type[E]) -> None:
+    """Accept an enum member, its value or its name (any case); name the field if none fits."""
+    value = getattr(config, name)
+    for member in kind:
+        if (
+            value is member
+            or value == member.value
+            or (isinstance(value, str) and value.upper() == member.name)
+        ):
+            msgspec.structs.force_setattr(config, name, member)
+            return
+    allowed = ", ".join(member.name for member in kind)
+    raise ConfigurationError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -59,20 +78,8 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
                 if isinstance(value, str):
                     raise ConfigurationError(f"{name} must be a set of field names, not a string")
                 msgspec.structs.force_setattr(self, name, frozenset(value))
-        try:
-            msgspec.structs.force_setattr(self, "policy", ConflictResolutionPolicy(self.policy))
-        except ValueError:
-            allowed = ", ".join(p.name for p in ConflictResolutionPolicy)
-            raise ConfigurationError(
-                f"policy must be one of {allowed}, got {self.policy!r}"
-            ) from None
-        try:
-            msgspec.structs.force_setattr(self, "on_conflict", OnMergeConflict(self.on_conflict))
-        except ValueError:
-            allowed = ", ".join(p.value for p in OnMergeConflict)
-            raise ConfigurationError(
-                f"on_conflict must be one of {allowed}, got {self.on_conflict!r}"
-            ) from None
+        _coerce(self, "policy", ConflictResolutionPolicy)
+        _coerce(self, "on_conflict", OnMergeConflict)
         if not isinstance(self.strategy_name, str) or not self.strategy_name:
             raise ConfigurationError(
                 f"strategy_name must be a non-empty string, got {self.strategy_name!r}"

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from ._clock import Clock
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._faults import FaultyRepository
 from ._handlers import ResilientCommandHandler
@@ -50,8 +51,13 @@ class AddLineItem(Command[str], Retryable, ConflictResilient):
 class AddLineItemHandler(ResilientCommandHandler[str]):
     """Writes the command's state at its expected version; conflicts are merged three-way."""
 
-    def __init__(self, repository: Repository[DemoOrder], hooks: HookRegistry) -> None:
-        super().__init__(repository, hooks=hooks)
+    def __init__(
+        self,
+        repository: Repository[DemoOrder],
+        hooks: HookRegistry | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(repository, hooks=hooks, clock=clock)
         self.attempts = 0
 
     async def process(self, command: AddLineItem) -> CommandResponse[str]:

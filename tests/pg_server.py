@@ -12,6 +12,7 @@ Run `python tests/pg_server.py` to get a server by hand; it stops when you press
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -58,12 +59,19 @@ def find_bin_dir() -> Path:
 
     for pattern in _BIN_GLOBS:
         candidates += [Path(p) for p in sorted(glob.glob(pattern), key=version, reverse=True)]
+    # Last resort: the binaries the `pgserver` wheel ships (in the dev extra), so the test
+    # command works on a machine with nothing but Python and pip.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(Path(location) / "pginstall" / "bin")
     for directory in candidates:
         if all((directory / tool).exists() for tool in ("initdb", "pg_ctl", "postgres")):
             return directory
     raise PostgresUnavailableError(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
-        f"{', '.join(_BIN_GLOBS)}; run .ci/postgres.sh or set {ENV_DSN}"
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, in "
+        f"{', '.join(_BIN_GLOBS)} or in the pgserver package; run .ci/postgres.sh, "
+        f"pip install pgserver, or set {ENV_DSN}"
     )
 
 

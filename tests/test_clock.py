@@ -62,3 +62,26 @@ async def test_system_clock_sleeps_for_real_but_zero_is_instant() -> None:
     await clock.sleep(0)
     clock.sleep_sync(0)
     assert clock.monotonic() >= before
+
+
+async def test_shipped_fake_clock_fixture_records_backoff(fake_clock: FakeClock) -> None:
+    """The plugin's fake_clock fixture is a FakeClock users can hand to retry()."""
+    from cqrs_resilience import FixedRetryPolicy, TransientError, retry
+
+    calls = 0
+
+    async def flaky() -> int:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise TransientError("x")
+        return calls
+
+    assert await retry(FixedRetryPolicy(delay_ms=40, jitter=False), clock=fake_clock)(flaky)() == 3
+    assert fake_clock.sleeps == [0.04, 0.04]
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_shipped_no_backoff_fixture_switches_testing_on() -> None:
+    """The plugin's no_backoff fixture turns testing mode on for the test."""
+    assert is_testing()

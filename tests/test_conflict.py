@@ -32,6 +32,7 @@ from cqrs_resilience import (
     resolve_conflicts,
     retry,
 )
+from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 
 MERGE = ConflictConfig(policy=ConflictResolutionPolicy.MERGE)
 
@@ -578,59 +579,22 @@ def test_conflict_handlers_must_implement_the_state_methods() -> None:
         Incomplete()  # type: ignore[abstract]
 
 
-# Many writers at once.
-
-
-class AddItem(Command[str], Retryable, ConflictResilient):
-    order_id: str
-    expected_version: int
-    state: dict[str, Any]
-
-
-class AddItemHandler(ResilientCommandHandler[str]):
-    """Full-state commands: the client sends the whole order as it wants it to be."""
-
-    async def process(self, command: AddItem) -> CommandResponse[str]:
-        await asyncio.sleep(0)  # let the other writers interleave between read and write
-        fields = {k: v for k, v in command.state.items() if k not in ("id", "version")}
-        order = Order(id=command.order_id, version=command.expected_version, **fields)
-        stored = await self.dispatcher.persist(order)
-        return CommandResponse(result=f"v{stored.version}")
-
-    async def fetch_latest_state(self, command: AddItem) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
-        return found[0].to_dict() if found else None
-
-    async def fetch_base_state(self, command: AddItem) -> dict[str, Any] | None:
-        base = await self.dispatcher.retrieve_version(command.order_id, command.expected_version)
-        return base.to_dict() if base else None
-
-    def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
-        return command.state
-
-    def update_command(self, command: AddItem, merged_state: dict[str, Any]) -> AddItem:
-        return AddItem(
-            order_id=command.order_id,
-            expected_version=merged_state["version"],
-            state=merged_state,
-            retry_policy=command.retry_policy,
-            conflict_config=command.conflict_config,
-        )
+# Many writers at once, with the demo's full-state handler.
 
 
 async def test_fifty_concurrent_writers_lose_nothing_and_apply_nothing_twice() -> None:
     """50 stale full-state writers with transient faults: every item lands once; version 51."""
-    store = InMemoryRepository(Order)
-    await store.persist(Order(id="o1"))
+    store = InMemoryRepository(DemoOrder)
+    await store.persist(DemoOrder(id="o1"))
     faulty = FaultyRepository(store, transient_rate=0.2, timeout_after_commit_rate=0.1, seed=42)
-    handler = AddItemHandler(faulty, clock=FakeClock())
+    handler = AddLineItemHandler(faulty, clock=FakeClock())
     seen = (await store.retrieve(["o1"]))[0].to_dict()
     config = ConflictConfig(
         policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=100
     )
     policy = FixedRetryPolicy(max_retries=50, delay_ms=1, jitter=False)
     commands = [
-        AddItem(
+        AddLineItem(
             order_id="o1",
             expected_version=1,
             state={**seen, "items": [{"id": f"item-{i}", "by": i}]},
@@ -645,14 +609,15 @@ async def test_fifty_concurrent_writers_lose_nothing_and_apply_nothing_twice() -
     assert final.version == 51
     assert faulty.injected_transient > 0
     assert faulty.injected_timeouts > 0
+    assert handler.attempts > 50  # conflicts and faults really happened
 
 
 async def test_functional_pipeline_gives_the_same_guarantees() -> None:
     """pipeline(retry(), resolve_conflicts(...)) on a plain function behaves like the class."""
-    store = InMemoryRepository(Order)
-    await store.persist(Order(id="o1"))
+    store = InMemoryRepository(DemoOrder)
+    await store.persist(DemoOrder(id="o1"))
     faulty = FaultyRepository(store, transient_rate=0.3, timeout_after_commit_rate=0.2, seed=7)
-    handler = AddItemHandler(faulty)
+    handler = AddLineItemHandler(faulty)
     config = ConflictConfig(
         policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=50
     )
@@ -666,14 +631,14 @@ async def test_functional_pipeline_gives_the_same_guarantees() -> None:
             fetch_base_state=handler.fetch_base_state,
         ),
     )
-    async def add_item(command: AddItem) -> CommandResponse[str]:
+    async def add_item(command: AddLineItem) -> CommandResponse[str]:
         return await handler.process(command)
 
     seen = (await store.retrieve(["o1"]))[0].to_dict()
     await asyncio.gather(
         *(
             add_item(
-                AddItem(
+                AddLineItem(
                     order_id="o1",
                     expected_version=1,
                     state={**seen, "items": [{"id": f"i{i}"}]},
@@ -687,3 +652,48 @@ async def test_functional_pipeline_gives_the_same_guarantees() -> None:
     final = (await store.retrieve(["o1"]))[0]
     assert sorted(item["id"] for item in final.items) == sorted(f"i{i}" for i in range(20))
     assert final.version == 21
+
+
+class SlowRepository:
+    """Every call suspends, as real I/O does, so concurrent writers really interleave."""
+
+    def __init__(self, inner: InMemoryRepository[DemoOrder]) -> None:
+        self.inner = inner
+
+    async def retrieve(self, ids: list[str], uow: Any = None) -> list[DemoOrder]:
+        await asyncio.sleep(0)
+        return await self.inner.retrieve(ids)
+
+    async def retrieve_version(self, aggregate_id: str, version: int) -> DemoOrder | None:
+        await asyncio.sleep(0)
+        return await self.inner.retrieve_version(aggregate_id, version)
+
+    async def persist(self, aggregate: DemoOrder, uow: Any = None) -> DemoOrder:
+        await asyncio.sleep(0)
+        return await self.inner.persist(aggregate)
+
+
+async def test_local_resolutions_take_turns_so_each_command_needs_about_two_attempts() -> None:
+    """50 stale writers on one aggregate: resolution rounds queue, not race (<= 2 attempts each)."""
+    store = InMemoryRepository(DemoOrder)
+    await store.persist(DemoOrder(id="o1"))
+    handler = AddLineItemHandler(SlowRepository(store))
+    seen = (await store.retrieve(["o1"]))[0].to_dict()
+    config = ConflictConfig(
+        policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=100
+    )
+    await asyncio.gather(
+        *(
+            handler.handle(
+                AddLineItem(
+                    order_id="o1",
+                    expected_version=1,
+                    state={**seen, "items": [{"id": f"i{i}"}]},
+                    conflict_config=config,
+                )
+            )
+            for i in range(50)
+        )
+    )
+    assert (await store.retrieve(["o1"]))[0].version == 51
+    assert handler.attempts <= 2 * 50

@@ -12,14 +12,17 @@ import msgspec
 import pytest
 
 from cqrs_resilience import (
+    Aggregate,
     Command,
     ConcurrencyError,
     ExponentialBackoffPolicy,
     FakeClock,
     FixedRetryPolicy,
     HookRegistry,
+    InMemoryRepository,
     Retryable,
     TransientError,
+    command_scope,
     pipeline,
     retry,
     set_testing,
@@ -439,3 +442,42 @@ async def test_retry_composes_in_a_pipeline(clock: FakeClock) -> None:
     handler = pipeline(tag("outer"), retry(NO_JITTER, clock=clock), tag("inner"))(flaky)
     assert await handler() == 2
     assert order == ["outer", "inner", "inner"]
+
+
+class Counter(Aggregate):
+    applied: list[str] = msgspec.field(default_factory=list)
+
+
+class TimesOutAfterFirstCommit:
+    """A store whose first write commits and then reports a timeout."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryRepository(Counter)
+        self.timed_out = False
+
+    async def persist(self, aggregate: Counter) -> Counter:
+        stored = await self.inner.persist(aggregate)
+        if not self.timed_out:
+            self.timed_out = True
+            raise TimeoutError("committed, then the reply was lost")
+        return stored
+
+
+async def test_a_retry_after_commit_then_timeout_does_not_apply_twice(clock: FakeClock) -> None:
+    """With the command in scope, the retried write is recognised and not applied again."""
+    store = TimesOutAfterFirstCommit()
+    await store.inner.persist(Counter(id="c"), command_id="setup")
+
+    @retry(NO_JITTER, clock=clock)
+    async def apply(command: Pong) -> int:
+        current = (await store.inner.retrieve(["c"]))[0]
+        current.applied.append(command.command_id)
+        return (await store.persist(current)).version
+
+    command = Pong()
+    with command_scope(command.command_id):
+        assert await apply(command) == 2
+    final = (await store.inner.retrieve(["c"]))[0]
+    assert final.applied == [command.command_id]
+    assert final.version == 2
+    assert clock.sleeps == [0.01]
