@@ -80,7 +80,8 @@ class HookRegistry:
 
     def wants(self, event: str) -> bool:
         """Whether anyone listens to `event`: check before building a context."""
-        return bool(self.subscribers(event))
+        found = self._by_event.get(event)
+        return bool(found if found is not None else self.subscribers(event))
 
     async def emit(self, event: str, context: HookContext) -> None:
         """Call every subscriber of `event`, awaiting async ones."""
