@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--writers", type=_positive, default=32, help="concurrent writers (default 32)"
     )
     demo.add_argument(
-        "--updates", type=_positive, default=10, help="commands per writer (default 10)"
+        "--updates", type=_positive, default=25, help="commands per writer (default 25)"
     )
     demo.add_argument("--orders", type=_positive, default=3, help="hot orders (default 3)")
     demo.add_argument(

@@ -92,7 +92,7 @@ class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
     """Everything a demo run needs; picklable, so worker processes get the same."""
 
     writers: int = 32
-    updates: int = 10
+    updates: int = 25
     orders: int = 3
     transient_rate: float = 0.1
     timeout_rate: float = 0.02
@@ -400,8 +400,12 @@ def format_report(report: Report) -> str:
     )
     rows.append(("every update exactly once", check))
     width = max(len(name) for name, _ in rows)
-    lines = [f"| {'metric':<{width}} | value", f"|{'-' * (width + 2)}|{'-' * 40}"]
-    lines += [f"| {name:<{width}} | {value}" for name, value in rows]
+    value_width = max(len(value) for _, value in rows)
+    lines = [
+        f"| {'metric':<{width}} | {'value':<{value_width}} |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|",
+    ]
+    lines += [f"| {name:<{width}} | {value:<{value_width}} |" for name, value in rows]
     for label, problems in (
         ("lost", report.lost),
         ("doubled", report.doubled),

@@ -1052,5 +1052,9 @@ class MergeStrategyRegistry:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (name in self._factories or name in _BUILTINS)
 
+    def __getitem__(self, name: str) -> MergeStrategy:
+        """`registry["deep"]`: `get(name)` with default options."""
+        return self.get(name)
+
     def __repr__(self) -> str:
         return f"MergeStrategyRegistry(names={self.names()!r})"

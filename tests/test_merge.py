@@ -1149,3 +1149,11 @@ def test_property_iterative_equality_agrees_with_python(a: Any, b: Any) -> None:
 
     assert canon.equal(a, b) == (a == b)
     assert canon.equal(a, copy.deepcopy(a))
+
+
+def test_registry_lookup_by_subscript() -> None:
+    """registry[name] is get(name); an unknown name raises the same listing error."""
+    registry = MergeStrategyRegistry()
+    assert isinstance(registry["deep"], DeepMergeStrategy)
+    with pytest.raises(UnknownStrategyError, match="deep, field, timestamp"):
+        registry["nope"]

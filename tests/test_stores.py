@@ -253,7 +253,8 @@ async def test_corrupt_row_is_a_clear_error(durable_store):
     store = durable_store.open(Account)
     await store.persist(Account(id="a"))
     durable_store.execute(
-        "UPDATE aggregate_versions SET state = %s WHERE aggregate_id = %s", (b"\xc1\xff", "a")
+        "UPDATE aggregate_versions SET state = %s WHERE aggregate_id = %s",
+        (b"\xc1\xff", "Account:a"),
     )
     for reading in (store.retrieve(["a"]), store.retrieve_version("a", 1)):
         with pytest.raises(CorruptStateError, match=r"'a' version 1") as info:
@@ -271,8 +272,8 @@ async def test_row_of_another_shape_is_corrupt(durable_store):
     wrong_type = msgspec.msgpack.encode({"id": "a", "version": 1, "balance": "lots"})
     other_id = msgspec.msgpack.encode(Account(id="z", version=1))
     update = "UPDATE aggregate_versions SET state = %s WHERE aggregate_id = %s"
-    durable_store.execute(update, (wrong_type, "a"))
-    durable_store.execute(update, (other_id, "b"))
+    durable_store.execute(update, (wrong_type, "Account:a"))
+    durable_store.execute(update, (other_id, "Account:b"))
     with pytest.raises(CorruptStateError, match="balance") as info:
         await store.retrieve(["a"])
     assert isinstance(info.value.__cause__, msgspec.ValidationError)
@@ -362,6 +363,97 @@ async def test_wrong_aggregate_type_is_refused(durable_store):
         await store.persist(Other(id="a"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Aggregate"):
         durable_store.open(dict)  # type: ignore[type-var]
+
+
+# --- namespaces: many aggregate types in one database -----------------------------------------
+
+
+class User(Aggregate, kw_only=True):
+    name: str = ""
+
+
+async def test_aggregate_types_with_the_same_id_do_not_meet(durable_store):
+    """An Account "1" and a User "1" in one database are two streams, each from version 0."""
+    accounts, users = durable_store.open(Account), durable_store.open(User)
+    assert (accounts.namespace, users.namespace) == ("Account", "User")
+    account = await accounts.persist(Account(id="1", owner="ann"), command_id="cmd-1")
+    assert await users.retrieve(["1"]) == []
+    assert await users.retrieve_version("1", 1) is None
+    assert not await users.was_processed("cmd-1", "1")
+    # The same command id on the other type is a first write there, not a repeat.
+    user = await users.persist(User(id="1", name="bob"), command_id="cmd-1")
+    assert user == User(id="1", version=1, name="bob")
+    user = await users.persist(bump(user, name="bo"))
+    assert await accounts.retrieve(["1"]) == [account]
+    assert await accounts.retrieve_version("1", 2) is None
+    assert await users.retrieve(["1"]) == [user]
+    assert await users.retrieve_version("1", 1) == User(id="1", version=1, name="bob")
+    assert await accounts.was_processed("cmd-1", "1")
+    assert await users.was_processed("cmd-1", "1")
+    rows = durable_store.execute(
+        "SELECT aggregate_id, version FROM aggregate_versions ORDER BY aggregate_id, version"
+    )
+    assert rows == [("Account:1", 1), ("User:1", 1), ("User:1", 2)]
+
+
+async def test_ids_holding_colons_stay_apart_from_namespaces(durable_store):
+    """The namespace ends at the first ":", so ids may contain colons freely."""
+    store = durable_store.open(Account)
+    stored = [await store.persist(Account(id=i)) for i in ("x:y", "x", ":", "")]
+    assert await store.retrieve(["x:y", "x", ":", ""]) == stored
+    assert await durable_store.open(Account, namespace="x").retrieve(["y", "x:y"]) == []
+
+
+async def test_namespace_isolates_one_type_and_shares_across_types(durable_store):
+    """Two namespaces of one type are isolated; a renamed class given the old one reads on."""
+    eu, us = (
+        durable_store.open(Account, namespace="eu"),
+        durable_store.open(Account, namespace="us"),
+    )
+    assert eu.namespace == "eu"
+    created = await eu.persist(Account(id="a", owner="eu"))
+    assert await us.retrieve(["a"]) == []
+    assert (await us.persist(Account(id="a", owner="us"))).version == 1
+    assert [a.owner for a in await eu.retrieve(["a"])] == ["eu"]
+    assert await durable_store.open(Account).retrieve(["a"]) == []  # default is "Account"
+
+    class AccountV2(Account, kw_only=True):
+        pass
+
+    await durable_store.open(Account).persist(Account(id="b", balance=3))
+    assert await durable_store.open(AccountV2).retrieve(["b"]) == []  # its own namespace
+    renamed = durable_store.open(AccountV2, namespace="Account")
+    [b] = await renamed.retrieve(["b"])
+    assert (type(b), b.balance, b.version) == (AccountV2, 3, 1)
+    assert (await renamed.persist(bump(b, balance=4))).version == 2
+    assert await renamed.retrieve_version("b", 1) == AccountV2(id="b", version=1, balance=3)
+    assert await eu.retrieve(["a"]) == [created]
+
+
+@pytest.mark.parametrize("namespace", ["", "a:b", ":", 5])
+def test_bad_namespace_is_refused(durable_target, namespace):
+    """A namespace must be a non-empty str without ":"; the error names the field."""
+    kind, target = durable_target
+    cls = PostgresRepository if kind == "postgres" else SQLiteRepository
+    with pytest.raises(ValueError, match="namespace"):
+        cls(target, Account, namespace=namespace)
+
+
+async def test_concurrency_error_names_the_plain_id(durable_store):
+    """Errors speak of the aggregate's own id, never the stored key."""
+    store = durable_store.open(Account, namespace="ledger")
+    await store.persist(Account(id="a"))
+    with pytest.raises(ConcurrencyError) as info:
+        await store.persist(Account(id="a"))
+    assert info.value.aggregate_id == "a"
+    assert "ledger" not in str(info.value)
+    other_id = msgspec.msgpack.encode(Account(id="ledger:a", version=1))
+    durable_store.execute(
+        "UPDATE aggregate_versions SET state = %s WHERE aggregate_id = %s", (other_id, "ledger:a")
+    )
+    with pytest.raises(CorruptStateError, match="'ledger:a'") as corrupt:
+        await store.retrieve(["a"])
+    assert corrupt.value.aggregate_id == "a"
 
 
 # --- SQLite -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A `Repository` on PostgreSQL through psycopg 3 and an async connection pool.
 
-Same tables and rules as the SQLite store: each version is a row keyed by (aggregate_id,
+Same tables and rules as the SQLite store: each version is a row keyed by (`namespace:id`,
 version), and a persist is one transaction that inserts the next version only if the read
 version is still the latest, and records the command id beside it. Two writers racing for one
 version meet on the primary key; the loser gets `ConcurrencyError`, or the first outcome when
@@ -85,6 +85,12 @@ class PostgresRepository(Repository[A]):
     to wait for a free connection) and closes it. Given an `AsyncConnectionPool`, it uses it
     and leaves closing it to you. Tables are created on `open()` or first use when missing.
     `uow` is accepted for the `Repository` protocol and ignored: each persist commits on its own.
+
+    One database can hold many aggregate types: rows are keyed by `f"{namespace}:{id}"`, so an
+    `Order` "1" and a `User` "1" never meet. `namespace` defaults to the type's `__name__`; pass
+    the same one on purpose to share a stream, e.g. `namespace="Order"` after renaming `Order`
+    to keep reading its rows. It must be a non-empty string without ":". Callers only ever see
+    the bare ids.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class PostgresRepository(Repository[A]):
         min_size: int = 1,
         max_size: int = 10,
         pool_timeout: float = 30.0,
+        namespace: str | None = None,
     ) -> None:
         try:
             import psycopg
@@ -103,8 +110,9 @@ class PostgresRepository(Repository[A]):
         except ImportError as exc:
             raise ImportError(_INSTALL_HINT) from exc
 
-        self._codec = AggregateCodec(aggregate_type)
+        self._codec = AggregateCodec(aggregate_type, namespace)
         self.aggregate_type = aggregate_type
+        self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
         self._owns_pool = isinstance(dsn_or_pool, str)
         if isinstance(dsn_or_pool, str):
@@ -143,7 +151,10 @@ class PostgresRepository(Repository[A]):
         self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"PostgresRepository({self.target!r}, {self.aggregate_type.__name__})"
+        return (
+            f"PostgresRepository({self.target!r}, {self.aggregate_type.__name__}, "
+            f"namespace={self.namespace!r})"
+        )
 
     async def __aenter__(self) -> PostgresRepository[A]:
         await self.open()
@@ -192,16 +203,16 @@ class PostgresRepository(Repository[A]):
             await self._pool.close()
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = list(ids)
+        wanted = [(i, self._codec.key(i)) for i in ids]
         async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
-            await cur.execute(_LATEST, (list(dict.fromkeys(wanted)),))
+            await cur.execute(_LATEST, (list(dict.fromkeys(key for _, key in wanted)),))
             rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
-        return [self._codec.decode(rows[i][1], i, rows[i][0]) for i in wanted if i in rows]
+        return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         async with self._cursor(doing) as cur:
-            await cur.execute(_ONE_VERSION, (aggregate_id, version))
+            await cur.execute(_ONE_VERSION, (self._codec.key(aggregate_id), version))
             row = await cur.fetchone()
         return None if row is None else self._codec.decode(row[0], aggregate_id, version)
 
@@ -209,6 +220,7 @@ class PostgresRepository(Repository[A]):
         command_id = command_id or current_command_id.get()
         stored, encoded = self._codec.next_version(aggregate)
         expected = aggregate.version
+        key = self._codec.key(aggregate.id)
         doing = f"persist of aggregate {aggregate.id!r} at version {expected}"
         async with self._cursor(doing) as cur:
             try:
@@ -217,10 +229,10 @@ class PostgresRepository(Repository[A]):
                         done = await self._first_outcome(cur, command_id, aggregate.id)
                         if done is not None:
                             return done
-                    args = {"id": aggregate.id, "expected": expected, "state": encoded}
+                    args = {"id": key, "expected": expected, "state": encoded}
                     if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
                         if command_id is not None:
-                            await cur.execute(_RECORD, (command_id, aggregate.id, expected + 1))
+                            await cur.execute(_RECORD, (command_id, key, expected + 1))
                         return stored
             except self._unique_violation as exc:
                 # Another transaction committed this version, or this command, first.
@@ -231,7 +243,7 @@ class PostgresRepository(Repository[A]):
                 done = await self._first_outcome(cur, command_id, aggregate.id)
                 if done is not None:
                     return done
-            await cur.execute(_LATEST_VERSION, (aggregate.id,))
+            await cur.execute(_LATEST_VERSION, (key,))
             row = await cur.fetchone()
         raise ConcurrencyError(
             aggregate_id=aggregate.id,
@@ -243,7 +255,7 @@ class PostgresRepository(Repository[A]):
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         async with self._cursor(doing) as cur:
-            await cur.execute(_WAS_PROCESSED, (command_id, aggregate_id))
+            await cur.execute(_WAS_PROCESSED, (command_id, self._codec.key(aggregate_id)))
             return await cur.fetchone() is not None
 
     @asynccontextmanager
@@ -263,7 +275,8 @@ class PostgresRepository(Repository[A]):
                 yield cur
 
     async def _first_outcome(self, cur: Cursor, command_id: str, aggregate_id: str) -> A | None:
-        await cur.execute(_FIRST_OUTCOME, (command_id, aggregate_id))
+        """What `command_id` first stored for `aggregate_id` (the bare id), if it ran before."""
+        await cur.execute(_FIRST_OUTCOME, (command_id, self._codec.key(aggregate_id)))
         row = await cur.fetchone()
         return None if row is None else self._codec.decode(row[1], aggregate_id, row[0])
 

@@ -1,9 +1,10 @@
 """A `Repository` on one SQLite file: stdlib `sqlite3`, WAL, every version kept as a row.
 
 The database, not Python, enforces the version check: a persist is one `BEGIN IMMEDIATE`
-transaction that inserts row (id, version + 1) only when the latest stored version is the one
-the aggregate was read at, and records the command id beside it. Several processes may share
-the file; a writer that finds it locked for longer than `busy_timeout` gets a `TransientError`.
+transaction that inserts row (`namespace:id`, version + 1) only when the latest stored version
+is the one the aggregate was read at, and records the command id beside it. Several processes
+may share the file; a writer that finds it locked for longer than `busy_timeout` gets a
+`TransientError`.
 
 Each repository owns one connection on one worker thread, so the event loop never blocks on
 disk or locks and the connection is never used from two threads.
@@ -71,6 +72,12 @@ class SQLiteRepository(Repository[A]):
     `busy_timeout` (seconds) is how long a write waits for another writer before it raises
     `TransientError`. `uow` is accepted for the `Repository` protocol and ignored: each persist
     commits on its own.
+
+    One file can hold many aggregate types: rows are keyed by `f"{namespace}:{id}"`, so an
+    `Order` "1" and a `User` "1" never meet. `namespace` defaults to the type's `__name__`; pass
+    the same one on purpose to share a stream, e.g. `namespace="Order"` after renaming `Order`
+    to keep reading its rows. It must be a non-empty string without ":". Callers only ever see
+    the bare ids.
     """
 
     def __init__(
@@ -79,11 +86,13 @@ class SQLiteRepository(Repository[A]):
         aggregate_type: type[A],
         *,
         busy_timeout: float = 5.0,
+        namespace: str | None = None,
     ) -> None:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
-        self._codec = AggregateCodec(aggregate_type)
+        self._codec = AggregateCodec(aggregate_type, namespace)
         self.aggregate_type = aggregate_type
+        self.namespace = self._codec.namespace
         self.path = os.fspath(path)
         self.busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite")
@@ -91,7 +100,10 @@ class SQLiteRepository(Repository[A]):
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"SQLiteRepository({self.path!r}, {self.aggregate_type.__name__})"
+        return (
+            f"SQLiteRepository({self.path!r}, {self.aggregate_type.__name__}, "
+            f"namespace={self.namespace!r})"
+        )
 
     async def __aenter__(self) -> SQLiteRepository[A]:
         await self.open()
@@ -121,22 +133,23 @@ class SQLiteRepository(Repository[A]):
             self._executor.shutdown(wait=False)
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = list(ids)
-        rows = await self._run(f"retrieve of {len(wanted)} aggregate(s)", self._latest, wanted)
-        return [self._codec.decode(rows[i][1], i, rows[i][0]) for i in wanted if i in rows]
+        wanted = [(i, self._codec.key(i)) for i in ids]
+        doing = f"retrieve of {len(wanted)} aggregate(s)"
+        rows = await self._run(doing, self._latest, [key for _, key in wanted])
+        return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
-        state = await self._run(doing, self._one_version, aggregate_id, version)
+        key = self._codec.key(aggregate_id)
+        state = await self._run(doing, self._one_version, key, version)
         return None if state is None else self._codec.decode(state, aggregate_id, version)
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         command_id = command_id or current_command_id.get()
         stored, encoded = self._codec.next_version(aggregate)
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
-        outcome = await self._run(
-            doing, self._persist, aggregate.id, aggregate.version, encoded, command_id
-        )
+        key = self._codec.key(aggregate.id)
+        outcome = await self._run(doing, self._persist, key, aggregate.version, encoded, command_id)
         if outcome.kind == "stored":
             return stored
         if outcome.kind == "repeat":
@@ -150,7 +163,8 @@ class SQLiteRepository(Repository[A]):
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
-        return await self._run(doing, self._was_processed, command_id, aggregate_id)
+        key = self._codec.key(aggregate_id)
+        return await self._run(doing, self._was_processed, command_id, key)
 
     # --- on the event loop ----------------------------------------------------------------
 
@@ -189,9 +203,10 @@ class SQLiteRepository(Repository[A]):
         if conn is not None:
             conn.close()
 
-    def _latest(self, ids: list[str]) -> dict[str, tuple[int, bytes]]:
+    def _latest(self, keys: list[str]) -> dict[str, tuple[int, bytes]]:
+        """The latest (version, state) of each stored key among `keys`."""
         conn = self._connect()
-        unique = list(dict.fromkeys(ids))
+        unique = list(dict.fromkeys(keys))
         found: dict[str, tuple[int, bytes]] = {}
         chunks = [unique[i : i + _IDS_PER_QUERY] for i in range(0, len(unique), _IDS_PER_QUERY)]
         # Several queries read one snapshot only inside a transaction.
@@ -207,28 +222,26 @@ class SQLiteRepository(Repository[A]):
                 found.update((row[0], (row[1], row[2])) for row in rows)
         return found
 
-    def _one_version(self, aggregate_id: str, version: int) -> object:
-        row = self._connect().execute(_ONE_VERSION, (aggregate_id, version)).fetchone()
+    def _one_version(self, key: str, version: int) -> object:
+        row = self._connect().execute(_ONE_VERSION, (key, version)).fetchone()
         return None if row is None else row[0]
 
-    def _was_processed(self, command_id: str, aggregate_id: str) -> bool:
+    def _was_processed(self, command_id: str, key: str) -> bool:
         conn = self._connect()
-        return conn.execute(_WAS_PROCESSED, (command_id, aggregate_id)).fetchone() is not None
+        return conn.execute(_WAS_PROCESSED, (command_id, key)).fetchone() is not None
 
-    def _persist(
-        self, aggregate_id: str, expected: int, encoded: bytes, command_id: str | None
-    ) -> _Outcome:
+    def _persist(self, key: str, expected: int, encoded: bytes, command_id: str | None) -> _Outcome:
         conn = self._connect()
         with _transaction(conn):
             if command_id is not None:
-                done = conn.execute(_FIRST_OUTCOME, (command_id, aggregate_id)).fetchone()
+                done = conn.execute(_FIRST_OUTCOME, (command_id, key)).fetchone()
                 if done is not None:
                     return _Outcome("repeat", done[0], done[1])
-            if conn.execute(_INSERT_NEXT, (aggregate_id, expected, encoded)).rowcount != 1:
-                actual = conn.execute(_LATEST_VERSION, (aggregate_id,)).fetchone()[0]
+            if conn.execute(_INSERT_NEXT, (key, expected, encoded)).rowcount != 1:
+                actual = conn.execute(_LATEST_VERSION, (key,)).fetchone()[0]
                 return _Outcome("conflict", actual)
             if command_id is not None:
-                conn.execute(_RECORD, (command_id, aggregate_id, expected + 1))
+                conn.execute(_RECORD, (command_id, key, expected + 1))
             return _Outcome("stored", expected + 1)
 
 
