@@ -33,6 +33,7 @@ from cqrs_resilience import (
     retry,
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
+from tests.test_merge import CustomOrderMergeStrategy
 
 MERGE = ConflictConfig(policy=ConflictResolutionPolicy.MERGE)
 
@@ -522,20 +523,6 @@ async def test_reference_example_2_field_level_merge() -> None:
     assert (await UpdateProfileHandler(users).handle(command)).result == "u1"
     final = (await users.retrieve(["u1"]))[0]
     assert (final.version, final.email, final.role) == (3, "ada@new", "admin")
-
-
-class CustomOrderMergeStrategy:
-    """Example 4 of the reference."""
-
-    def merge(self, current: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
-        merged = current.copy()
-        merged["created_at"] = current.get("created_at")
-        current_items = {item["product_id"]: item for item in current.get("items", [])}
-        for item in incoming.get("items", []):
-            current_items[item["product_id"]] = item
-        merged["items"] = list(current_items.values())
-        merged["status"] = incoming.get("status", current.get("status"))
-        return merged
 
 
 async def test_reference_example_4_custom_strategy_injected_into_a_handler(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._errors import ConcurrencyError
@@ -28,6 +27,7 @@ from ._errors import (
     postgres_errors,
     safe_target,
 )
+from ._lifecycle import StoreLifecycle
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, AsyncCursor
@@ -78,7 +78,7 @@ _ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = %s AND
 _WAS_PROCESSED = "SELECT 1 FROM processed_commands WHERE command_id = %s AND aggregate_id = %s"
 
 
-class PostgresRepository(Repository[A]):
+class PostgresRepository(StoreLifecycle, Repository[A]):
     """Aggregates of `aggregate_type` in PostgreSQL, reached by a DSN or a pool you pass in.
 
     Given a DSN, the repository owns its pool (`min_size`, `max_size`, `pool_timeout` seconds
@@ -149,24 +149,6 @@ class PostgresRepository(Repository[A]):
         self._ready = False
         self._closed = False
         self._opening = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return (
-            f"PostgresRepository({self.target!r}, {self.aggregate_type.__name__}, "
-            f"namespace={self.namespace!r})"
-        )
-
-    async def __aenter__(self) -> PostgresRepository[A]:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Check the server takes us, create missing tables, start the pool. Idempotent."""

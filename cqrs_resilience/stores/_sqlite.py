@@ -18,7 +18,6 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from types import TracebackType
 from typing import Any, Literal, NamedTuple, TypeVar, TypeVarTuple
 
 from .._errors import ConcurrencyError
@@ -26,6 +25,7 @@ from .._idempotency import current_command_id
 from .._repository import A, Repository
 from ._codec import AggregateCodec
 from ._errors import StoreClosedError, sqlite_errors
+from ._lifecycle import StoreLifecycle
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -66,7 +66,7 @@ class _Outcome(NamedTuple):
     state: bytes | None = None
 
 
-class SQLiteRepository(Repository[A]):
+class SQLiteRepository(StoreLifecycle, Repository[A]):
     """Aggregates of `aggregate_type` in the SQLite file at `path`, shareable across processes.
 
     `busy_timeout` (seconds) is how long a write waits for another writer before it raises
@@ -98,24 +98,6 @@ class SQLiteRepository(Repository[A]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite")
         self._connection: sqlite3.Connection | None = None  # used on the worker thread only
         self._closed = False
-
-    def __repr__(self) -> str:
-        return (
-            f"SQLiteRepository({self.path!r}, {self.aggregate_type.__name__}, "
-            f"namespace={self.namespace!r})"
-        )
-
-    async def __aenter__(self) -> SQLiteRepository[A]:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
