@@ -45,10 +45,11 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
 )
 _TABLES = ("aggregate_versions", "processed_commands")
-# Inserts nothing unless ?2 is still the latest version; the primary key backs this up.
+# Inserts nothing unless :expected is still the latest version; the primary key backs this up.
 _INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
-    SELECT ?1, ?2 + 1, ?3
-    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = ?1) = ?2"""
+    SELECT :id, :expected + 1, :state
+    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id)
+        = :expected"""
 _LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = ?"
 _FIRST_OUTCOME = """SELECT p.version, v.state FROM processed_commands AS p
     LEFT JOIN aggregate_versions AS v ON v.aggregate_id = p.aggregate_id AND v.version = p.version
@@ -219,7 +220,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 done = conn.execute(_FIRST_OUTCOME, (command_id, key)).fetchone()
                 if done is not None:
                     return _Outcome("repeat", done[0], done[1])
-            if conn.execute(_INSERT_NEXT, (key, expected, encoded)).rowcount != 1:
+            row = {"id": key, "expected": expected, "state": encoded}
+            if conn.execute(_INSERT_NEXT, row).rowcount != 1:
                 actual = conn.execute(_LATEST_VERSION, (key,)).fetchone()[0]
                 return _Outcome("conflict", actual)
             if command_id is not None:
