@@ -151,11 +151,11 @@ class ResolveConflicts:
         previous round wrote, so a round fails only against a first attempt or another
         process. First attempts never wait; the database still arbitrates.
         """
-        try:
-            lock = self._turns.get(aggregate_id) if aggregate_id is not None else None
-        except TypeError:  # an unhashable id: no turns, only the database
-            return contextlib.nullcontext()
         if aggregate_id is None:
+            return contextlib.nullcontext()
+        try:
+            lock = self._turns.get(aggregate_id)
+        except TypeError:  # an unhashable id: no turns, only the database
             return contextlib.nullcontext()
         if lock is None:
             lock = self._turns[aggregate_id] = asyncio.Lock()
