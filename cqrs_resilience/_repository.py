@@ -19,6 +19,13 @@ from ._errors import ConcurrencyError
 from ._idempotency import current_command_id
 
 
+def ids_asked(ids: Sequence[str]) -> list[str]:
+    """`retrieve`'s ids as a list; a bare string would otherwise be read as one id per letter."""
+    if isinstance(ids, str):
+        raise TypeError(f"retrieve takes a sequence of ids; for one id write retrieve([{ids!r}])")
+    return list(ids)
+
+
 class Aggregate(msgspec.Struct, kw_only=True):
     """Base for aggregates: an `id` and the `version` it was read at (0 = never stored)."""
 
@@ -63,7 +70,7 @@ class InMemoryRepository(Repository[A]):
         return msgspec.msgpack.decode(raw, type=self.aggregate_type)
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        return [self._decode(self._history[i][-1]) for i in ids if i in self._history]
+        return [self._decode(self._history[i][-1]) for i in ids_asked(ids) if i in self._history]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         history = self._history.get(aggregate_id, [])

@@ -762,3 +762,10 @@ def test_stores_exports():
     # (pytest adds "@py_builtins" to modules of a package that ships a pytest plugin)
     public = {name for name in vars(stores) if not name.startswith(("_", "@"))}
     assert public == set(stores.__all__)
+
+
+async def test_retrieve_refuses_a_bare_string(make_store):
+    """retrieve("abc") is a mistake for retrieve(["abc"]): a TypeError, not three lookups."""
+    store = make_store(Account)
+    with pytest.raises(TypeError, match=r"retrieve\(\['abc'\]\)"):
+        await store.retrieve("abc")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._errors import ConcurrencyError
 from .._idempotency import current_command_id
-from .._repository import A, Repository
+from .._repository import A, Repository, ids_asked
 from ._codec import AggregateCodec
 from ._errors import (
     StoreClosedError,
@@ -185,7 +185,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             await self._pool.close()
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = [(i, self._codec.key(i)) for i in ids]
+        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids)]
         async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
             await cur.execute(_LATEST, (list(dict.fromkeys(key for _, key in wanted)),))
             rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}

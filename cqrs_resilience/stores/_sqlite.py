@@ -22,7 +22,7 @@ from typing import Any, Literal, NamedTuple, TypeVar, TypeVarTuple
 
 from .._errors import ConcurrencyError
 from .._idempotency import current_command_id
-from .._repository import A, Repository
+from .._repository import A, Repository, ids_asked
 from ._codec import AggregateCodec
 from ._errors import StoreClosedError, sqlite_errors
 from ._lifecycle import StoreLifecycle
@@ -116,7 +116,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._executor.shutdown(wait=False)
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = [(i, self._codec.key(i)) for i in ids]
+        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids)]
         doing = f"retrieve of {len(wanted)} aggregate(s)"
         rows = await self._run(doing, self._latest, [key for _, key in wanted])
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
