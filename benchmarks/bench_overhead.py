@@ -26,6 +26,7 @@ from cqrs_resilience import (
     CommandResponse,
     FixedRetryPolicy,
     HookRegistry,
+    ResilientCommandHandler,
     RetryableCommandHandler,
     TransientError,
     pipeline,
@@ -88,6 +89,24 @@ class OkHandler(RetryableCommandHandler[str]):
         return await self.dispatcher(command)  # type: ignore[no-any-return]
 
 
+class OkResilientHandler(ResilientCommandHandler[str]):
+    """Retry around conflict resolution around `process`: the full class, on the happy path."""
+
+    retry_policy = ZERO
+
+    async def process(self, command: Any) -> CommandResponse[str]:
+        return await self.dispatcher(command)  # type: ignore[no-any-return]
+
+    async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
+        return None
+
+    def get_incoming_state(self, command: Any) -> dict[str, Any]:
+        return {}
+
+    def update_command(self, command: Any, merged_state: dict[str, Any]) -> Any:
+        return command
+
+
 def contenders() -> dict[str, Callable[[Call], Call]]:
     # stamina logs every retry by default; switch that off so only its machinery is timed.
     stamina.instrumentation.set_on_retry_hooks([])
@@ -99,6 +118,7 @@ def contenders() -> dict[str, Callable[[Call], Call]]:
             retry(ZERO), noop_behavior, noop_behavior
         ),
         "cqrs_resilience RetryableCommandHandler.handle": lambda h: OkHandler(h).handle,
+        "cqrs_resilience ResilientCommandHandler.handle": lambda h: OkResilientHandler(h).handle,
         "tenacity.retry": tenacity.retry(
             stop=tenacity.stop_after_attempt(4),
             wait=tenacity.wait_none(),

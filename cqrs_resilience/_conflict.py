@@ -9,19 +9,19 @@ and run again. Three rules keep this from losing data:
 - with a base (the state the command was issued against) the merge is three-way, so a
   concurrent change the command did not touch survives, and a change on both sides is a
   reported conflict, not an overwrite;
-- protected fields (identity, version) always come from the latest state, and the rebuilt
-  command keeps the original `command_id`, so stores can recognise a repeat.
+- protected fields (identity, version) always come from the latest state, never count as
+  three-way conflicts, and a command's config can add to them but never remove one; the
+  rebuilt command keeps the original `command_id`, so stores can recognise a repeat.
+
+A command's `conflict_config` is outside input: its `max_attempts` is bounded by the
+behaviour's `max_attempts_cap`. Rounds for one aggregate take turns process-wide (`_turns`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import inspect
-import weakref
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import msgspec
@@ -36,8 +36,10 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
-from ._idempotency import current_command_id
+from ._idempotency import CURRENT, Scope, attempt, enter
 from ._merge import MergeStrategy, MergeStrategyRegistry
+from ._retry import check_cap
+from ._turns import PROCESS_TURNS, Turns
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -70,6 +72,11 @@ class UpdateCommand(Protocol):
 
 DEFAULT_CONFIG = ConflictConfig()
 _DEFAULT_REGISTRY = MergeStrategyRegistry()
+ALWAYS_PROTECTED = frozenset({"id", "version"})
+
+MAX_ATTEMPTS_CAP = 10
+"""The most resolution rounds a command's own config may ask for, unless the behaviour says
+otherwise."""
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -89,7 +96,10 @@ class ResolveConflicts:
         registry: MergeStrategyRegistry | None = None,
         hooks: HookRegistry | None = None,
         fetch_base_state: FetchBaseState | None = None,
+        max_attempts_cap: int = MAX_ATTEMPTS_CAP,
+        turns: Turns | None = None,
     ) -> None:
+        check_cap("max_attempts_cap", max_attempts_cap)
         for name, hook in (
             ("fetch_latest_state", fetch_latest_state),
             ("get_incoming_state", get_incoming_state),
@@ -108,8 +118,8 @@ class ResolveConflicts:
         self.registry = registry
         self.hooks = hooks
         self.fetch_base_state = fetch_base_state
-        # Locks live only while someone holds or waits for them.
-        self._turns: weakref.WeakValueDictionary[Any, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.max_attempts_cap = max_attempts_cap
+        self.turns = turns or PROCESS_TURNS
 
     def __repr__(self) -> str:
         config = f"config={self.config!r}" if self.config is not None else ""
@@ -123,43 +133,36 @@ class ResolveConflicts:
 
         @functools.wraps(handler)
         async def resolving(command: Any) -> T:
-            # Stores record this id with the write, so a repeat after a commit is recognised.
-            # Inside handle() it is already current, and a context-variable write is not free.
-            command_id = getattr(command, "command_id", None)
-            token = None
-            if command_id is not None and current_command_id.get() != command_id:
-                token = current_command_id.set(command_id)
+            # The command's idempotency scope; inside handle() it is already open.
+            scope, token = enter((command,))
+            changes = scope.changes if scope is not None else 0
             try:
                 try:
                     return await one_arg(command)
                 except ConcurrencyError as exc:
                     conflict = exc
-                return await self._resolve(handler_type, one_arg, command, conflict)
+                return await self._resolve(
+                    handler_type, one_arg, command, conflict, (scope, changes)
+                )
             finally:
                 if token is not None:
-                    current_command_id.reset(token)
+                    CURRENT.reset(token)
 
         return resolving  # type: ignore[return-value]
 
     # The conflict path: everything below runs only after a ConcurrencyError.
 
-    def _turn(self, aggregate_id: Any) -> AbstractAsyncContextManager[Any]:
-        """Resolution rounds for one aggregate take turns within this process.
-
-        Without turns, N local writers that lost a race re-read, re-merge and race again
-        together: about N/2 attempts each. Taking turns, each round reads the state the
-        previous round wrote, so a round fails only against a first attempt or another
-        process. First attempts never wait; the database still arbitrates.
-        """
-        if aggregate_id is None:
-            return contextlib.nullcontext()
-        try:
-            lock = self._turns.get(aggregate_id)
-        except TypeError:  # an unhashable id: no turns, only the database
-            return contextlib.nullcontext()
-        if lock is None:
-            lock = self._turns[aggregate_id] = asyncio.Lock()
-        return lock
+    def _config(self, command: Any) -> ConflictConfig:
+        """The config for `command`: its own, bounded by this behaviour's limits, or ours."""
+        own: ConflictConfig | None = getattr(command, "conflict_config", None)
+        trusted = self.config or DEFAULT_CONFIG
+        if own is None:
+            return trusted
+        protected = own.protected_fields | trusted.protected_fields | ALWAYS_PROTECTED
+        max_attempts = min(own.max_attempts, self.max_attempts_cap)
+        if protected == own.protected_fields and max_attempts == own.max_attempts:
+            return own
+        return msgspec.structs.replace(own, protected_fields=protected, max_attempts=max_attempts)
 
     def _strategy(self, config: ConflictConfig) -> MergeStrategy:
         return (self.registry or _DEFAULT_REGISTRY).get(config.strategy_name, config)
@@ -167,17 +170,22 @@ class ResolveConflicts:
     def _merge(
         self, config: ConflictConfig, base: State | None, latest: State, incoming: State
     ) -> State:
+        protected = config.protected_fields
         if config.policy is ConflictResolutionPolicy.LAST_WINS:
             merged = {**latest, **incoming}
         else:
             strategy = self._strategy(config)
             merge3 = getattr(strategy, "merge3", None)
             if base is not None and merge3 is not None:
+                # Protected fields come from latest whatever the merge says, so incoming's
+                # (stale, absent or hostile) values there are no change and no conflict.
+                if any(k in incoming or k in base for k in protected):
+                    incoming = {k: v for k, v in incoming.items() if k not in protected}
+                    incoming.update((k, base[k]) for k in protected if k in base)
                 merged = merge3(base, latest, incoming, on_conflict=config.on_conflict)
             else:
                 merged = strategy.merge(latest, incoming)
         # The mass-assignment guard: identity and version are the store's, never the command's.
-        protected = config.protected_fields
         if protected:
             merged = {k: v for k, v in merged.items() if k not in protected}
             merged.update({k: latest[k] for k in protected if k in latest})
@@ -210,8 +218,9 @@ class ResolveConflicts:
         handler: Callable[[Any], Awaitable[T]],
         original: Any,
         error: ConcurrencyError,
+        scope: tuple[Scope | None, int],
     ) -> T:
-        config = getattr(original, "conflict_config", None) or self.config or DEFAULT_CONFIG
+        config = self._config(original)
         hooks = self.hooks or get_hook_registry()
 
         async def emit(event: str, attempt: int, exc: BaseException) -> None:
@@ -228,29 +237,35 @@ class ResolveConflicts:
         if self.fetch_base_state is not None and config.policy is ConflictResolutionPolicy.MERGE:
             base = await _maybe_await(self.fetch_base_state(original))
 
+        if config.max_attempts == 0:
+            error.add_note("conflict not resolved: max_attempts is 0 (resolution is off)")
+            await emit(CONFLICT_FAILED, 1, error)
+            raise error
+
         command = original
-        for attempt in range(1, config.max_attempts + 1):
-            async with self._turn(error.aggregate_id):
+        for round_ in range(1, config.max_attempts + 1):
+            async with self.turns.turn(error.aggregate_id):
                 latest = await _maybe_await(self.fetch_latest_state(command))
                 if latest is None:
                     error.add_note("conflict not resolved: the aggregate no longer exists")
-                    await emit(CONFLICT_FAILED, attempt, error)
+                    await emit(CONFLICT_FAILED, round_, error)
                     raise error
                 try:
                     merged = self._merge(config, base, latest, incoming)
                 except MergeConflictError as merge_error:
                     merge_error.__cause__ = error
-                    await emit(CONFLICT_FAILED, attempt, merge_error)
+                    await emit(CONFLICT_FAILED, round_, merge_error)
                     raise
                 command = _keep_identity(self.update_command(original, merged), original)
                 try:
-                    result = await handler(command)
+                    with attempt(*scope):
+                        result = await handler(command)
                 except ConcurrencyError as exc:
                     error = exc
-                    if attempt < config.max_attempts:
-                        await emit(CONFLICT_DETECTED, attempt + 1, error)
+                    if round_ < config.max_attempts:
+                        await emit(CONFLICT_DETECTED, round_ + 1, error)
                     continue
-            await emit(CONFLICT_RESOLVED, attempt, error)
+            await emit(CONFLICT_RESOLVED, round_, error)
             return result
         error.add_note(f"conflict not resolved after {config.max_attempts} resolution attempts")
         await emit(CONFLICT_FAILED, config.max_attempts, error)
@@ -277,12 +292,16 @@ def resolve_conflicts(
     registry: MergeStrategyRegistry | None = None,
     hooks: HookRegistry | None = None,
     fetch_base_state: FetchBaseState | None = None,
+    max_attempts_cap: int = MAX_ATTEMPTS_CAP,
+    turns: Turns | None = None,
 ) -> ResolveConflicts:
     """Settle `ConcurrencyError`s of a one-command handler by the config's policy.
 
     FIRST_WINS lets the error through; LAST_WINS overlays the command's state on the latest;
     MERGE merges it with the named strategy — three-way when `fetch_base_state` is given.
-    A command's own `conflict_config` (`ConflictResilient`) wins over `config`.
+    A command's own `conflict_config` (`ConflictResilient`) wins over `config`, but makes at
+    most `max_attempts_cap` rounds and can only add `protected_fields`. Rounds for one
+    aggregate take turns with every other round in the process, or within `turns`.
     """
     return ResolveConflicts(
         fetch_latest_state,
@@ -292,4 +311,6 @@ def resolve_conflicts(
         registry=registry,
         hooks=hooks,
         fetch_base_state=fetch_base_state,
+        max_attempts_cap=max_attempts_cap,
+        turns=turns,
     )

@@ -54,6 +54,10 @@ def _coerce(config: ConflictConfig, name: str, kind: type[E]) -> None:
 class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Conflict-resolution settings; travels with a `ConflictResilient` command.
 
+    `max_attempts=0` turns resolution off (the conflict propagates), as `max_retries=0` does
+    for retries. From a command, `max_attempts` is bounded by the behaviour's cap and
+    `protected_fields` can only add to the behaviour's.
+
     Field-name sets accept any set or list of names and are stored as frozensets, so a config
     stays hashable and safe to share.
     """
@@ -86,5 +90,5 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
             )
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise ConfigurationError(f"max_attempts must be an int, got {self.max_attempts!r}")
-        if self.max_attempts < 1:
-            raise ConfigurationError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_attempts < 0:
+            raise ConfigurationError(f"max_attempts must be >= 0, got {self.max_attempts}")

@@ -1,11 +1,20 @@
 """The errors cqrs_resilience raises and understands.
 
 Exception
- ├── ConcurrencyError        two writers raced on one aggregate (conflict resolution's job)
- ├── TransientError          worth retrying: the same call may succeed a moment later
- ├── MergeConflictError      a merge met changes it may not reconcile; lists every Conflict
- └── ValueError
-      └── ConfigurationError a policy or config field out of range, named in the message
+ ├── ConcurrencyError              two writers raced on one aggregate (conflict resolution's job)
+ ├── TransientError                worth retrying: the same call may succeed a moment later
+ ├── MergeConflictError            a merge met changes it may not reconcile; lists every Conflict
+ ├── ValueError
+ │    └── ConfigurationError       a policy or config field out of range, named in the message
+ └── StoreError                    a store failed in a way the same call will not fix
+      ├── StoreClosedError         the repository (or the pool it was given) was closed
+      ├── SchemaError              the store's tables are missing or unusable
+      ├── StoreConfigurationError  (also ValueError) wrong path, database, user or password
+      ├── CorruptStateError        (also ValueError) a stored row does not decode
+      ├── InvalidStateError        (also ValueError) a state the store refuses to write
+      └── IdempotencyKeyReuseError (also ValueError) one command_id, two different commands
+
+The store errors live here, not in `stores/`, because `InMemoryRepository` raises them too.
 """
 
 from __future__ import annotations
@@ -69,3 +78,72 @@ class MergeConflictError(Exception):
             message = f"{len(conflicts)} conflicting change(s) at: {paths}{more}"
         super().__init__(message)
         self.conflicts = conflicts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.conflicts, str(self)), self.__dict__
+
+
+class StoreError(Exception):
+    """A store failed in a way the same call will not fix; the driver's error is chained."""
+
+
+class StoreClosedError(StoreError):
+    """The repository, or the connection pool it was given, is closed."""
+
+
+class SchemaError(StoreError):
+    """The store's tables are missing or unusable (dropped, renamed, not permitted)."""
+
+
+class StoreConfigurationError(StoreError, ValueError):
+    """The store cannot be reached as configured: wrong path, database, user or password."""
+
+
+class CorruptStateError(StoreError, ValueError):
+    """A stored aggregate does not decode as the repository's aggregate type."""
+
+    def __init__(self, aggregate_id: str, version: int | None, reason: str) -> None:
+        at = f" version {version}" if version is not None else ""
+        super().__init__(f"stored state of aggregate {aggregate_id!r}{at} is corrupt: {reason}")
+        self.aggregate_id = aggregate_id
+        self.version = version
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses process boundaries intact
+        return type(self), (self.aggregate_id, self.version, self.reason), self.__dict__
+
+
+class InvalidStateError(StoreError, ValueError):
+    """A store refused to write a state it could not read back as the aggregate type.
+
+    `path` locates the offending value in the state, in msgspec's notation (`$.items[0]`);
+    nothing was written.
+    """
+
+    def __init__(self, aggregate_id: Any, path: str, reason: str) -> None:
+        super().__init__(f"aggregate {aggregate_id!r} not stored: {reason} - at `{path}`")
+        self.aggregate_id = aggregate_id
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.aggregate_id, self.path, self.reason), self.__dict__
+
+
+class IdempotencyKeyReuseError(StoreError, ValueError):
+    """A write came under a `command_id` the store already recorded for a different command.
+
+    Resending the same command gets its first outcome back; a different command under a used
+    id is refused rather than answered with another command's outcome (its write would be lost).
+    """
+
+    def __init__(self, command_id: str, aggregate_id: Any) -> None:
+        super().__init__(
+            f"command_id {command_id!r} was already used by a different command "
+            f"(writing aggregate {aggregate_id!r}); give each command its own id"
+        )
+        self.command_id = command_id
+        self.aggregate_id = aggregate_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.command_id, self.aggregate_id), self.__dict__

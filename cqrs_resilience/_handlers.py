@@ -11,17 +11,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
-from ._conflict import resolve_conflicts
+from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
 from ._conflict_config import ConflictConfig
-from ._idempotency import current_command_id
+from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
 from ._pipeline import Behavior, pipeline
 from ._policies import RetryPolicy
-from ._retry import RetryOn, retry
+from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, RetryOn, retry
 
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._hooks import HookRegistry
+    from ._turns import Turns
 
 R = TypeVar("R")
 
@@ -79,12 +80,16 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         return self._pipeline
 
     async def handle(self, command: Any) -> CommandResponse[R]:
-        """Process `command` through the pipeline; what `process` raises propagates as is."""
-        token = current_command_id.set(getattr(command, "command_id", None))
+        """Process `command` through the pipeline; what `process` raises propagates as is.
+
+        The command's idempotency scope is opened here, once, for every behaviour inside.
+        """
+        _, token = enter((command,))
         try:
             return await self.get_pipeline()(command)
         finally:
-            current_command_id.reset(token)
+            if token is not None:
+                CURRENT.reset(token)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({pipeline(*reversed(self._behaviors))!r})"
@@ -93,14 +98,24 @@ class PipelinedCommandHandler(ABC, Generic[R]):
 class RetryBehaviorMixin(PipelinedCommandHandler[R]):
     """Adds `retry` around the handler: transient failures are retried with backoff.
 
-    The command's own `retry_policy` (`Retryable`) wins over the class's `retry_policy`.
+    The command's own `retry_policy` (`Retryable`, the mixin's default included) wins over the
+    class's `retry_policy`, bounded by `max_retries_cap` and `max_delay_cap_s`.
     """
 
     retry_policy: ClassVar[RetryPolicy | None] = None
     retry_on: ClassVar[RetryOn | None] = None
+    max_retries_cap: ClassVar[int] = MAX_RETRIES_CAP
+    max_delay_cap_s: ClassVar[float] = MAX_DELAY_CAP_S
 
     def default_behaviors(self) -> list[Behavior]:
-        behavior = retry(self.retry_policy, on=self.retry_on, hooks=self.hooks, clock=self.clock)
+        behavior = retry(
+            self.retry_policy,
+            on=self.retry_on,
+            hooks=self.hooks,
+            clock=self.clock,
+            max_retries_cap=self.max_retries_cap,
+            max_delay_cap_s=self.max_delay_cap_s,
+        )
         return [*super().default_behaviors(), behavior]
 
 
@@ -113,10 +128,14 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
 
     Implement `fetch_latest_state`, `get_incoming_state` and `update_command`; define
     `fetch_base_state` too for a three-way merge. The command's own `conflict_config`
-    (`ConflictResilient`) wins over the class's `conflict_config`.
+    (`ConflictResilient`) wins over the class's `conflict_config`, bounded by
+    `max_attempts_cap` and adding to (never removing) the class's `protected_fields`. `turns`
+    scopes turn-taking (default: the whole process).
     """
 
     conflict_config: ClassVar[ConflictConfig | None] = None
+    max_attempts_cap: ClassVar[int] = MAX_ATTEMPTS_CAP
+    turns: ClassVar[Turns | None] = None
 
     @abstractmethod
     async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
@@ -143,6 +162,8 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
             registry=self.strategy_registry,
             hooks=self.hooks,
             fetch_base_state=self.fetch_base_state,
+            max_attempts_cap=self.max_attempts_cap,
+            turns=self.turns,
         )
         return [*super().default_behaviors(), behavior]
 

@@ -1,26 +1,257 @@
-"""The command being processed, so stores can record its id beside the write it makes.
+"""The command being processed, so a store can tell a repeat from a new write.
 
-A retried command that already committed (a timeout after commit) must not apply twice. The
-behaviours put the command's id here; a store's `persist` reads it when not given one, records
-it in the same transaction as the write, and answers a repeat with the first outcome.
+A retried command that already committed (a timeout after commit) must not apply twice; a
+different command reusing an id must not get another command's outcome instead of its write;
+and a command that writes one aggregate twice (create, then update) must have both applied.
+Every entry point (`handle()`, `retry()`, `resolve_conflicts()`, `command_scope()`) runs the
+command inside a *scope*, which stores read when they write:
+
+- `command_id`, the idempotency key recorded beside each write;
+- a fingerprint of the original command (a digest of its encoding), so a store tells a resend
+  of the same command (first outcome back) from a different one (`IdempotencyKeyReuseError`);
+- a count of writes per aggregate in the current attempt: the n-th write of an aggregate
+  replays the n-th write of an earlier attempt and is applied when there was none.
+
+A scope is opened once per command and reused by the behaviours inside it (a `retry()` inside
+`handle()` costs a lookup, not a new scope). A re-attempt (a retry, a conflict round) runs in a
+child scope that starts from the counts the retried call started with; when it ends, the
+counts go back to the parent (the higher of the two per aggregate). Writes of one aggregate
+from concurrent tasks of one command are numbered in the order they reach the store.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from typing import Any, NamedTuple
 
-current_command_id: ContextVar[str | None] = ContextVar(
-    "cqrs_resilience.current_command_id", default=None
-)
+import msgspec
+
+from ._errors import IdempotencyKeyReuseError
+
+
+class Scope(msgspec.Struct, gc=False):
+    """One command's idempotency context: its id, its original, and its writes this attempt."""
+
+    command_id: str
+    command: Any = None  # the original command; None when only an id was given
+    root: Scope | None = None  # the scope a re-attempt's child was opened under
+    counts: dict[str, int] | None = None  # writes per store key this attempt
+    log: list[tuple[str, int]] | None = None  # (key, previous count), to rebuild snapshots
+    changes: int = 0  # len(log): a snapshot of the counts costs one attribute read
+    digest: bytes | None = None
+
+    def fingerprint(self) -> bytes:
+        """A digest of the original command's encoding (b"" when only an id was given)."""
+        root = self.root or self
+        if root.digest is None:
+            root.digest = b"" if root.command is None else fingerprint(root.command)
+        return root.digest
+
+    def count(self, key: str, value: int) -> None:
+        """Record that `key` has `value` writes this attempt."""
+        if self.counts is None:
+            self.counts = {}
+        if self.log is None:
+            self.log = []
+        self.log.append((key, self.counts.get(key, 0)))
+        self.counts[key] = value
+        self.changes += 1
+
+    def counts_at(self, changes: int) -> dict[str, int]:
+        """The counts as they were after `changes` changes."""
+        counts = dict(self.counts or {})
+        for key, previous in reversed((self.log or [])[changes:]):
+            counts[key] = previous
+        return counts
+
+
+CURRENT: ContextVar[Scope | None] = ContextVar("cqrs_resilience.command_scope", default=None)
+
+_fingerprint_encoder = msgspec.msgpack.Encoder(order="deterministic")
+_fallback_encoder = msgspec.json.Encoder(order="deterministic", enc_hook=repr)
+
+
+def fingerprint(command: Any) -> bytes:
+    """A digest of `command`'s encoding: equal for a resend of the same command.
+
+    msgpack keeps what JSON blurs (NaN, bytes); values it cannot encode (big integers, other
+    types) fall back to JSON with `repr`, which errs towards "different": a refused resend,
+    never a lost write.
+    """
+    try:
+        encoded = _fingerprint_encoder.encode(command)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        try:
+            encoded = _fallback_encoder.encode(command)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            encoded = repr(command).encode("utf-8", "backslashreplace")
+    return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+COMMAND_TYPES: dict[type, bool] = {}
+"""Whether instances of a type are commands (carry a str `command_id`): decided once per
+type, since an isinstance check against a class with a metaclass costs over 100 ns. The hot
+paths read it inline: `COMMAND_TYPES.get(type(x))` is True, False, or None (not seen yet)."""
+
+
+def is_command(value: Any) -> bool:
+    """Whether `value` is a command, learning its type on the first sight."""
+    kind = type(value)
+    known = COMMAND_TYPES.get(kind)
+    if known is None:
+        if len(COMMAND_TYPES) > 10_000:  # types made on the fly must not grow this forever
+            COMMAND_TYPES.clear()
+        known = COMMAND_TYPES[kind] = isinstance(getattr(value, "command_id", None), str)
+    return known
+
+
+def opening(args: tuple[Any, ...], scope: Scope | None) -> Scope | None:
+    """The scope to open for a call with these arguments, or None to run in `scope`.
+
+    The call's command is its first argument, or its second after a `self`. A command already
+    being processed (same `command_id`: a rebuilt or retried one) keeps its scope; any other
+    command opens its own; a call without one runs in the current scope.
+    """
+    command = args[0] if args else None
+    known = COMMAND_TYPES.get(type(command))
+    if known is False and len(args) > 1:
+        command = args[1]
+        known = COMMAND_TYPES.get(type(command))
+    if not (known or (known is None and is_command(command))):
+        return None
+    command_id: str = command.command_id  # type: ignore[union-attr]
+    if scope is not None and scope.command_id == command_id:
+        return None
+    return Scope(command_id, command)
+
+
+def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | None]:
+    """The scope a call runs in, and the token to close it if this opened it.
+
+    On every behaviour's hot path: `retry()` inlines the first checks (a call costs as much as
+    the rest), the others call this.
+    """
+    scope = CURRENT.get()
+    if args and scope is not None and args[0] is scope.command:
+        return scope, None
+    opened = opening(args, scope)
+    if opened is None:
+        return scope, None
+    return opened, CURRENT.set(opened)
 
 
 @contextmanager
-def command_scope(command_id: str | None) -> Iterator[None]:
-    """Make `command_id` the id stores record for writes made inside the block."""
-    token = current_command_id.set(command_id)
+def attempt(scope: Scope | None, changes: int) -> Iterator[None]:
+    """Run a re-attempt on the write counts the retried call started with (`changes`)."""
+    if scope is None:
+        yield
+        return
+    child = Scope(scope.command_id, scope.command, scope.root or scope, scope.counts_at(changes))
+    token = CURRENT.set(child)
     try:
         yield
     finally:
-        current_command_id.reset(token)
+        CURRENT.reset(token)
+        for key, value in (child.counts or {}).items():
+            if value > (scope.counts or {}).get(key, 0):
+                scope.count(key, value)
+
+
+@contextmanager
+def command_scope(command: Any) -> Iterator[None]:
+    """Make stores record writes inside the block under this command (or command id).
+
+    Give the command itself to let stores refuse a different command reusing its id; a bare
+    id string declares that the id alone identifies the command. `None` turns recording off.
+    Behaviours open scopes themselves; this is for code that writes without them.
+    """
+    if command is None:
+        token = CURRENT.set(None)
+    elif isinstance(command, str):
+        token = CURRENT.set(Scope(command))
+    else:
+        command_id = getattr(command, "command_id", None)
+        if not isinstance(command_id, str):
+            raise TypeError(f"command_scope() takes a command or a command id, got {command!r}")
+        token = CURRENT.set(Scope(command_id, command))
+    try:
+        yield
+    finally:
+        CURRENT.reset(token)
+
+
+class _CurrentCommandId:
+    """Read-only: `current_command_id.get()` is the id of the command being processed."""
+
+    def get(self, default: str | None = None) -> str | None:
+        scope = CURRENT.get()
+        return default if scope is None else scope.command_id
+
+    def __repr__(self) -> str:
+        return f"<current_command_id {self.get()!r}>"
+
+
+current_command_id = _CurrentCommandId()
+
+
+# --- what stores use -------------------------------------------------------------------------
+
+
+class WriteKey(NamedTuple):
+    """What a store records beside one write, and checks a repeat against."""
+
+    command_id: str
+    seq: int  # the n-th write of this aggregate by this command (per attempt)
+    fingerprint: bytes
+    whole_command: bool  # the fingerprint is the command's: another under this id is refused
+    scope: Scope | None
+
+
+def write_key(command_id: str | None, key: str, encoded: bytes) -> WriteKey | None:
+    """The key to record a write of `key` under (and reserve its number), or None.
+
+    Inside a command's scope: its id, the write's number, the command's fingerprint. With an
+    explicit `command_id` that is not the scope's, the write itself is the request: a repeat
+    with the same state gets the first outcome, one with another state is refused.
+    """
+    scope = CURRENT.get()
+    if scope is not None and command_id in (None, scope.command_id):
+        seq = (scope.counts or {}).get(key, 0) + 1
+        scope.count(key, seq)
+        return WriteKey(scope.command_id, seq, scope.fingerprint(), True, scope)
+    if command_id is None:
+        return None
+    digest = hashlib.blake2b(encoded, digest_size=16).digest()
+    return WriteKey(command_id, 1, digest, False, None)
+
+
+def write_failed(write: WriteKey | None, key: str) -> None:
+    """Give back the number a failed write reserved, unless a later write took one since."""
+    if write is not None and write.scope is not None:
+        counts = write.scope.counts or {}
+        if counts.get(key) == write.seq:
+            write.scope.count(key, write.seq - 1)
+
+
+def is_repeat(
+    write: WriteKey,
+    aggregate_id: str,
+    command_fingerprint: bytes | None,
+    write_fingerprint: bytes | None,
+) -> bool:
+    """Whether a write is a repeat (True: answer with the recorded outcome) or new (False).
+
+    `command_fingerprint` is what the store recorded for the command id, if anything;
+    `write_fingerprint` what it recorded for this very write (id, aggregate, number). A
+    different fingerprint means a different command: `IdempotencyKeyReuseError`.
+    """
+    if write.whole_command and command_fingerprint not in (None, write.fingerprint):
+        raise IdempotencyKeyReuseError(write.command_id, aggregate_id)
+    if write_fingerprint is None:
+        return False
+    if write_fingerprint != write.fingerprint:
+        raise IdempotencyKeyReuseError(write.command_id, aggregate_id)
+    return True

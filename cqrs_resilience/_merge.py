@@ -12,6 +12,9 @@ Why it is built the way it is:
   ``==`` fall back to `_Canon`, which numbers equal values without recursing.
 - A cycle never hangs a merge: one the merge would follow, or copy into its result, raises
   ValueError naming its path. A cycle in a part the result drops is not an error.
+- A three-way merge counts NaN as equal to NaN (in Python two NaN objects differ), so a side
+  that left a NaN alone did not change it. Two-way merges need no such care: replacing a NaN
+  with a NaN changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import msgspec
 
 from ._conflict_config import ConflictConfig, OnMergeConflict
 from ._errors import ConfigurationError, Conflict, MergeConflictError
+from ._walk import entries as _entries
+from ._walk import find_cycle as _find_cycle
 
 
 @runtime_checkable
@@ -97,6 +102,7 @@ _DEFAULT_CONFIG: Final = ConflictConfig()
 
 _encode: Final = msgspec.msgpack.Encoder().encode
 _encode_sorted: Final = msgspec.msgpack.Encoder(order="sorted").encode
+_NAN: Final = object()  # what every NaN is keyed and numbered as
 
 _Path: TypeAlias = "tuple[_Path, Any] | None"  # (parent, key) links, built only when needed
 _Box = TypeVar("_Box", dict[Any, Any], list[Any])
@@ -104,38 +110,6 @@ _Box = TypeVar("_Box", dict[Any, Any], list[Any])
 
 class _CycleFound(Exception):
     """Internal: a value being compared or keyed contains itself."""
-
-
-def _entries(node: Any) -> Iterator[tuple[Any, Any]]:
-    return iter(node.items()) if isinstance(node, dict) else enumerate(node)
-
-
-def _find_cycle(root: Any) -> tuple[Any, ...] | None:
-    """The path at which `root` first holds one of its own ancestors, or None; any depth."""
-    if not isinstance(root, _CONTAINERS):
-        return None
-    done: set[int] = set()
-    active = {id(root)}
-    path: list[Any] = []
-    stack = [(root, _entries(root))]
-    while stack:
-        node, entries = stack[-1]
-        for key, child in entries:
-            if isinstance(child, _CONTAINERS):
-                if id(child) in active:
-                    return (*path, key)
-                if id(child) not in done:
-                    active.add(id(child))
-                    path.append(key)
-                    stack.append((child, _entries(child)))
-                    break
-        else:
-            stack.pop()
-            active.discard(id(node))
-            done.add(id(node))
-            if path and stack:
-                path.pop()
-    return None
 
 
 def _check_acyclic(result: dict[Any, Any], unchecked: list[Any]) -> None:
@@ -188,6 +162,8 @@ class _Canon:
         return number
 
     def _leaf(self, value: Any) -> int:
+        if type(value) is float and value != value:  # NaN: every NaN object is one value here
+            value = _NAN
         try:
             return self._intern(self._leaves, value)
         except TypeError:  # unhashable: a set equals its frozenset; anything else only itself
@@ -301,7 +277,7 @@ class _Run:
         """What makes two list items duplicates: == if hashable, else equal sorted encodings."""
         kind = type(item)
         if kind in _SCALARS:
-            return item
+            return _NAN if kind is float and item != item else item
         if kind is bytes:
             return (bytes, item)  # bare bytes are the encodings below
         if kind is not dict and kind is not list:
@@ -346,15 +322,28 @@ def _shown(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any, run: _Run) -> bool:
-    """a == b, also for values nested too deep for CPython's recursive comparison."""
+    """a == b with NaN equal to NaN, also for values nested too deep for CPython's `==`."""
     if a is b:
         return True
     if run.canon is None:
         try:
-            return bool(a == b)
+            return bool(a == b) or _equal_but_nan(a, b)
         except RecursionError:
             pass
     return run.equal(a, b)
+
+
+def _equal_but_nan(a: Any, b: Any) -> bool:
+    """Whether values that are not == differ only where both hold a NaN."""
+    kind = type(a)
+    if kind is float:
+        return type(b) is float and a != a and b != b
+    if kind in _CONTAINERS and type(b) is kind:
+        try:  # equal encodings: same structure, types and values (NaN bits included)
+            return bool(_encode_sorted(a) == _encode_sorted(b))
+        except Exception:  # keys that do not sort, types msgpack lacks, too deep
+            return False
+    return False
 
 
 def _execute(
@@ -587,6 +576,8 @@ def _merge3(
                 continue
             try:
                 same = iv == cv if canon is None else canon.equal(iv, cv)
+                if not same and canon is None and type(iv) is not dict:
+                    same = _equal_but_nan(iv, cv)
             except RecursionError:
                 same = run.equal(iv, cv)
             if same:  # unchanged, or the same change on both sides

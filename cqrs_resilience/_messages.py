@@ -9,14 +9,47 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_tra
 import msgspec
 
 from ._conflict_config import ConflictConfig
+from ._errors import ConfigurationError
 from ._policies import AnyRetryPolicy, ExponentialBackoffPolicy
 
 R = TypeVar("R")
+
+MAX_ID_LENGTH = 255
+"""The longest command or aggregate id accepted, in characters (Stripe's idempotency-key cap)."""
 
 
 def new_command_id() -> str:
     """A fresh random idempotency key."""
     return uuid.uuid4().hex
+
+
+def check_id(name: str, value: object) -> str | None:
+    """Why `value` cannot be an id (a stored key), or None when it can.
+
+    Ids arrive from queues and HTTP bodies and become database keys, so they must be non-empty
+    strings a database stores as text: no NUL, no lone surrogate, at most MAX_ID_LENGTH long.
+    """
+    if not isinstance(value, str):
+        return f"{name} must be a string, not {type(value).__name__}"
+    if not value:
+        return f"{name} must be a non-empty string"
+    if len(value) > MAX_ID_LENGTH:
+        return f"{name} must be at most {MAX_ID_LENGTH} characters, not {len(value)}"
+    if "\x00" in value:
+        return f"{name} must not contain NUL characters"
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"{name} must be valid Unicode text (it holds a lone surrogate)"
+    return None
+
+
+def _check_command_id(command: Any) -> None:
+    problem = check_id("command_id", command.command_id)
+    if problem is not None:
+        shown = repr(command.command_id)
+        raise ConfigurationError(f"{problem}: {shown if len(shown) <= 40 else shown[:37] + '...'}")
 
 
 class _CommandMeta(msgspec.StructMeta):
@@ -33,6 +66,11 @@ class _CommandMeta(msgspec.StructMeta):
         # Every command is keyword-only, subclasses too: mixing in a field never shifts positions
         # and required fields may follow defaulted ones.
         kwargs.setdefault("kw_only", True)
+        # Every command checks its id on construction and decoding, even one whose class
+        # defines its own __post_init__ (msgspec runs it after decoding, too).
+        own = namespace.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_command_id", False):
+            namespace["__post_init__"] = _checking_id(own)
         annotations = namespace.setdefault("__annotations__", {})
         for base in bases:
             for klass in base.__mro__:
@@ -47,12 +85,32 @@ class _CommandMeta(msgspec.StructMeta):
         return super().__new__(mcls, name, bases, namespace, **kwargs)
 
 
+def _checking_id(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    def __post_init__(self: Any) -> None:
+        _check_command_id(self)
+        post_init(self)
+
+    __post_init__._checks_command_id = True  # type: ignore[attr-defined]
+    __post_init__.__doc__ = post_init.__doc__
+    __post_init__.__wrapped__ = post_init  # type: ignore[attr-defined]
+    return __post_init__
+
+
 # Tells type checkers what the metaclass does at run time: every command field is keyword-only.
 @dataclass_transform(kw_only_default=True, field_specifiers=(msgspec.field,))
 class Command(msgspec.Struct, Generic[R], kw_only=True, metaclass=_CommandMeta):
-    """Base for commands; `command_id` is the idempotency key, kept across retries and merges."""
+    """Base for commands; `command_id` is the idempotency key, kept across retries and merges.
+
+    The id must be a non-empty string of at most 255 characters without NUL: a bad one is a
+    `ConfigurationError` at construction and a `msgspec.ValidationError` when decoding.
+    """
 
     command_id: str = msgspec.field(default_factory=new_command_id)
+
+    def __post_init__(self) -> None:
+        _check_command_id(self)
+
+    __post_init__._checks_command_id = True  # type: ignore[attr-defined]
 
 
 class CommandResponse(msgspec.Struct, Generic[R], kw_only=True):

@@ -4,6 +4,13 @@ The first attempt runs outside tenacity, inside a bare try/except, so a call tha
 pays almost nothing. Only after a retryable failure does tenacity's machinery take over: its
 call state counts attempts, `stop_after_attempt` ends the budget, and the policy becomes a
 tenacity wait strategy. Each call has its own state; nothing is shared between calls.
+
+A call whose first argument is a command runs in the command's idempotency scope (see
+`_idempotency`), so a write that committed before a timeout is recognised when retried, with
+`retry()` alone as with a handler. What a command asks for is bounded by the behaviour's caps:
+its own `retry_policy` may not retry more than `max_retries_cap` times nor wait longer than
+`max_delay_cap_s` before one retry; an error's `retry_after` is outside input too and is capped
+the same way. The behaviour's own policy is code, and trusted.
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import tenacity
 
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
-from ._errors import TransientError
+from ._errors import ConfigurationError, TransientError
 from ._hooks import (
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
@@ -25,6 +33,7 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
+from ._idempotency import COMMAND_TYPES, CURRENT, Scope, attempt, opening
 from ._messages import Command
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
@@ -38,6 +47,23 @@ DEFAULT_RETRY_ON: tuple[type[Exception], ...] = (TransientError, ConnectionError
 
 DEFAULT_POLICY = ExponentialBackoffPolicy()
 _POLICY_TYPES: set[type] = set()
+
+MAX_RETRIES_CAP = 10
+"""The most retries a command's own policy may ask for, unless the behaviour says otherwise."""
+MAX_DELAY_CAP_S = 60.0
+"""The longest wait before one retry that a command's policy or an error's `retry_after` may
+ask for, in seconds, unless the behaviour says otherwise."""
+
+
+def check_cap(name: str, value: object, *, seconds: bool = False) -> None:
+    """Caps are code, but a wrong one must fail at construction, naming the argument."""
+    kinds = (int, float) if seconds else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigurationError(
+            f"{name} must be {'a number' if seconds else 'an int'}, got {value!r}"
+        )
+    if not (0 <= value < math.inf):
+        raise ConfigurationError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def _predicate(on: RetryOn | None) -> Callable[[Exception], bool]:
@@ -66,26 +92,40 @@ def command_of(args: tuple[Any, ...]) -> Any:
 
 
 class _PolicyWait(tenacity.wait.wait_base):
-    """A retry policy seen as a tenacity wait strategy (seconds)."""
+    """A retry policy seen as a tenacity wait strategy (seconds), at most `cap_s` when the
+    policy came from outside; a negative or NaN delay counts as none."""
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, cap_s: float) -> None:
         self.policy = policy
+        self.cap_s = cap_s
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        return self.policy.backoff_ms(retry_state.attempt_number) / 1000
+        delay = self.policy.backoff_ms(retry_state.attempt_number) / 1000
+        return min(delay, self.cap_s) if delay > 0 else 0.0
 
 
 class _Attempts:
-    """One call's retry state: the tenacity call state, its stop and wait, and who it is for."""
+    """One call's retry state: the tenacity call state, its stop and wait, who it is for, and
+    the idempotency scope its re-attempts run in."""
 
-    __slots__ = ("command", "policy", "state", "stop", "wait")
+    __slots__ = ("changes", "command", "max_retries", "policy", "scope", "state", "stop", "wait")
 
-    def __init__(self, policy: RetryPolicy, command: Any, fn: Any, args: Any, kwargs: Any):
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        max_retries: int,
+        cap_s: float,
+        command: Any,
+        call: tuple[Any, tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+    ):
         self.policy = policy
+        self.max_retries = max_retries
         self.command = command
-        self.state = tenacity.RetryCallState(cast(Any, None), fn, args, kwargs)
-        self.stop = tenacity.stop_after_attempt(policy.max_retries + 1)
-        self.wait = _PolicyWait(policy)
+        self.state = tenacity.RetryCallState(cast(Any, None), *call)
+        self.stop = tenacity.stop_after_attempt(max_retries + 1)
+        self.wait = _PolicyWait(policy, cap_s)
+        self.scope, self.changes = scope
 
 
 class Retry:
@@ -98,21 +138,31 @@ class Retry:
         on: RetryOn | None = None,
         hooks: HookRegistry | None = None,
         clock: Clock | None = None,
+        max_retries_cap: int = MAX_RETRIES_CAP,
+        max_delay_cap_s: float = MAX_DELAY_CAP_S,
     ) -> None:
         if policy is not None and not isinstance(policy, RetryPolicy):
             raise TypeError(
                 f"retry() takes a RetryPolicy (max_retries and backoff_ms()), got {policy!r}"
             )
+        check_cap("max_retries_cap", max_retries_cap)
+        check_cap("max_delay_cap_s", max_delay_cap_s, seconds=True)
         self.policy = policy
         self.on = on
         self.hooks = hooks
         self.clock = clock
+        self.max_retries_cap = max_retries_cap
+        self.max_delay_cap_s = float(max_delay_cap_s)
         self._should_retry = _predicate(on)
 
     def __repr__(self) -> str:
         parts = [repr(self.policy)] if self.policy is not None else []
         if self.on is not None:
             parts.append(f"on={self.on!r}")
+        if self.max_retries_cap != MAX_RETRIES_CAP:
+            parts.append(f"max_retries_cap={self.max_retries_cap}")
+        if self.max_delay_cap_s != MAX_DELAY_CAP_S:
+            parts.append(f"max_delay_cap_s={self.max_delay_cap_s}")
         return f"retry({', '.join(parts)})"
 
     @overload
@@ -132,33 +182,72 @@ class Retry:
 
             @functools.wraps(fn)
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
+                # The command's idempotency scope (see _idempotency.enter, inlined for speed):
+                # already open inside handle(); nothing to open for a known plain argument.
+                scope, token = CURRENT.get(), None
+                if (
+                    args
+                    and (scope is None or args[0] is not scope.command)
+                    and (COMMAND_TYPES.get(type(args[0])) is not False or len(args) > 1)
+                ):
+                    opened = opening(args, scope)
+                    if opened is not None:
+                        scope, token = opened, CURRENT.set(opened)
+                changes = scope.changes if scope is not None else 0
                 try:
-                    return await async_fn(*args, **kwargs)
-                except Exception as exc:
-                    if not should_retry(exc):
-                        raise
-                    failure = exc
-                return await self._retry_async(handler_type, async_fn, args, kwargs, failure)
+                    try:
+                        return await async_fn(*args, **kwargs)
+                    except Exception as exc:
+                        if not should_retry(exc):
+                            raise
+                        failure = exc
+                    call = (async_fn, args, kwargs)
+                    return await self._retry_async(handler_type, call, failure, (scope, changes))
+                finally:
+                    if token is not None:
+                        CURRENT.reset(token)
 
             return retrying
 
         @functools.wraps(fn)
         def retrying_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            scope, token = CURRENT.get(), None
+            if (
+                args
+                and (scope is None or args[0] is not scope.command)
+                and (COMMAND_TYPES.get(type(args[0])) is not False or len(args) > 1)
+            ):
+                opened = opening(args, scope)
+                if opened is not None:
+                    scope, token = opened, CURRENT.set(opened)
+            changes = scope.changes if scope is not None else 0
             try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                if not should_retry(exc):
-                    raise
-                failure = exc
-            return self._retry_sync(handler_type, fn, args, kwargs, failure)
+                try:
+                    return fn(*args, **kwargs)
+                except Exception as exc:
+                    if not should_retry(exc):
+                        raise
+                    failure = exc
+                return self._retry_sync(handler_type, (fn, args, kwargs), failure, (scope, changes))
+            finally:
+                if token is not None:
+                    CURRENT.reset(token)
 
         return retrying_sync
 
     # The retry path: everything below runs only after a retryable failure.
 
-    def _start(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Attempts:
-        command = command_of(args)
-        policy = getattr(command, "retry_policy", None) or self.policy or DEFAULT_POLICY
+    def _start(
+        self, call: tuple[Any, tuple[Any, ...], dict[str, Any]], scope: tuple[Scope | None, int]
+    ) -> _Attempts:
+        command = command_of(call[1])
+        policy = getattr(command, "retry_policy", None)
+        if policy is not None:
+            # Outside input: bounded by the caps.
+            max_retries, cap_s = min(policy.max_retries, self.max_retries_cap), self.max_delay_cap_s
+        else:
+            policy = self.policy or DEFAULT_POLICY
+            max_retries, cap_s = policy.max_retries, math.inf
         # A Protocol isinstance check costs microseconds; check each policy type once.
         if type(policy) not in _POLICY_TYPES:
             if not isinstance(policy, RetryPolicy):
@@ -166,7 +255,7 @@ class Retry:
                     f"{type(command).__name__}.retry_policy must be a RetryPolicy, got {policy!r}"
                 )
             _POLICY_TYPES.add(type(policy))
-        return _Attempts(policy, command, fn, args, kwargs)
+        return _Attempts(policy, max_retries, cap_s, command, call, scope)
 
     def _delay(self, run: _Attempts, exc: Exception) -> float | None:
         """Seconds to wait before the next attempt, or None when the budget is spent."""
@@ -178,8 +267,9 @@ class Retry:
             return 0.0
         delay = run.wait(run.state)
         retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > delay:
-            delay = float(retry_after)
+        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+            # A server's Retry-After is outside input: at most the cap, whatever the policy.
+            delay = max(delay, min(float(retry_after), self.max_delay_cap_s))
         return delay
 
     def _context(
@@ -190,7 +280,7 @@ class Retry:
             "command.type": type(run.command).__name__ if run.command is not None else None,
             # The k-th retry is about to happen (scheduled), or k retries were made (exhausted).
             "attempt": run.state.attempt_number - 1,
-            "max_retries": run.policy.max_retries,
+            "max_retries": run.max_retries,
             "delay_ms": delay * 1000 if delay is not None else None,
             "error": exc,
             "policy": run.policy,
@@ -200,12 +290,12 @@ class Retry:
     async def _retry_async(
         self,
         handler_type: str,
-        fn: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
         exc: Exception,
+        scope: tuple[Scope | None, int],
     ) -> Any:
-        run = self._start(fn, args, kwargs)
+        run = self._start(call, scope)
+        fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
         while True:
@@ -220,7 +310,8 @@ class Retry:
             if delay > 0 or not is_testing():
                 await sleep(delay)
             try:
-                return await fn(*args, **kwargs)
+                with attempt(run.scope, run.changes):
+                    return await fn(*args, **kwargs)
             except Exception as new:
                 if not self._should_retry(new):
                     raise
@@ -229,12 +320,12 @@ class Retry:
     def _retry_sync(
         self,
         handler_type: str,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
         exc: Exception,
+        scope: tuple[Scope | None, int],
     ) -> Any:
-        run = self._start(fn, args, kwargs)
+        run = self._start(call, scope)
+        fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK
         while True:
@@ -249,7 +340,8 @@ class Retry:
             if delay > 0:
                 clock.sleep_sync(delay)
             try:
-                return fn(*args, **kwargs)
+                with attempt(run.scope, run.changes):
+                    return fn(*args, **kwargs)
             except Exception as new:
                 if not self._should_retry(new):
                     raise
@@ -265,6 +357,8 @@ def retry(
     on: RetryOn | None = None,
     hooks: HookRegistry | None = None,
     clock: Clock | None = None,
+    max_retries_cap: int = MAX_RETRIES_CAP,
+    max_delay_cap_s: float = MAX_DELAY_CAP_S,
 ) -> Retry: ...
 
 
@@ -274,14 +368,26 @@ def retry(
     on: RetryOn | None = None,
     hooks: HookRegistry | None = None,
     clock: Clock | None = None,
+    max_retries_cap: int = MAX_RETRIES_CAP,
+    max_delay_cap_s: float = MAX_DELAY_CAP_S,
 ) -> Retry | Callable[..., Any]:
     """Retry transient failures of an async or sync function, with backoff between attempts.
 
-    `policy` is the default; a `retry_policy` on the call's command wins. `on` picks what is
-    retried (types or a predicate); cancellation and interpreter exits never are. When the
-    budget is spent the last error is raised itself, with a note saying how many attempts.
-    `@retry` without parentheses uses the defaults.
+    `policy` is the default; a `retry_policy` on the call's command wins, bounded by
+    `max_retries_cap` retries and `max_delay_cap_s` seconds before any one retry (as is an
+    error's `retry_after`). `on` picks what is retried (types or a predicate); cancellation and
+    interpreter exits never are. When the budget is spent the last error is raised itself, with
+    a note saying how many attempts. `@retry` without parentheses uses the defaults.
     """
+    fn = None
     if policy is not None and not isinstance(policy, RetryPolicy) and callable(policy):
-        return Retry(on=on, hooks=hooks, clock=clock)(policy)
-    return Retry(policy, on=on, hooks=hooks, clock=clock)
+        fn, policy = policy, None
+    behavior = Retry(
+        policy,
+        on=on,
+        hooks=hooks,
+        clock=clock,
+        max_retries_cap=max_retries_cap,
+        max_delay_cap_s=max_delay_cap_s,
+    )
+    return behavior if fn is None else behavior(fn)

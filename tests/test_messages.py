@@ -117,7 +117,8 @@ def test_command_response_defaults() -> None:
     ("kwargs", "field"),
     [
         ({"policy": "sometimes"}, "policy"),
-        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": -1}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),
         ({"strategy_name": ""}, "strategy_name"),
         ({"include_fields": "status"}, "include_fields"),
     ],

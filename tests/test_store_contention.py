@@ -1,10 +1,11 @@
 """Many processes updating few aggregates through flaky calls: no update lost, none doubled.
 
 Each of WORKERS processes (spawned, each with its own repository) makes UPDATES updates, each
-appending a unique token to one of three ledgers: read the latest, append, persist with a fresh
-command id; on ConcurrencyError or TransientError read again and retry. Faults are injected:
-some persists fail with TransientError before writing, and some raise TimeoutError after the
-write committed, so the worker retries the same command id and must get the first outcome back.
+a command appending a unique token to one of three ledgers: read the latest, append, persist
+inside the command's scope; on ConcurrencyError or TransientError read again and retry. Faults
+are injected: some persists fail with TransientError before writing, and some raise TimeoutError
+after the write committed, so the worker retries the same command and must get the first
+outcome back, whether it resends the stale write or reads again and rebuilds it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from cqrs_resilience import Aggregate, ConcurrencyError, TransientError
+from cqrs_resilience import Aggregate, Command, ConcurrencyError, TransientError, command_scope
 from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
 
 WORKERS = 8
@@ -36,6 +37,11 @@ DEADLINE = 120.0  # seconds for the whole run; a hang fails instead of blocking 
 
 class Ledger(Aggregate, kw_only=True):
     tokens: list[str] = msgspec.field(default_factory=list)
+
+
+class AppendToken(Command[None]):
+    ledger_id: str
+    token: str
 
 
 def open_store(kind: str, target: str) -> SQLiteRepository[Ledger] | PostgresRepository[Ledger]:
@@ -67,7 +73,7 @@ async def _updates(kind: str, target: str, index: int) -> dict[str, Any]:
         for n in range(UPDATES):
             token = f"w{index}-u{n}"
             ledger_id = rng.choice(LEDGERS)
-            command_id = uuid.uuid4().hex
+            command = AppendToken(command_id=uuid.uuid4().hex, ledger_id=ledger_id, token=token)
             committed: Ledger | None = None  # set when a commit was followed by a timeout
             resend: Ledger | None = None
             while True:
@@ -81,7 +87,8 @@ async def _updates(kind: str, target: str, index: int) -> dict[str, Any]:
                     if roll < TRANSIENT_BEFORE_WRITE:
                         stats["injected transient"] += 1
                         raise TransientError("injected: failed before writing")
-                    stored = await store.persist(attempt, command_id=command_id)
+                    with command_scope(command):  # one attempt of the command
+                        stored = await store.persist(attempt)
                     if committed is None and roll < TRANSIENT_BEFORE_WRITE + TIMEOUT_AFTER_COMMIT:
                         committed = stored
                         stats["injected timeout after commit"] += 1

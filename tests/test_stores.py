@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 from cqrs_resilience import (
     Aggregate,
     ConcurrencyError,
+    IdempotencyKeyReuseError,
     InMemoryRepository,
+    InvalidStateError,
     TransientError,
     command_scope,
     stores,
@@ -129,25 +131,38 @@ async def test_retrieve_version_gives_every_version(make_store):
 
 
 async def test_repeated_command_returns_the_first_outcome(make_store):
-    """The same command id twice writes once and answers the repeat with the first result."""
+    """The same write under the same command id is stored once; the repeat gets the first result."""
     store = make_store(Account)
     first = await store.persist(Account(id="a", balance=1), command_id="cmd-1")
-    again = await store.persist(Account(id="a", balance=99), command_id="cmd-1")
+    again = await store.persist(Account(id="a", balance=1), command_id="cmd-1")
     assert again == first == Account(id="a", version=1, balance=1)
     assert await store.retrieve_version("a", 2) is None
     assert await store.was_processed("cmd-1", "a")
     assert not await store.was_processed("cmd-2", "a")
 
 
+async def test_a_different_write_under_a_used_id_is_refused(make_store):
+    """A used command id with another state is refused, never answered with the old outcome."""
+    store = make_store(Account)
+    first = await store.persist(Account(id="a", balance=1), command_id="cmd-1")
+    with pytest.raises(IdempotencyKeyReuseError, match="cmd-1") as info:
+        await store.persist(Account(id="a", balance=99), command_id="cmd-1")
+    assert (info.value.command_id, info.value.aggregate_id) == ("cmd-1", "a")
+    assert await store.retrieve(["a"]) == [first]
+
+
 async def test_command_scope_supplies_the_command_id(make_store):
-    """Without an explicit id, the id of the current `command_scope` is recorded."""
+    """Inside a `command_scope` every write is recorded under its id, each applied once."""
     store = make_store(Account)
     with command_scope("cmd-1"):
-        first = await store.persist(Account(id="a", balance=1))
-        again = await store.persist(Account(id="a", balance=2))
-    assert again == first
+        created = await store.persist(Account(id="a", balance=1))
+        updated = await store.persist(bump(created, balance=2))
+    assert updated.version == 2
+    with command_scope("cmd-1"):  # the command again: both writes answered, none applied
+        assert await store.persist(Account(id="a", balance=1)) == created
+        assert await store.persist(bump(created, balance=2)) == updated
     assert await store.was_processed("cmd-1", "a")
-    assert (await store.retrieve(["a"]))[0].version == 1
+    assert await store.retrieve(["a"]) == [updated]
 
 
 async def test_repeat_after_a_newer_write_returns_the_first_outcome(make_store):
@@ -168,7 +183,7 @@ async def test_one_command_may_write_several_aggregates(make_store):
     a = await store.persist(Account(id="a"), command_id="transfer")
     b = await store.persist(Account(id="b"), command_id="transfer")
     assert (a.version, b.version) == (1, 1)
-    assert await store.persist(Account(id="b", balance=9), command_id="transfer") == b
+    assert await store.persist(Account(id="b"), command_id="transfer") == b
     assert await store.was_processed("transfer", "a")
     assert await store.was_processed("transfer", "b")
 
@@ -212,6 +227,10 @@ async def _outcome(persisting: Any) -> Any:
         return await persisting
     except ConcurrencyError as exc:
         return ("conflict", exc.aggregate_id, exc.expected_version, exc.actual_version)
+    except IdempotencyKeyReuseError as exc:
+        return ("reused", exc.command_id, exc.aggregate_id)
+    except InvalidStateError as exc:
+        return ("invalid", exc.aggregate_id, exc.path)
 
 
 @settings(
@@ -299,9 +318,9 @@ async def test_a_persist_that_fails_midway_writes_nothing(durable_store):
     """When recording the command fails, the version written before it is rolled back too."""
     store = durable_store.open(Account)
     await store.persist(Account(id="a"))
-    durable_store.execute("DROP TABLE processed_commands")
+    durable_store.execute("DROP TABLE processed_writes")
     [latest] = await store.retrieve(["a"])
-    with pytest.raises(SchemaError, match="processed_commands"):
+    with pytest.raises(SchemaError, match="processed_writes"):
         await store.persist(bump(latest, balance=5), command_id="cmd-1")
     assert await store.retrieve(["a"]) == [latest]
     assert await store.retrieve_version("a", 2) is None
@@ -341,13 +360,13 @@ async def test_tables_are_created_once_and_shared(durable_store):
 
 
 async def test_unencodable_state_raises_before_touching_the_database(durable_store):
-    """A value msgspec cannot encode is a TypeError, and nothing is written."""
+    """A value msgspec cannot encode is refused, naming where it is, and nothing is written."""
 
     class Loose(Aggregate, kw_only=True):
         payload: Any = None
 
     store = durable_store.open(Loose)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidStateError, match=r"type object .* at `\$\.payload`"):
         await store.persist(Loose(id="a", payload=object()))
     assert await store.retrieve(["a"]) == []
 
@@ -399,8 +418,8 @@ async def test_aggregate_types_with_the_same_id_do_not_meet(durable_store):
 async def test_ids_holding_colons_stay_apart_from_namespaces(durable_store):
     """The namespace ends at the first ":", so ids may contain colons freely."""
     store = durable_store.open(Account)
-    stored = [await store.persist(Account(id=i)) for i in ("x:y", "x", ":", "")]
-    assert await store.retrieve(["x:y", "x", ":", ""]) == stored
+    stored = [await store.persist(Account(id=i)) for i in ("x:y", "x", ":", "::")]
+    assert await store.retrieve(["x:y", "x", ":", "::"]) == stored
     assert await durable_store.open(Account, namespace="x").retrieve(["y", "x:y"]) == []
 
 
@@ -726,7 +745,8 @@ async def test_postgres_tables_need_no_create_right_once_they_exist(pg_database)
     with psycopg.connect(pg_database, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} LOGIN")
         admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}, PUBLIC")
-        admin.execute(f"GRANT SELECT, INSERT ON aggregate_versions, processed_commands TO {role}")
+        tables = "aggregate_versions, processed_writes, command_keys"
+        admin.execute(f"GRANT SELECT, INSERT ON {tables} TO {role}")
     try:
         async with PostgresRepository(make_conninfo(pg_database, user=role), Account) as app:
             [a] = await app.retrieve(["a"])

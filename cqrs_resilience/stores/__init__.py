@@ -7,6 +7,8 @@ id record happen in the database, in the transaction that writes. Driver failure
 
 from ._errors import (
     CorruptStateError,
+    IdempotencyKeyReuseError,
+    InvalidStateError,
     SchemaError,
     StoreClosedError,
     StoreConfigurationError,
@@ -17,6 +19,8 @@ from ._sqlite import SQLiteRepository
 
 __all__ = [
     "CorruptStateError",
+    "IdempotencyKeyReuseError",
+    "InvalidStateError",
     "PostgresRepository",
     "SQLiteRepository",
     "SchemaError",

@@ -1,17 +1,10 @@
-"""What the stores raise, and the one place driver errors are sorted into retry-or-not.
+"""The one place driver errors are sorted into retry-or-not.
 
-    Exception
-     ├── ConcurrencyError             (cqrs_resilience) the version check failed
-     ├── TransientError               (cqrs_resilience) locked, busy, deadlock, connection lost
-     └── StoreError                   a retry will not fix it; the driver's error is chained
-          ├── StoreClosedError        the repository (or the pool it was given) was closed
-          ├── SchemaError             the store's tables are missing or unusable
-          ├── StoreConfigurationError (also ValueError) wrong path, database, user or password
-          └── CorruptStateError       (also ValueError) a stored row does not decode
-
-Driver errors are mapped, never swallowed: the store raises `map_*_error(exc, doing)` with
-`from exc`, so the original stays on `__cause__`. Messages name what was being done and never
-include a password.
+A driver error becomes `TransientError` when a retry may help (locked, busy, deadlock,
+connection lost) and a `StoreError` subclass (see `cqrs_resilience._errors`) when it will not.
+Errors are mapped, never swallowed: the store raises `map_*_error(exc, doing)` with `from exc`,
+so the original stays on `__cause__`. Messages name what was being done and never include a
+password.
 """
 
 from __future__ import annotations
@@ -21,33 +14,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .._errors import TransientError
+from .._errors import (
+    CorruptStateError,
+    IdempotencyKeyReuseError,
+    InvalidStateError,
+    SchemaError,
+    StoreClosedError,
+    StoreConfigurationError,
+    StoreError,
+    TransientError,
+)
 
-
-class StoreError(Exception):
-    """A store failed in a way the same call will not fix; the driver's error is chained."""
-
-
-class StoreClosedError(StoreError):
-    """The repository, or the connection pool it was given, is closed."""
-
-
-class SchemaError(StoreError):
-    """The store's tables are missing or unusable (dropped, renamed, not permitted)."""
-
-
-class StoreConfigurationError(StoreError, ValueError):
-    """The store cannot be reached as configured: wrong path, database, user or password."""
-
-
-class CorruptStateError(StoreError, ValueError):
-    """A stored aggregate does not decode as the repository's aggregate type."""
-
-    def __init__(self, aggregate_id: str, version: int | None, reason: str) -> None:
-        at = f" version {version}" if version is not None else ""
-        super().__init__(f"stored state of aggregate {aggregate_id!r}{at} is corrupt: {reason}")
-        self.aggregate_id = aggregate_id
-        self.version = version
+__all__ = [
+    "CorruptStateError",
+    "IdempotencyKeyReuseError",
+    "InvalidStateError",
+    "SchemaError",
+    "StoreClosedError",
+    "StoreConfigurationError",
+    "StoreError",
+    "map_postgres_connect_error",
+    "map_postgres_error",
+    "map_sqlite_error",
+    "postgres_errors",
+    "safe_target",
+    "sqlite_errors",
+]
 
 
 _MISSING_TABLES = "tables are created when a repository opens; were they dropped since?"

@@ -12,14 +12,15 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .._errors import ConcurrencyError
-from .._idempotency import current_command_id
-from .._repository import A, Repository, ids_asked
-from ._codec import AggregateCodec
+from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
+from .._idempotency import WriteKey, is_repeat
+from .._repository import A, Outcome, Repository, ids_asked, persist_checked
+from . import _sql
 from ._errors import (
     StoreClosedError,
     StoreConfigurationError,
@@ -40,42 +41,19 @@ if TYPE_CHECKING:
 _INSTALL_HINT = (
     "PostgresRepository needs psycopg 3 and psycopg-pool: pip install 'cqrs-resilience[postgres]'"
 )
-_TABLES = ("aggregate_versions", "processed_commands")
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS aggregate_versions (
-        aggregate_id TEXT NOT NULL,
-        version INTEGER NOT NULL CHECK (version > 0),
-        state BYTEA NOT NULL,
-        PRIMARY KEY (aggregate_id, version)
-    )""",
-    """CREATE TABLE IF NOT EXISTS processed_commands (
-        command_id TEXT NOT NULL,
-        aggregate_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        PRIMARY KEY (command_id, aggregate_id)
-    )""",
-)
-_HAS_SCHEMA = (
-    "SELECT to_regclass('aggregate_versions') IS NOT NULL"
-    " AND to_regclass('processed_commands') IS NOT NULL"
-)
+_SCHEMA = _sql.schema("BYTEA")
+_HAS_SCHEMA = "SELECT " + " AND ".join(f"to_regclass('{t}') IS NOT NULL" for t in _sql.TABLES)
 # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; take turns.
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('cqrs_resilience.stores.schema'))"
-# Inserts nothing unless `expected` is still the latest version; the primary key backs this up
-# against a writer whose insert is not committed yet.
-_INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
-    SELECT %(id)s, %(expected)s + 1, %(state)s
-    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions
-           WHERE aggregate_id = %(id)s) = %(expected)s"""
-_LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = %s"
-_FIRST_OUTCOME = """SELECT p.version, v.state FROM processed_commands AS p
-    LEFT JOIN aggregate_versions AS v ON v.aggregate_id = p.aggregate_id AND v.version = p.version
-    WHERE p.command_id = %s AND p.aggregate_id = %s"""
-_RECORD = "INSERT INTO processed_commands (command_id, aggregate_id, version) VALUES (%s, %s, %s)"
+_INSERT_NEXT = _sql.for_psycopg(_sql.INSERT_NEXT)
+_LATEST_VERSION = _sql.for_psycopg(_sql.LATEST_VERSION)
+_ONE_VERSION = _sql.for_psycopg(_sql.ONE_VERSION)
+_LOOKUP_WRITE = _sql.for_psycopg(_sql.LOOKUP_WRITE)
+_RECORD_WRITE = _sql.for_psycopg(_sql.RECORD_WRITE)
+_RECORD_COMMAND = _sql.for_psycopg(_sql.RECORD_COMMAND)
+_WAS_PROCESSED = _sql.for_psycopg(_sql.WAS_PROCESSED)
 _LATEST = """SELECT DISTINCT ON (aggregate_id) aggregate_id, version, state
     FROM aggregate_versions WHERE aggregate_id = ANY(%s) ORDER BY aggregate_id, version DESC"""
-_ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = %s AND version = %s"
-_WAS_PROCESSED = "SELECT 1 FROM processed_commands WHERE command_id = %s AND aggregate_id = %s"
 
 
 class PostgresRepository(StoreLifecycle, Repository[A]):
@@ -102,6 +80,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         max_size: int = 10,
         pool_timeout: float = 30.0,
         namespace: str | None = None,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
     ) -> None:
         try:
             import psycopg
@@ -110,7 +89,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         except ImportError as exc:
             raise ImportError(_INSTALL_HINT) from exc
 
-        self._codec = AggregateCodec(aggregate_type, namespace)
+        self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
@@ -185,59 +164,97 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             await self._pool.close()
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids)]
+        storable = self._codec.storable_id
+        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
+        if not wanted:
+            return []
         async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
             await cur.execute(_LATEST, (list(dict.fromkeys(key for _, key in wanted)),))
             rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
+        if not self._codec.storable_id(aggregate_id) or not 0 < version <= 2**31 - 1:
+            return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         async with self._cursor(doing) as cur:
-            await cur.execute(_ONE_VERSION, (self._codec.key(aggregate_id), version))
+            args = {"id": self._codec.key(aggregate_id), "version": version}
+            await cur.execute(_ONE_VERSION, args)
             row = await cur.fetchone()
         return None if row is None else self._codec.decode(row[0], aggregate_id, version)
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
-        command_id = command_id or current_command_id.get()
-        stored, encoded = self._codec.next_version(aggregate)
-        expected = aggregate.version
-        key = self._codec.key(aggregate.id)
-        doing = f"persist of aggregate {aggregate.id!r} at version {expected}"
-        async with self._cursor(doing) as cur:
-            try:
-                async with cur.connection.transaction():
-                    if command_id is not None:
-                        done = await self._first_outcome(cur, command_id, aggregate.id)
-                        if done is not None:
-                            return done
-                    args = {"id": key, "expected": expected, "state": encoded}
-                    if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
-                        if command_id is not None:
-                            await cur.execute(_RECORD, (command_id, key, expected + 1))
-                        return stored
-            except self._unique_violation as exc:
-                # Another transaction committed this version, or this command, first.
-                if exc.diag.table_name not in _TABLES:
-                    raise
-            # Lost the race; unless what won was an earlier attempt of this very command.
-            if command_id is not None:
-                done = await self._first_outcome(cur, command_id, aggregate.id)
-                if done is not None:
-                    return done
-            await cur.execute(_LATEST_VERSION, (key,))
-            row = await cur.fetchone()
-        raise ConcurrencyError(
-            aggregate_id=aggregate.id,
-            expected_version=expected,
-            actual_version=row[0] if row is not None else None,
+        async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
+            doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
+            async with self._cursor(doing) as cur:
+                return await self._write(
+                    cur, key, aggregate.id, aggregate.version, encoded, recorded
+                )
+
+        return await persist_checked(self._codec, aggregate, command_id, write)
+
+    async def _write(
+        self,
+        cur: Cursor,
+        key: str,
+        aggregate_id: str,
+        expected: int,
+        encoded: bytes,
+        recorded: WriteKey | None,
+    ) -> Outcome:
+        args: dict[str, Any] = {"id": key, "expected": expected, "state": encoded}
+        if recorded is not None:
+            args.update(
+                command_id=recorded.command_id,
+                seq=recorded.seq,
+                fingerprint=recorded.fingerprint,
+                now=time.time(),
+            )
+        try:
+            async with cur.connection.transaction():
+                if recorded is not None:
+                    outcome = await self._recorded(cur, args, aggregate_id, recorded)
+                    if outcome is not None:
+                        return outcome
+                if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
+                    if recorded is not None:
+                        await cur.execute(_RECORD_WRITE, args)
+                        if recorded.whole_command and args["known"] is None:
+                            await cur.execute(_RECORD_COMMAND, args)
+                    return Outcome("stored", expected + 1)
+        except self._unique_violation as exc:
+            # Another transaction committed this version, this write or this command id first.
+            if exc.diag.table_name not in _sql.TABLES:
+                raise
+        # Lost a race: unless what won was an earlier attempt of this very write.
+        if recorded is not None:
+            outcome = await self._recorded(cur, args, aggregate_id, recorded)
+            if outcome is not None:
+                return outcome
+        await cur.execute(_LATEST_VERSION, args)
+        row = await cur.fetchone()
+        return Outcome("conflict", row[0] if row is not None else 0)
+
+    async def _recorded(
+        self, cur: Cursor, args: dict[str, Any], aggregate_id: str, recorded: WriteKey
+    ) -> Outcome | None:
+        """The first outcome when this write is a repeat; None when it is new."""
+        await cur.execute(_LOOKUP_WRITE, args)
+        row = await cur.fetchone()
+        assert row is not None
+        args["known"], first, version, state = row
+        return (
+            Outcome("repeat", version, state)
+            if is_repeat(recorded, aggregate_id, args["known"], first)
+            else None
         )
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         async with self._cursor(doing) as cur:
-            await cur.execute(_WAS_PROCESSED, (command_id, self._codec.key(aggregate_id)))
+            args = {"command_id": command_id, "id": self._codec.key(aggregate_id)}
+            await cur.execute(_WAS_PROCESSED, args)
             return await cur.fetchone() is not None
 
     @asynccontextmanager
@@ -255,12 +272,6 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 conn.cursor(row_factory=tuple_row) as cur,
             ):
                 yield cur
-
-    async def _first_outcome(self, cur: Cursor, command_id: str, aggregate_id: str) -> A | None:
-        """What `command_id` first stored for `aggregate_id` (the bare id), if it ran before."""
-        await cur.execute(_FIRST_OUTCOME, (command_id, self._codec.key(aggregate_id)))
-        row = await cur.fetchone()
-        return None if row is None else self._codec.decode(row[1], aggregate_id, row[0])
 
 
 def _parse_dsn(dsn: str) -> dict[str, Any]:

@@ -15,56 +15,25 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from typing import Any, Literal, NamedTuple, TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple
 
-from .._errors import ConcurrencyError
-from .._idempotency import current_command_id
-from .._repository import A, Repository, ids_asked
-from ._codec import AggregateCodec
+from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
+from .._idempotency import WriteKey, is_repeat
+from .._repository import A, Outcome, Repository, ids_asked, persist_checked
+from . import _sql
 from ._errors import StoreClosedError, sqlite_errors
 from ._lifecycle import StoreLifecycle
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS aggregate_versions (
-        aggregate_id TEXT NOT NULL,
-        version INTEGER NOT NULL CHECK (version > 0),
-        state BLOB NOT NULL,
-        PRIMARY KEY (aggregate_id, version)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS processed_commands (
-        command_id TEXT NOT NULL,
-        aggregate_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        PRIMARY KEY (command_id, aggregate_id)
-    ) WITHOUT ROWID""",
-)
-_TABLES = ("aggregate_versions", "processed_commands")
-# Inserts nothing unless :expected is still the latest version; the primary key backs this up.
-_INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
-    SELECT :id, :expected + 1, :state
-    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id)
-        = :expected"""
-_LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = ?"
-_FIRST_OUTCOME = """SELECT p.version, v.state FROM processed_commands AS p
-    LEFT JOIN aggregate_versions AS v ON v.aggregate_id = p.aggregate_id AND v.version = p.version
-    WHERE p.command_id = ? AND p.aggregate_id = ?"""
-_RECORD = "INSERT INTO processed_commands (command_id, aggregate_id, version) VALUES (?, ?, ?)"
-_ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = ? AND version = ?"
-_WAS_PROCESSED = "SELECT 1 FROM processed_commands WHERE command_id = ? AND aggregate_id = ?"
+_SCHEMA = _sql.schema("BLOB", " WITHOUT ROWID")
 # SQLite caps bound parameters per statement (999 in old builds).
 _IDS_PER_QUERY = 500
-
-
-class _Outcome(NamedTuple):
-    kind: Literal["stored", "repeat", "conflict"]
-    version: int
-    state: bytes | None = None
 
 
 class SQLiteRepository(StoreLifecycle, Repository[A]):
@@ -88,10 +57,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         *,
         busy_timeout: float = 5.0,
         namespace: str | None = None,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
     ) -> None:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
-        self._codec = AggregateCodec(aggregate_type, namespace)
+        self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self.path = os.fspath(path)
@@ -116,32 +86,29 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._executor.shutdown(wait=False)
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids)]
+        storable = self._codec.storable_id
+        wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         doing = f"retrieve of {len(wanted)} aggregate(s)"
         rows = await self._run(doing, self._latest, [key for _, key in wanted])
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
+        if not self._codec.storable_id(aggregate_id):
+            return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
         state = await self._run(doing, self._one_version, key, version)
         return None if state is None else self._codec.decode(state, aggregate_id, version)
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
-        command_id = command_id or current_command_id.get()
-        stored, encoded = self._codec.next_version(aggregate)
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
-        key = self._codec.key(aggregate.id)
-        outcome = await self._run(doing, self._persist, key, aggregate.version, encoded, command_id)
-        if outcome.kind == "stored":
-            return stored
-        if outcome.kind == "repeat":
-            return self._codec.decode(outcome.state, aggregate.id, outcome.version)
-        raise ConcurrencyError(
-            aggregate_id=aggregate.id,
-            expected_version=aggregate.version,
-            actual_version=outcome.version,
-        )
+
+        async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
+            return await self._run(
+                doing, self._persist, key, aggregate.id, aggregate.version, encoded, recorded
+            )
+
+        return await persist_checked(self._codec, aggregate, command_id, write)
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
@@ -167,10 +134,10 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             present = conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
-                _TABLES,
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)",
+                _sql.TABLES,
             ).fetchone()[0]
-            if present < len(_TABLES):
+            if present < len(_sql.TABLES):
                 # Only a store that lacks its tables takes the write lock to create them.
                 with _transaction(conn):
                     for statement in _SCHEMA:
@@ -206,27 +173,42 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         return found
 
     def _one_version(self, key: str, version: int) -> object:
-        row = self._connect().execute(_ONE_VERSION, (key, version)).fetchone()
+        args = {"id": key, "version": version}
+        row = self._connect().execute(_sql.ONE_VERSION, args).fetchone()
         return None if row is None else row[0]
 
     def _was_processed(self, command_id: str, key: str) -> bool:
-        conn = self._connect()
-        return conn.execute(_WAS_PROCESSED, (command_id, key)).fetchone() is not None
+        args = {"command_id": command_id, "id": key}
+        return self._connect().execute(_sql.WAS_PROCESSED, args).fetchone() is not None
 
-    def _persist(self, key: str, expected: int, encoded: bytes, command_id: str | None) -> _Outcome:
+    def _persist(
+        self,
+        key: str,
+        aggregate_id: str,
+        expected: int,
+        encoded: bytes,
+        recorded: WriteKey | None,
+    ) -> Outcome:
         conn = self._connect()
+        args: dict[str, Any] = {"id": key, "expected": expected, "state": encoded}
         with _transaction(conn):
-            if command_id is not None:
-                done = conn.execute(_FIRST_OUTCOME, (command_id, key)).fetchone()
-                if done is not None:
-                    return _Outcome("repeat", done[0], done[1])
-            row = {"id": key, "expected": expected, "state": encoded}
-            if conn.execute(_INSERT_NEXT, row).rowcount != 1:
-                actual = conn.execute(_LATEST_VERSION, (key,)).fetchone()[0]
-                return _Outcome("conflict", actual)
-            if command_id is not None:
-                conn.execute(_RECORD, (command_id, key, expected + 1))
-            return _Outcome("stored", expected + 1)
+            if recorded is not None:
+                args.update(
+                    command_id=recorded.command_id,
+                    seq=recorded.seq,
+                    fingerprint=recorded.fingerprint,
+                    now=time.time(),
+                )
+                command, first, version, state = conn.execute(_sql.LOOKUP_WRITE, args).fetchone()
+                if is_repeat(recorded, aggregate_id, command, first):
+                    return Outcome("repeat", version, state)
+            if conn.execute(_sql.INSERT_NEXT, args).rowcount != 1:
+                return Outcome("conflict", conn.execute(_sql.LATEST_VERSION, args).fetchone()[0])
+            if recorded is not None:
+                conn.execute(_sql.RECORD_WRITE, args)
+                if recorded.whole_command and command is None:
+                    conn.execute(_sql.RECORD_COMMAND, args)
+            return Outcome("stored", expected + 1)
 
 
 @contextmanager

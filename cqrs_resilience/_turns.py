@@ -1,0 +1,54 @@
+"""Turns: conflict-resolution rounds for one aggregate run one at a time within a process.
+
+Without turns, N local writers that lost a race re-read, re-merge and race again together:
+about N/2 attempts each. Taking turns, each round reads the state the previous round wrote, so
+a round fails only against a first attempt or another process. First attempts never wait; the
+database still arbitrates.
+
+The turns are the process's, not a behaviour's: a handler built per request (as dependency
+injection frameworks do) still takes turns with every other handler of the process. Locks are
+per event loop (an asyncio lock belongs to one loop) and live only while someone holds or
+waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+
+class Turns:
+    """Per-key locks, one set per event loop; pass one as `turns=` to scope turns yourself."""
+
+    def __init__(self) -> None:
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, weakref.WeakValueDictionary[Any, asyncio.Lock]
+        ] = weakref.WeakKeyDictionary()
+
+    def turn(self, key: Any) -> AbstractAsyncContextManager[Any]:
+        """An async context manager holding the turn for `key` (no turns for None or an
+        unhashable key: only the database arbitrates those)."""
+        if key is None:
+            return contextlib.nullcontext()
+        loop = asyncio.get_running_loop()
+        locks = self._loops.get(loop)
+        if locks is None:
+            locks = self._loops[loop] = weakref.WeakValueDictionary()
+        try:
+            lock = locks.get(key)
+        except TypeError:
+            return contextlib.nullcontext()
+        if lock is None:
+            lock = locks[key] = asyncio.Lock()
+        return lock
+
+    def __repr__(self) -> str:
+        held = sum(len(locks) for locks in self._loops.values())
+        return f"Turns({held} key(s) in use)"
+
+
+PROCESS_TURNS = Turns()
+"""The turns every conflict behaviour of this process shares unless given its own."""

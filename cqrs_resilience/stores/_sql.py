@@ -1,0 +1,78 @@
+"""The SQL both durable stores run, written once with `:name` parameters.
+
+SQLite takes the statements as they are; `for_psycopg` turns `:name` into `%(name)s`. Only the
+column type of a state (BLOB / BYTEA), SQLite's WITHOUT ROWID and the many-ids lookup differ.
+
+Tables:
+- `aggregate_versions`: one row per stored version of each aggregate (`namespace:id`).
+- `processed_writes`: one row per write a command made: (command, aggregate, n-th write) with
+  the fingerprint of its request and the version it stored. A repeat finds it.
+- `command_keys`: one row per command id with the fingerprint of the command that first used
+  it, so a different command reusing the id is refused on any aggregate.
+"""
+
+from __future__ import annotations
+
+import re
+
+TABLES = ("aggregate_versions", "processed_writes", "command_keys")
+
+
+def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
+    """CREATE TABLE statements, with the database's binary type and table options."""
+    return (
+        f"""CREATE TABLE IF NOT EXISTS aggregate_versions (
+            aggregate_id TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version > 0),
+            state {blob} NOT NULL,
+            PRIMARY KEY (aggregate_id, version)
+        ){table_options}""",
+        f"""CREATE TABLE IF NOT EXISTS processed_writes (
+            command_id TEXT NOT NULL,
+            aggregate_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            fingerprint {blob} NOT NULL,
+            version INTEGER NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (command_id, aggregate_id, seq)
+        ){table_options}""",
+        f"""CREATE TABLE IF NOT EXISTS command_keys (
+            command_id TEXT NOT NULL PRIMARY KEY,
+            fingerprint {blob} NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL
+        ){table_options}""",
+    )
+
+
+# Inserts nothing unless :expected is still the latest version; the primary key backs this up
+# against a writer whose insert is not committed yet.
+INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
+    SELECT :id, :expected + 1, :state
+    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id)
+        = :expected"""
+LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id"
+ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = :id AND version = :version"
+# One row, always: the command's recorded fingerprint, and this write's first outcome if any.
+LOOKUP_WRITE = """SELECT
+        (SELECT fingerprint FROM command_keys WHERE command_id = :command_id),
+        w.fingerprint, w.version, v.state
+    FROM (SELECT 1 AS one) AS q
+    LEFT JOIN processed_writes AS w
+        ON w.command_id = :command_id AND w.aggregate_id = :id AND w.seq = :seq
+    LEFT JOIN aggregate_versions AS v
+        ON v.aggregate_id = w.aggregate_id AND v.version = w.version"""
+RECORD_WRITE = """INSERT INTO processed_writes
+        (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
+    VALUES (:command_id, :id, :seq, :fingerprint, :expected + 1, :now)"""
+RECORD_COMMAND = """INSERT INTO command_keys (command_id, fingerprint, recorded_at)
+    VALUES (:command_id, :fingerprint, :now)"""
+WAS_PROCESSED = (
+    "SELECT 1 FROM processed_writes WHERE command_id = :command_id AND aggregate_id = :id LIMIT 1"
+)
+
+_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def for_psycopg(statement: str) -> str:
+    """The statement with psycopg's `%(name)s` parameters instead of `:name`."""
+    return _PARAMETER.sub(r"%(\1)s", statement.replace("%", "%%"))
