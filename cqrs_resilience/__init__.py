@@ -52,6 +52,7 @@ from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
 from ._repository import Aggregate, InMemoryRepository, Repository
 from ._retry import DEFAULT_RETRY_ON, Retry, retry
+from ._turns import Turns
 
 __version__ = "0.1.0"
 
@@ -104,6 +105,7 @@ __all__ = [
     "ThreeWayMergeStrategy",
     "TimestampLastWinsStrategy",
     "TransientError",
+    "Turns",
     "UnknownStrategyError",
     "UpdateCommand",
     "__version__",

@@ -146,8 +146,7 @@ class AggregateCodec(Generic[A]):
         try:
             return _with_stack_fallback(self._decode, encoded), encoded
         except msgspec.ValidationError as exc:
-            reason, _, path = str(exc).partition(" - at `")
-            raise InvalidStateError(aggregate_id, path.rstrip("`") or "$", reason) from None
+            raise InvalidStateError(aggregate_id, *_where(exc)) from None
         except RecursionError:
             raise self._too_deep(stored) from None
 
@@ -196,6 +195,15 @@ def _fails(encode: Callable[[Any], bytes], value: Any) -> bool:
     except _UNENCODABLE:
         return True
     return False
+
+
+def _where(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """(path, reason) from msgspec's "Expected `str`, got `int` - at `key` in `$.a[0]`"."""
+    reason, _, where = str(exc).partition(" - at `")
+    where = where.removesuffix("`")
+    if where.startswith("key` in `"):
+        return f"{where.removeprefix('key` in `')} (a key)", reason
+    return where or "$", reason
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ Why it is built the way it is:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 from typing import Any, ClassVar, Final, Protocol, TypeAlias, TypeVar, runtime_checkable
@@ -334,16 +335,60 @@ def _same(a: Any, b: Any, run: _Run) -> bool:
 
 
 def _equal_but_nan(a: Any, b: Any) -> bool:
-    """Whether values that are not == differ only where both hold a NaN."""
+    """Whether values that are not == differ only where both hold a NaN (of any bits)."""
     kind = type(a)
     if kind is float:
         return type(b) is float and a != a and b != b
-    if kind in _CONTAINERS and type(b) is kind:
-        try:  # equal encodings: same structure, types and values (NaN bits included)
-            return bool(_encode_sorted(a) == _encode_sorted(b))
-        except Exception:  # keys that do not sort, types msgpack lacks, too deep
+    if kind not in _CONTAINERS or type(b) is not kind:
+        return False
+    try:  # C speed first: equal encodings, or no NaN on either side to explain a difference
+        left, right = _encode_sorted(a), _encode_sorted(b)
+        if left == right:
+            return True
+        if not (_NAN_BYTES.search(left) and _NAN_BYTES.search(right)):
             return False
-    return False
+    except Exception:  # keys that do not sort, types msgpack lacks, too deep: walk instead
+        pass
+    return _walk_equal_but_nan(a, b)
+
+
+# A msgpack float64 whose exponent bits are all ones: NaN or infinity (or bytes that look so).
+_NAN_BYTES: Final = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
+
+
+def _walk_equal_but_nan(a: Any, b: Any) -> bool:
+    """Structural equality with NaN == NaN, walking only the pairs == calls different; a
+    pair met again (a cycle) adds nothing new."""
+    pending = [(a, b)]
+    seen: set[tuple[int, int]] = set()
+    while pending:
+        x, y = pending.pop()
+        if x is y:
+            continue
+        kind = type(x)
+        if kind in _CONTAINERS:
+            pair = (id(x), id(y))
+            if pair in seen:
+                continue
+            seen.add(pair)
+        try:
+            if x == y:
+                continue
+        except RecursionError:
+            pass
+        if kind is float:
+            if type(y) is float and x != x and y != y:
+                continue
+            return False
+        if kind is not type(y) or kind not in _CONTAINERS or len(x) != len(y):
+            return False
+        if kind is dict:
+            if x.keys() != y.keys():
+                return False
+            pending.extend((x[k], y[k]) for k in x)
+        else:
+            pending.extend(zip(x, y, strict=True))
+    return True
 
 
 def _execute(

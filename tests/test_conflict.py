@@ -28,6 +28,7 @@ from cqrs_resilience import (
     OnMergeConflict,
     ResilientCommandHandler,
     Retryable,
+    Turns,
     pipeline,
     resolve_conflicts,
     retry,
@@ -684,3 +685,215 @@ async def test_local_resolutions_take_turns_so_each_command_needs_about_two_atte
     )
     assert (await store.retrieve(["o1"]))[0].version == 51
     assert handler.attempts <= 2 * 50
+
+
+# --- what a command may ask for is bounded; protection only grows -----------------------------
+
+
+class Hostile(Command[str], ConflictResilient):
+    """A conflict-resilient command as it arrives from an HTTP body."""
+
+    aggregate_id: str = "a1"
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def hostile(body: dict[str, Any]) -> Hostile:
+    return msgspec.json.decode(msgspec.json.encode(body), type=Hostile)
+
+
+@pytest.mark.parametrize("policy", ["last_wins", "merge"])
+async def test_a_command_cannot_switch_the_mass_assignment_guard_off(policy: str) -> None:
+    """protected_fields=[] in a command adds nothing and removes nothing: id/version hold."""
+    scenario = Scenario({"id": "a1", "version": 2, "status": "x"})
+    command = hostile(
+        {
+            "state": {"id": "victim", "version": 999, "status": "y"},
+            "conflict_config": {"policy": policy, "protected_fields": []},
+        }
+    )
+    seen: list[dict[str, Any]] = []
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state,
+        lambda c: c.state,
+        lambda c, merged: seen.append(merged) or c,
+    )
+    await behavior(scenario.handler)(command)
+    assert seen == [{"id": "a1", "version": 2, "status": "y"}]
+
+
+async def test_a_command_adds_to_the_behaviours_protected_fields() -> None:
+    """The behaviour's protected fields and the command's both hold; neither replaces."""
+    scenario = Scenario({"id": "a1", "version": 2, "owner": "ann", "plan": "free"})
+    command = hostile(
+        {
+            "state": {"owner": "mallory", "plan": "gold", "note": "hi"},
+            "conflict_config": {"policy": "last_wins", "protected_fields": ["plan"]},
+        }
+    )
+    seen: list[dict[str, Any]] = []
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state,
+        lambda c: c.state,
+        lambda c, merged: seen.append(merged) or c,
+        config=ConflictConfig(protected_fields={"owner"}),
+    )
+    await behavior(scenario.handler)(command)
+    assert seen == [{"id": "a1", "version": 2, "owner": "ann", "plan": "free", "note": "hi"}]
+
+
+async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
+    """max_attempts=1000000000 from a command is capped at 10 rounds."""
+    scenario = Scenario(LATEST, conflicts=10**6)
+    command = hostile({"conflict_config": {"policy": "merge", "max_attempts": 1_000_000_000}})
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state, lambda c: c.state, lambda c, merged: c
+    )
+    with pytest.raises(ConcurrencyError) as info:
+        await behavior(scenario.handler)(command)
+    assert len(scenario.seen) == 11  # the first attempt and 10 rounds
+    assert "after 10 resolution attempts" in str(info.value.__notes__)
+
+
+async def test_the_resolution_cap_is_settable_on_behaviour_and_class() -> None:
+    """max_attempts_cap bounds a command's rounds, on resolve_conflicts and handler classes."""
+    command = hostile({"conflict_config": {"policy": "merge", "max_attempts": 50}})
+    scenario = Scenario(LATEST, conflicts=10**6)
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state, lambda c: c.state, lambda c, s: c, max_attempts_cap=3
+    )
+    with pytest.raises(ConcurrencyError):
+        await behavior(scenario.handler)(command)
+    assert len(scenario.seen) == 4
+
+    class Capped(ConflictCommandHandler[str]):
+        max_attempts_cap = 2
+
+        async def process(self, command: Any) -> CommandResponse[str]:
+            raise ConcurrencyError(aggregate_id="a1")
+
+        async def fetch_latest_state(self, command: Any) -> dict[str, Any]:
+            return dict(LATEST)
+
+        def get_incoming_state(self, command: Any) -> dict[str, Any]:
+            return {}
+
+        def update_command(self, command: Any, merged_state: dict[str, Any]) -> Any:
+            self.rounds += 1
+            return command
+
+    handler = Capped()
+    handler.rounds = 0
+    with pytest.raises(ConcurrencyError):
+        await handler.handle(command)
+    assert handler.rounds == 2
+
+
+async def test_the_behaviours_own_config_is_trusted() -> None:
+    """A config written in code may ask for more rounds than the cap allows a command."""
+    scenario = Scenario(LATEST, conflicts=15)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, max_attempts=20)
+    assert await scenario.wrap(config=config)(Update(state={})) == "done"
+    assert len(scenario.seen) == 16
+
+
+async def test_max_attempts_zero_means_no_resolution(
+    events: list[Any], hooks: HookRegistry
+) -> None:
+    """ConflictConfig(max_attempts=0) is valid: the conflict propagates at once."""
+    scenario = Scenario(LATEST)
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, max_attempts=0)
+    with pytest.raises(ConcurrencyError) as info:
+        await scenario.wrap(config=config, hooks=hooks)(Update(state={}))
+    assert len(scenario.seen) == 1
+    assert scenario.merged == []
+    assert "max_attempts is 0" in str(info.value.__notes__)
+    assert [name for name, _ in events] == ["handler.conflict.detected", "handler.conflict.failed"]
+
+
+# --- three-way: protected fields are never conflicts ------------------------------------------
+
+
+async def test_incoming_without_id_or_version_is_no_three_way_conflict() -> None:
+    """A partial full state (no id/version) merges three-way without a false conflict."""
+    store = InMemoryRepository(DemoOrder)
+    base = await store.persist(DemoOrder(id="o1"))
+    latest = await store.persist(msgspec.structs.replace(base, status="paid"))
+    seen: list[dict[str, Any]] = []
+
+    async def fetch_latest(command: Any) -> dict[str, Any]:
+        return latest.to_dict()
+
+    async def fetch_base(command: Any) -> dict[str, Any]:
+        return base.to_dict()
+
+    behavior = resolve_conflicts(
+        fetch_latest,
+        lambda c: {"status": "open", "items": [{"id": "i1"}]},
+        lambda c, merged: seen.append(merged) or c,
+        fetch_base_state=fetch_base,
+        config=ConflictConfig(policy=ConflictResolutionPolicy.MERGE, list_identity_key="id"),
+    )
+    await behavior(Scenario(None).handler)(Update())
+    assert seen == [{"id": "o1", "version": 2, "status": "paid", "items": [{"id": "i1"}]}]
+
+
+async def test_a_stale_or_hostile_version_in_incoming_is_no_three_way_conflict() -> None:
+    """Incoming's version differs from base and latest: still no conflict, latest's wins."""
+    seen: list[dict[str, Any]] = []
+
+    async def fetch_latest(command: Any) -> dict[str, Any]:
+        return {"id": "o1", "version": 5, "status": "paid"}
+
+    async def fetch_base(command: Any) -> dict[str, Any]:
+        return {"id": "o1", "version": 1, "status": "open"}
+
+    behavior = resolve_conflicts(
+        fetch_latest,
+        lambda c: {"id": "x", "version": 999, "status": "open", "note": "n"},
+        lambda c, merged: seen.append(merged) or c,
+        fetch_base_state=fetch_base,
+        config=MERGE,
+    )
+    await behavior(Scenario(None).handler)(Update())
+    assert seen == [{"id": "o1", "version": 5, "status": "paid", "note": "n"}]
+
+
+# --- turns are the process's, not a handler instance's ----------------------------------------
+
+
+async def test_per_request_handlers_still_take_turns() -> None:
+    """30 writers, each with a handler built for its request: about 2 attempts per command."""
+    store = InMemoryRepository(DemoOrder)
+    await store.persist(DemoOrder(id="o1"))
+    slow = SlowRepository(store)
+    seen = (await store.retrieve(["o1"]))[0].to_dict()
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, list_identity_key="id")
+    handlers = [AddLineItemHandler(slow) for _ in range(30)]
+    await asyncio.gather(
+        *(
+            handler.handle(
+                AddLineItem(
+                    order_id="o1",
+                    expected_version=1,
+                    state={**seen, "items": [{"id": f"i{i}"}]},
+                    conflict_config=config,
+                )
+            )
+            for i, handler in enumerate(handlers)
+        )
+    )
+    assert (await store.retrieve(["o1"]))[0].version == 31
+    assert sum(h.attempts for h in handlers) <= 2 * 30
+
+
+async def test_turns_can_be_scoped_by_passing_your_own() -> None:
+    """Behaviours given one Turns object share it; the process's turns are not used."""
+    turns = Turns()
+    behaviors = [
+        resolve_conflicts(lambda c: None, lambda c: {}, lambda c, s: c, turns=turns)
+        for _ in range(2)
+    ]
+    assert behaviors[0].turns is behaviors[1].turns is turns
+    assert resolve_conflicts(lambda c: None, lambda c: {}, lambda c, s: c).turns is not turns
+    async with turns.turn("a1"):
+        assert "1 key" in repr(turns)

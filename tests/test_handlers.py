@@ -192,3 +192,29 @@ async def test_handle_exposes_the_command_id_to_stores() -> None:
     await Recording().handle(command)
     assert seen == [command.command_id]
     assert current_command_id.get() is None
+
+
+class FromTheWire(Command[str], Retryable):
+    text: str = ""
+
+
+async def test_a_commands_policy_wins_even_by_default_but_within_the_class_caps(
+    clock: FakeClock,
+) -> None:
+    """A Retryable command's policy (the mixin's default included) replaces the class's,
+    bounded by the class's max_retries_cap and max_delay_cap_s."""
+
+    class Capped(Unreliable):
+        max_retries_cap = 2
+        max_delay_cap_s = 0.05
+
+    handler = Capped(clock=clock)
+    with pytest.raises(ConnectionError):  # the mixin's default: 5 retries, capped at 2
+        await handler.handle(FromTheWire())
+    assert handler.calls == 3
+    wire = b'{"retry_policy": {"type": "fixed", "max_retries": 1000, "delay_ms": 1e300}}'
+    handler = Capped(clock=FakeClock())
+    with pytest.raises(ConnectionError):
+        await handler.handle(msgspec.json.decode(wire, type=FromTheWire))
+    assert handler.calls == 3
+    assert handler.clock.sleeps == [0.05, 0.05]  # type: ignore[union-attr]

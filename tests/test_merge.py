@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1157,3 +1158,106 @@ def test_registry_lookup_by_subscript() -> None:
     assert isinstance(registry["deep"], DeepMergeStrategy)
     with pytest.raises(UnknownStrategyError, match="deep, field, timestamp"):
         registry["nope"]
+
+
+# --- NaN: a side that left a NaN alone did not change it ---------------------------------------
+
+
+def nan() -> float:
+    """A fresh NaN object each call, as decoding a stored state gives."""
+    return float("nan")
+
+
+@pytest.mark.parametrize(
+    "on_conflict",
+    [OnMergeConflict.RAISE, OnMergeConflict.PREFER_CURRENT, OnMergeConflict.PREFER_INCOMING],
+)
+@pytest.mark.parametrize(
+    ("base", "current", "incoming", "expected"),
+    [
+        ({"s": nan()}, {"s": nan()}, {"s": 5}, {"s": 5}),
+        ({"s": [1, nan()]}, {"s": [1, nan()]}, {"s": [2]}, {"s": [2]}),
+        ({"s": {"a": nan(), "b": 1}}, {"s": {"a": nan(), "b": 1}}, {"s": 7}, {"s": 7}),
+        ({"s": (nan(), 1)}, {"s": (nan(), 1)}, {"s": None}, {"s": None}),
+        ({"s": 1, "t": nan()}, {"s": 2, "t": nan()}, {"s": 1, "t": nan()}, {"s": 2}),
+    ],
+)
+def test_an_unchanged_nan_is_no_change(
+    base: dict[str, Any],
+    current: dict[str, Any],
+    incoming: dict[str, Any],
+    expected: dict[str, Any],
+    on_conflict: OnMergeConflict,
+) -> None:
+    """NaN equals NaN when deciding what a side changed, inside lists and dicts too."""
+    merged = three_way_merge(base, current, incoming, on_conflict=on_conflict)
+    for key, value in expected.items():
+        assert merged[key] == value
+    assert set(merged) == set(expected) | {"t"} & set(base)
+
+
+def test_the_same_nan_change_on_both_sides_is_no_conflict() -> None:
+    """Both sides set a value to NaN (different objects): one change, not a conflict."""
+    merged = three_way_merge(
+        {"s": 1, "l": [1]}, {"s": nan(), "l": [nan()]}, {"s": nan(), "l": [nan()]}
+    )
+    assert merged["s"] != merged["s"] and merged["l"][0] != merged["l"][0]
+
+
+def test_field_level_merge3_counts_nan_as_unchanged() -> None:
+    """The field strategy's three-way merge sees an untouched NaN as untouched."""
+    merged = FieldLevelMergeStrategy().merge3({"s": nan()}, {"s": nan()}, {"s": 3})
+    assert merged == {"s": 3}
+
+
+def test_keyed_list_items_with_nan_are_unchanged_items() -> None:
+    """An item that holds a NaN and was not touched does not conflict with a change to it."""
+    base = {"items": [{"id": 1, "w": nan(), "n": 0}]}
+    current = {"items": [{"id": 1, "w": nan(), "n": 0}]}
+    incoming = {"items": [{"id": 1, "w": nan(), "n": 5}]}
+    merged = three_way_merge(base, current, incoming, list_identity_key="id")
+    assert merged["items"][0]["n"] == 5
+
+
+def test_append_lists_treat_nan_items_as_present() -> None:
+    """Appending incoming's new items: a NaN already there is not appended again."""
+    merged = DeepMergeStrategy(append_lists=True).merge({"l": [nan(), 1]}, {"l": [nan(), 2]})
+    assert len(merged["l"]) == 3 and merged["l"][1:] == [1, 2]
+
+
+_plain = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text(max_size=3) | st.floats(allow_nan=True),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+def _fresh(value: Any) -> Any:
+    """The same value with every float a new object (NaNs included), as a decode gives it."""
+    if isinstance(value, float):
+        return float(repr(value)) if value == value else nan()
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    return value
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    base=st.dictionaries(st.text(max_size=3), _plain, max_size=5),
+    incoming=st.dictionaries(st.text(max_size=3), _plain, max_size=5),
+)
+def test_a_side_equal_to_base_never_conflicts(
+    base: dict[str, Any], incoming: dict[str, Any]
+) -> None:
+    """If current is base (re-decoded, NaNs and all), incoming's changes all apply, whatever
+    on_conflict says: nothing is dropped and nothing conflicts."""
+    current = _fresh(base)
+    for on_conflict in OnMergeConflict:
+        merged = three_way_merge(base, current, incoming, on_conflict=on_conflict)
+        assert msgspec.msgpack.encode(_fresh(merged), order="sorted") == msgspec.msgpack.encode(
+            _fresh(incoming), order="sorted"
+        )

@@ -8,6 +8,7 @@ import pytest
 from cqrs_resilience import (
     Command,
     CommandResponse,
+    ConfigurationError,
     ConflictConfig,
     ConflictResilient,
     ConflictResolutionPolicy,
@@ -135,3 +136,57 @@ def test_conflict_config_accepts_plain_sets_and_names() -> None:
     assert config.policy is ConflictResolutionPolicy.MERGE
     assert config.include_fields == frozenset({"a", "b"})
     assert config.exclude_fields == frozenset({"c"})
+
+
+# --- command_id is an idempotency key from outside: refused unless a usable key ---------------
+
+
+@pytest.mark.parametrize(
+    ("command_id", "reason"),
+    [
+        ("", "non-empty"),
+        ("a\x00b", "NUL"),
+        ("x" * 256, "at most 255"),
+        ("\ud800", "surrogate"),
+        (7, "must be a string"),
+    ],
+)
+def test_a_bad_command_id_is_refused_at_construction(command_id: object, reason: str) -> None:
+    """An unusable id is a ConfigurationError (a ValueError) naming command_id."""
+    with pytest.raises(ConfigurationError, match=f"command_id .*{reason}"):
+        UpdateOrderCommand(command_id=command_id, order_id="o1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"command_id": "", "order_id": "o1"}', b'{"command_id": "a\\u0000", "order_id": "o1"}'],
+)
+def test_a_bad_command_id_is_refused_at_decoding(body: bytes) -> None:
+    """A queue message or HTTP body with an unusable id does not decode."""
+    with pytest.raises(msgspec.ValidationError, match="command_id"):
+        msgspec.json.decode(body, type=UpdateOrderCommand)
+
+
+def test_a_command_with_its_own_post_init_still_checks_its_id() -> None:
+    """A subclass's __post_init__ runs, after the id check it cannot skip."""
+
+    class Checked(Command[str]):
+        amount: int = 0
+
+        def __post_init__(self) -> None:
+            if self.amount < 0:
+                raise ValueError("amount must be >= 0")
+
+    with pytest.raises(ConfigurationError, match="command_id"):
+        Checked(command_id="")
+    with pytest.raises(ValueError, match="amount"):
+        Checked(amount=-1)
+    with pytest.raises(msgspec.ValidationError, match="command_id"):
+        msgspec.json.decode(b'{"command_id": ""}', type=Checked)
+    assert Checked(amount=1).amount == 1
+
+
+def test_a_conflict_config_may_turn_resolution_off() -> None:
+    """max_attempts=0 is valid, like max_retries=0: no resolution."""
+    assert ConflictConfig(max_attempts=0).max_attempts == 0
+    assert msgspec.json.decode(b'{"max_attempts": 0}', type=ConflictConfig).max_attempts == 0

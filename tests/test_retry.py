@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import traceback
 from typing import Any
 
@@ -22,7 +23,6 @@ from cqrs_resilience import (
     InMemoryRepository,
     Retryable,
     TransientError,
-    command_scope,
     pipeline,
     retry,
     set_testing,
@@ -464,7 +464,7 @@ class TimesOutAfterFirstCommit:
 
 
 async def test_a_retry_after_commit_then_timeout_does_not_apply_twice(clock: FakeClock) -> None:
-    """With the command in scope, the retried write is recognised and not applied again."""
+    """retry() alone carries the command's key: the retried write is recognised, not reapplied."""
     store = TimesOutAfterFirstCommit()
     await store.inner.persist(Counter(id="c"), command_id="setup")
 
@@ -475,9 +475,113 @@ async def test_a_retry_after_commit_then_timeout_does_not_apply_twice(clock: Fak
         return (await store.persist(current)).version
 
     command = Pong()
-    with command_scope(command.command_id):
-        assert await apply(command) == 2
+    assert await apply(command) == 2
     final = (await store.inner.retrieve(["c"]))[0]
     assert final.applied == [command.command_id]
     assert final.version == 2
     assert clock.sleeps == [0.01]
+
+
+# --- what a command may ask for is capped; the behaviour's own policy is trusted -------------
+
+
+def decoded_ping(policy_json: str) -> Ping:
+    """A command as it arrives from a queue or an HTTP body."""
+    return msgspec.json.decode(f'{{"retry_policy": {policy_json}}}'.encode(), type=Ping)
+
+
+async def test_a_command_cannot_ask_for_endless_retries(clock: FakeClock) -> None:
+    """max_retries of 10**18 from a command is capped at 10 retries (11 calls)."""
+    flaky = Flaky(10**6)
+    command = decoded_ping('{"type": "fixed", "max_retries": 1000000000000000000, "delay_ms": 0}')
+    with pytest.raises(TransientError) as info:
+        await retry(clock=clock)(flaky)(command)
+    assert flaky.calls == 11
+    assert "gave up after 11 attempts" in info.value.__notes__
+
+
+async def test_a_command_cannot_ask_for_an_endless_wait(clock: FakeClock) -> None:
+    """A delay of 1e300 ms from a command is capped at 60 s before each retry."""
+    command = decoded_ping('{"type": "fixed", "max_retries": 2, "delay_ms": 1e300}')
+    with pytest.raises(TransientError):
+        await retry(clock=clock)(Flaky(10))(command)
+    assert clock.sleeps == [60.0, 60.0]
+
+
+async def test_an_exponential_command_policy_is_capped_too(clock: FakeClock) -> None:
+    """Growing delays from a command stop growing at the cap."""
+    command = decoded_ping(
+        '{"type": "exponential", "max_retries": 4, "initial_delay_ms": 30000,'
+        ' "max_delay_ms": 1e12, "jitter": false}'
+    )
+    with pytest.raises(TransientError):
+        await retry(clock=clock)(Flaky(10))(command)
+    assert clock.sleeps == [30.0, 60.0, 60.0, 60.0]
+
+
+@pytest.mark.parametrize(("retry_after", "slept"), [(math.inf, 60.0), (1e300, 60.0), (30, 30.0)])
+async def test_retry_after_is_capped(clock: FakeClock, retry_after: float, slept: float) -> None:
+    """A server's Retry-After is outside input: at most the cap, whatever the policy."""
+    errors = [TransientError("slow down", retry_after=retry_after)]
+
+    async def throttled() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    assert await retry(NO_JITTER, clock=clock)(throttled)() == "ok"
+    assert clock.sleeps == [slept]
+
+
+async def test_a_nan_retry_after_is_ignored(clock: FakeClock) -> None:
+    """A retry_after that is not a number of seconds leaves the policy's delay alone."""
+
+    class Weird(TransientError):
+        pass
+
+    errors = [Weird("x"), Weird("y"), Weird("z")]
+    for error, value in zip(errors, (math.nan, "soon", True), strict=True):
+        error.retry_after = value  # type: ignore[assignment]
+
+    async def flaky() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    assert await retry(NO_JITTER, clock=clock)(flaky)() == "ok"
+    assert clock.sleeps == [0.01, 0.01, 0.01]
+
+
+async def test_caps_are_settable_on_the_behaviour(clock: FakeClock) -> None:
+    """max_retries_cap and max_delay_cap_s bound a command's policy and any retry_after."""
+    command = decoded_ping('{"type": "fixed", "max_retries": 9, "delay_ms": 5000}')
+    flaky = Flaky(100)
+    with pytest.raises(TransientError):
+        await retry(clock=clock, max_retries_cap=2, max_delay_cap_s=1.5)(flaky)(command)
+    assert (flaky.calls, clock.sleeps) == (3, [1.5, 1.5])
+
+
+async def test_the_behaviours_own_policy_is_trusted(clock: FakeClock) -> None:
+    """A policy written in code is not capped: 20 retries and 2-minute delays are its call."""
+    flaky = Flaky(100)
+    with pytest.raises(TransientError):
+        await retry(FixedRetryPolicy(max_retries=20, delay_ms=120_000, jitter=False), clock=clock)(
+            flaky
+        )(Pong())
+    assert flaky.calls == 21
+    assert set(clock.sleeps) == {120.0}
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [
+        {"max_retries_cap": -1},
+        {"max_retries_cap": 1.5},
+        {"max_delay_cap_s": math.inf},
+        {"max_delay_cap_s": -2},
+    ],
+)
+def test_bad_caps_are_rejected(caps: dict[str, Any]) -> None:
+    """A cap out of range fails at construction, naming it."""
+    with pytest.raises(ValueError, match=next(iter(caps))):
+        retry(**caps)
