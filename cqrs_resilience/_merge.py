@@ -323,15 +323,26 @@ def _shown(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any, run: _Run) -> bool:
-    """a == b with NaN equal to NaN, also for values nested too deep for CPython's `==`."""
+    """a == b (NaN == NaN for floats), also for values nested too deep for CPython's `==`.
+
+    Containers holding NaN may still compare different here: the merge recurses into dicts
+    and keyed lists anyway, where the NaNs meet as floats. Where a difference would become a
+    conflict or a deletion, `_same_nan` decides instead.
+    """
     if a is b:
         return True
     if run.canon is None:
         try:
-            return bool(a == b) or _equal_but_nan(a, b)
+            return bool(a == b) or (type(a) is float and type(b) is float and a != a and b != b)
         except RecursionError:
             pass
     return run.equal(a, b)
+
+
+def _same_nan(a: Any, b: Any, run: _Run) -> bool:
+    """`_same`, with NaN equal to NaN inside containers too: for the decisions that drop a
+    value (a conflict, a deletion), where a NaN must not count as a change."""
+    return _same(a, b, run) or (run.canon is None and _equal_but_nan(a, b))
 
 
 def _equal_but_nan(a: Any, b: Any) -> bool:
@@ -621,8 +632,6 @@ def _merge3(
                 continue
             try:
                 same = iv == cv if canon is None else canon.equal(iv, cv)
-                if not same and canon is None and type(iv) is not dict:
-                    same = _equal_but_nan(iv, cv)
             except RecursionError:
                 same = run.equal(iv, cv)
             if same:  # unchanged, or the same change on both sides
@@ -648,6 +657,14 @@ def _merge3(
             nv = _merge3_keyed(base_list, cv, iv, (path, k), depth + 1, run)
             if nv is cv:
                 continue
+        elif _same_nan(iv, bv, run) or _same_nan(iv, cv, run):  # NaN alone told them apart
+            if type(cv) not in _SCALARS and cv is not _MISSING:
+                run.pending.append(cv)
+            continue
+        elif _same_nan(cv, bv, run):
+            nv = iv
+            if type(iv) not in _SCALARS:
+                run.pending.append(iv)
         else:
             nv = run.conflict((path, k), bv, cv, iv)
             if type(nv) not in _SCALARS and nv is not _MISSING:
@@ -663,7 +680,8 @@ def _merge3(
                 continue
             bv = b.get(k, _MISSING)
             if bv is not _MISSING:
-                keep = _MISSING if _same(cv, bv, run) else run.conflict((path, k), bv, cv, _MISSING)
+                gone = _same_nan(cv, bv, run)
+                keep = _MISSING if gone else run.conflict((path, k), bv, cv, _MISSING)
                 if keep is _MISSING:
                     if out is None:
                         out = dict(c)
@@ -720,7 +738,7 @@ def _merge3_keyed(
         base_item = _MISSING if b_pos is None else bl[b_pos]
         if i_pos is None:
             if b_pos is not None:  # incoming removed it
-                gone = _same(item, base_item, run)
+                gone = _same_nan(item, base_item, run)
                 if gone or run.conflict((path, pos), base_item, item, _MISSING) is _MISSING:
                     changed = True
                     continue
@@ -748,7 +766,7 @@ def _merge3_keyed(
             b_pos = b_index.get(ident)
             if b_pos is not None:  # current removed it
                 base_item = bl[b_pos]
-                if _same(item, base_item, run):
+                if _same_nan(item, base_item, run):
                     continue
                 if run.conflict((path, pos), base_item, _MISSING, item) is _MISSING:
                     continue
@@ -933,9 +951,9 @@ class FieldLevelMergeStrategy(_Options):
                     continue
                 cv, iv = current.get(field, _MISSING), incoming.get(field, _MISSING)
                 bv = base.get(field, _MISSING)
-                if _same(cv, iv, run) or _same(iv, bv, run):
+                if _same_nan(cv, iv, run) or _same_nan(iv, bv, run):
                     continue
-                keep = iv if _same(cv, bv, run) else run.conflict((None, field), bv, cv, iv)
+                keep = iv if _same_nan(cv, bv, run) else run.conflict((None, field), bv, cv, iv)
                 if keep is _MISSING:
                     merged.pop(field, None)
                 else:
