@@ -108,38 +108,28 @@ def is_command(value: Any) -> bool:
     return known
 
 
-def opening(args: tuple[Any, ...], scope: Scope | None) -> Scope | None:
-    """The scope to open for a call with these arguments, or None to run in `scope`.
+def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | None]:
+    """The scope a call with these arguments runs in, and the token to close it if this
+    opened it. The call's command is its first argument, or its second after a `self`.
 
-    The call's command is its first argument, or its second after a `self`. A command already
-    being processed (same `command_id`: a rebuilt or retried one) keeps its scope; any other
-    command opens its own; a call without one runs in the current scope.
+    A command already being processed (same `command_id`: a rebuilt or retried one) keeps its
+    scope; any other command opens its own; a call without one runs in the current scope. On
+    every behaviour's hot path, so it makes no other call in the usual cases.
     """
+    scope = CURRENT.get()
     command = args[0] if args else None
+    if scope is not None and command is scope.command:
+        return scope, None
     known = COMMAND_TYPES.get(type(command))
     if known is False and len(args) > 1:
         command = args[1]
         known = COMMAND_TYPES.get(type(command))
     if not (known or (known is None and is_command(command))):
-        return None
+        return scope, None
     command_id: str = command.command_id  # type: ignore[union-attr]
     if scope is not None and scope.command_id == command_id:
-        return None
-    return Scope(command_id, command)
-
-
-def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | None]:
-    """The scope a call runs in, and the token to close it if this opened it.
-
-    On every behaviour's hot path: `retry()` inlines the first checks (a call costs as much as
-    the rest), the others call this.
-    """
-    scope = CURRENT.get()
-    if args and scope is not None and args[0] is scope.command:
         return scope, None
-    opened = opening(args, scope)
-    if opened is None:
-        return scope, None
+    opened = Scope(command_id, command)
     return opened, CURRENT.set(opened)
 
 

@@ -33,7 +33,7 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
-from ._idempotency import COMMAND_TYPES, CURRENT, Scope, attempt, opening
+from ._idempotency import CURRENT, Scope, attempt, enter
 from ._messages import Command
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
@@ -182,17 +182,8 @@ class Retry:
 
             @functools.wraps(fn)
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
-                # The command's idempotency scope (see _idempotency.enter, inlined for speed):
-                # already open inside handle(); nothing to open for a known plain argument.
-                scope, token = CURRENT.get(), None
-                if (
-                    args
-                    and (scope is None or args[0] is not scope.command)
-                    and (COMMAND_TYPES.get(type(args[0])) is not False or len(args) > 1)
-                ):
-                    opened = opening(args, scope)
-                    if opened is not None:
-                        scope, token = opened, CURRENT.set(opened)
+                # The command's idempotency scope; inside handle() it is already open.
+                scope, token = enter(args)
                 changes = scope.changes if scope is not None else 0
                 try:
                     try:
@@ -211,15 +202,7 @@ class Retry:
 
         @functools.wraps(fn)
         def retrying_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
-            scope, token = CURRENT.get(), None
-            if (
-                args
-                and (scope is None or args[0] is not scope.command)
-                and (COMMAND_TYPES.get(type(args[0])) is not False or len(args) > 1)
-            ):
-                opened = opening(args, scope)
-                if opened is not None:
-                    scope, token = opened, CURRENT.set(opened)
+            scope, token = enter(args)
             changes = scope.changes if scope is not None else 0
             try:
                 try:

@@ -661,15 +661,19 @@ class SlowRepository:
         return await self.inner.persist(aggregate)
 
 
-async def test_local_resolutions_take_turns_so_each_command_needs_about_two_attempts() -> None:
-    """50 stale writers on one aggregate: resolution rounds queue, not race (<= 2 attempts each)."""
+@pytest.mark.parametrize("per_request", [False, True], ids=["one handler", "handler per request"])
+async def test_resolutions_take_turns_so_each_command_needs_about_two_attempts(
+    per_request: bool,
+) -> None:
+    """30 stale writers on one aggregate: resolution rounds queue, not race (<= 2 attempts
+    each), whether they share a handler or each has one built for its request."""
     store = InMemoryRepository(DemoOrder)
     await store.persist(DemoOrder(id="o1"))
-    handler = AddLineItemHandler(SlowRepository(store))
+    slow = SlowRepository(store)
+    shared = AddLineItemHandler(slow)
+    handlers = [AddLineItemHandler(slow) if per_request else shared for _ in range(30)]
     seen = (await store.retrieve(["o1"]))[0].to_dict()
-    config = ConflictConfig(
-        policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=100
-    )
+    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, list_identity_key="id")
     await asyncio.gather(
         *(
             handler.handle(
@@ -680,11 +684,11 @@ async def test_local_resolutions_take_turns_so_each_command_needs_about_two_atte
                     conflict_config=config,
                 )
             )
-            for i in range(50)
+            for i, handler in enumerate(handlers)
         )
     )
-    assert (await store.retrieve(["o1"]))[0].version == 51
-    assert handler.attempts <= 2 * 50
+    assert (await store.retrieve(["o1"]))[0].version == 31
+    assert sum(h.attempts for h in set(handlers)) <= 2 * 30
 
 
 # --- what a command may ask for is bounded; protection only grows -----------------------------
@@ -859,31 +863,6 @@ async def test_a_stale_or_hostile_version_in_incoming_is_no_three_way_conflict()
 
 
 # --- turns are the process's, not a handler instance's ----------------------------------------
-
-
-async def test_per_request_handlers_still_take_turns() -> None:
-    """30 writers, each with a handler built for its request: about 2 attempts per command."""
-    store = InMemoryRepository(DemoOrder)
-    await store.persist(DemoOrder(id="o1"))
-    slow = SlowRepository(store)
-    seen = (await store.retrieve(["o1"]))[0].to_dict()
-    config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, list_identity_key="id")
-    handlers = [AddLineItemHandler(slow) for _ in range(30)]
-    await asyncio.gather(
-        *(
-            handler.handle(
-                AddLineItem(
-                    order_id="o1",
-                    expected_version=1,
-                    state={**seen, "items": [{"id": f"i{i}"}]},
-                    conflict_config=config,
-                )
-            )
-            for i, handler in enumerate(handlers)
-        )
-    )
-    assert (await store.retrieve(["o1"]))[0].version == 31
-    assert sum(h.attempts for h in handlers) <= 2 * 30
 
 
 async def test_turns_can_be_scoped_by_passing_your_own() -> None:

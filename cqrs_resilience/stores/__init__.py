@@ -5,7 +5,7 @@ id record happen in the database, in the transaction that writes. Driver failure
 `TransientError` when a retry may help and as a `StoreError` subclass when it will not.
 """
 
-from ._errors import (
+from .._errors import (
     CorruptStateError,
     IdempotencyKeyReuseError,
     InvalidStateError,

@@ -15,32 +15,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from .._errors import (
-    CorruptStateError,
-    IdempotencyKeyReuseError,
-    InvalidStateError,
     SchemaError,
     StoreClosedError,
     StoreConfigurationError,
     StoreError,
     TransientError,
 )
-
-__all__ = [
-    "CorruptStateError",
-    "IdempotencyKeyReuseError",
-    "InvalidStateError",
-    "SchemaError",
-    "StoreClosedError",
-    "StoreConfigurationError",
-    "StoreError",
-    "map_postgres_connect_error",
-    "map_postgres_error",
-    "map_sqlite_error",
-    "postgres_errors",
-    "safe_target",
-    "sqlite_errors",
-]
-
 
 _MISSING_TABLES = "tables are created when a repository opens; were they dropped since?"
 

@@ -12,18 +12,16 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
+from .._errors import StoreClosedError, StoreConfigurationError
 from .._idempotency import WriteKey, is_repeat
 from .._repository import A, Outcome, Repository, ids_asked, persist_checked
 from . import _sql
 from ._errors import (
-    StoreClosedError,
-    StoreConfigurationError,
     map_postgres_connect_error,
     postgres_errors,
     safe_target,
@@ -202,14 +200,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         encoded: bytes,
         recorded: WriteKey | None,
     ) -> Outcome:
-        args: dict[str, Any] = {"id": key, "expected": expected, "state": encoded}
-        if recorded is not None:
-            args.update(
-                command_id=recorded.command_id,
-                seq=recorded.seq,
-                fingerprint=recorded.fingerprint,
-                now=time.time(),
-            )
+        args = _sql.write_args(key, expected, encoded, recorded)
         try:
             async with cur.connection.transaction():
                 if recorded is not None:

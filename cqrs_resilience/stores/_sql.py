@@ -14,6 +14,10 @@ Tables:
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
+
+from .._idempotency import WriteKey
 
 TABLES = ("aggregate_versions", "processed_writes", "command_keys")
 
@@ -69,6 +73,20 @@ RECORD_COMMAND = """INSERT INTO command_keys (command_id, fingerprint, recorded_
 WAS_PROCESSED = (
     "SELECT 1 FROM processed_writes WHERE command_id = :command_id AND aggregate_id = :id LIMIT 1"
 )
+
+
+def write_args(key: str, expected: int, state: bytes, recorded: WriteKey | None) -> dict[str, Any]:
+    """The parameters of a write's statements (the idempotency ones only with a key)."""
+    args: dict[str, Any] = {"id": key, "expected": expected, "state": state}
+    if recorded is not None:
+        args.update(
+            command_id=recorded.command_id,
+            seq=recorded.seq,
+            fingerprint=recorded.fingerprint,
+            now=time.time(),
+        )
+    return args
+
 
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar, TypeVarTuple
 
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
+from .._errors import StoreClosedError
 from .._idempotency import WriteKey, is_repeat
 from .._repository import A, Outcome, Repository, ids_asked, persist_checked
 from . import _sql
-from ._errors import StoreClosedError, sqlite_errors
+from ._errors import sqlite_errors
 from ._lifecycle import StoreLifecycle
 
 T = TypeVar("T")
@@ -190,15 +190,9 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         recorded: WriteKey | None,
     ) -> Outcome:
         conn = self._connect()
-        args: dict[str, Any] = {"id": key, "expected": expected, "state": encoded}
+        args = _sql.write_args(key, expected, encoded, recorded)
         with _transaction(conn):
             if recorded is not None:
-                args.update(
-                    command_id=recorded.command_id,
-                    seq=recorded.seq,
-                    fingerprint=recorded.fingerprint,
-                    now=time.time(),
-                )
                 command, first, version, state = conn.execute(_sql.LOOKUP_WRITE, args).fetchone()
                 if is_repeat(recorded, aggregate_id, command, first):
                     return Outcome("repeat", version, state)
