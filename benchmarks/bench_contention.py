@@ -46,11 +46,18 @@ CONFIG = ConflictConfig(
 )
 
 
+class PatientHandler(AddLineItemHandler):
+    """Lets the benchmark's commands ask for as many retries and rounds as they do."""
+
+    max_retries_cap = POLICY.max_retries
+    max_attempts_cap = CONFIG.max_attempts
+
+
 async def optimistic(repository: Any, writers: int, per_writer: int) -> tuple[float, float]:
     """Commands per second and attempts per command through the library."""
     order_id = f"hot-{writers}-{time.time_ns()}"
     await repository.persist(DemoOrder(id=order_id))
-    handler = AddLineItemHandler(repository, HookRegistry())
+    handler = PatientHandler(repository, HookRegistry())
 
     async def writer(w: int) -> None:
         for n in range(per_writer):

@@ -36,7 +36,7 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
-from ._idempotency import CURRENT, Scope, attempt, enter
+from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._merge import MergeStrategy, MergeStrategyRegistry
 from ._retry import check_cap
 from ._turns import PROCESS_TURNS, Turns
@@ -134,7 +134,9 @@ class ResolveConflicts:
         @functools.wraps(handler)
         async def resolving(command: Any) -> T:
             # The command's idempotency scope; inside handle() it is already open.
-            scope, token = enter((command,))
+            scope, token = CURRENT.get(), None
+            if scope is None or command is not scope.command:
+                scope, token = enter((command,))
             changes = scope.changes if scope is not None else 0
             try:
                 try:
@@ -258,7 +260,10 @@ class ResolveConflicts:
                     raise
                 command = _keep_identity(self.update_command(original, merged), original)
                 try:
-                    with attempt(*scope):
+                    if attempt_needs_own_counts(*scope):
+                        with attempt(*scope):
+                            result = await handler(command)
+                    else:
                         result = await handler(command)
                 except ConcurrencyError as exc:
                     error = exc

@@ -40,6 +40,15 @@ class DemoOrder(Aggregate):
     items: list[dict[str, Any]] = msgspec.field(default_factory=list)
 
 
+DEMO_POLICY = ExponentialBackoffPolicy(max_retries=12, initial_delay_ms=2, max_delay_ms=200)
+DEMO_CONFIG = ConflictConfig(
+    policy=ConflictResolutionPolicy.MERGE,
+    strategy_name="deep",
+    list_identity_key="id",
+    max_attempts=200,
+)
+
+
 class AddLineItem(Command[str], Retryable, ConflictResilient):
     """A full-state command: the order as the writer wants it, and the version it read."""
 
@@ -50,6 +59,11 @@ class AddLineItem(Command[str], Retryable, ConflictResilient):
 
 class AddLineItemHandler(ResilientCommandHandler[str]):
     """Writes the command's state at its expected version; conflicts are merged three-way."""
+
+    # The demo's commands ask for more patience than the default caps allow a command (10
+    # retries, 10 rounds): dozens of writers race on three orders, with injected faults.
+    max_retries_cap = DEMO_POLICY.max_retries
+    max_attempts_cap = DEMO_CONFIG.max_attempts
 
     def __init__(
         self,
@@ -187,13 +201,7 @@ async def run_writers(
         seed=options.seed * 1_000_003 + min(writer_ids, default=0),
     )
     handler = AddLineItemHandler(faulty, hooks)
-    policy = ExponentialBackoffPolicy(max_retries=12, initial_delay_ms=2, max_delay_ms=200)
-    config = ConflictConfig(
-        policy=ConflictResolutionPolicy.MERGE,
-        strategy_name="deep",
-        list_identity_key="id",
-        max_attempts=200,
-    )
+    policy, config = DEMO_POLICY, DEMO_CONFIG
     order_ids = options.order_ids()
 
     async def writer(writer_id: int) -> None:

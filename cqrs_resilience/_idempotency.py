@@ -133,6 +133,12 @@ def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | No
     return opened, CURRENT.set(opened)
 
 
+def attempt_needs_own_counts(scope: Scope | None, changes: int) -> bool:
+    """Whether a re-attempt must run on a snapshot of the counts: only when some write was
+    counted since the retried call started (usually none: it failed before writing)."""
+    return scope is not None and scope.changes != changes
+
+
 @contextmanager
 def attempt(scope: Scope | None, changes: int) -> Iterator[None]:
     """Run a re-attempt on the write counts the retried call started with (`changes`)."""

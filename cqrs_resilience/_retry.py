@@ -33,7 +33,7 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
-from ._idempotency import CURRENT, Scope, attempt, enter
+from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._messages import Command
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
@@ -183,7 +183,9 @@ class Retry:
             @functools.wraps(fn)
             async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
                 # The command's idempotency scope; inside handle() it is already open.
-                scope, token = enter(args)
+                scope, token = CURRENT.get(), None
+                if scope is None or not args or args[0] is not scope.command:
+                    scope, token = enter(args)
                 changes = scope.changes if scope is not None else 0
                 try:
                     try:
@@ -202,7 +204,9 @@ class Retry:
 
         @functools.wraps(fn)
         def retrying_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
-            scope, token = enter(args)
+            scope, token = CURRENT.get(), None
+            if scope is None or not args or args[0] is not scope.command:
+                scope, token = enter(args)
             changes = scope.changes if scope is not None else 0
             try:
                 try:
@@ -293,6 +297,8 @@ class Retry:
             if delay > 0 or not is_testing():
                 await sleep(delay)
             try:
+                if not attempt_needs_own_counts(run.scope, run.changes):
+                    return await fn(*args, **kwargs)
                 with attempt(run.scope, run.changes):
                     return await fn(*args, **kwargs)
             except Exception as new:
@@ -323,6 +329,8 @@ class Retry:
             if delay > 0:
                 clock.sleep_sync(delay)
             try:
+                if not attempt_needs_own_counts(run.scope, run.changes):
+                    return fn(*args, **kwargs)
                 with attempt(run.scope, run.changes):
                     return fn(*args, **kwargs)
             except Exception as new:

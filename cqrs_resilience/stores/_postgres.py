@@ -48,7 +48,13 @@ _LATEST_VERSION = _sql.for_psycopg(_sql.LATEST_VERSION)
 _ONE_VERSION = _sql.for_psycopg(_sql.ONE_VERSION)
 _LOOKUP_WRITE = _sql.for_psycopg(_sql.LOOKUP_WRITE)
 _RECORD_WRITE = _sql.for_psycopg(_sql.RECORD_WRITE)
-_RECORD_COMMAND = _sql.for_psycopg(_sql.RECORD_COMMAND)
+# A command's first write records its key in the same round trip.
+_RECORD_WRITE_AND_COMMAND = (
+    "WITH command AS ("
+    + _sql.for_psycopg(_sql.RECORD_COMMAND)
+    + ") "
+    + _sql.for_psycopg(_sql.RECORD_WRITE)
+)
 _WAS_PROCESSED = _sql.for_psycopg(_sql.WAS_PROCESSED)
 _LATEST = """SELECT DISTINCT ON (aggregate_id) aggregate_id, version, state
     FROM aggregate_versions WHERE aggregate_id = ANY(%s) ORDER BY aggregate_id, version DESC"""
@@ -209,9 +215,10 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                         return outcome
                 if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
                     if recorded is not None:
-                        await cur.execute(_RECORD_WRITE, args)
-                        if recorded.whole_command and args["known"] is None:
-                            await cur.execute(_RECORD_COMMAND, args)
+                        first = recorded.whole_command and args["known"] is None
+                        await cur.execute(
+                            _RECORD_WRITE_AND_COMMAND if first else _RECORD_WRITE, args
+                        )
                     return Outcome("stored", expected + 1)
         except self._unique_violation as exc:
             # Another transaction committed this version, this write or this command id first.
