@@ -33,8 +33,14 @@ from ._hooks import (
     describe_handler,
     get_hook_registry,
 )
-from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
-from ._messages import Command
+from ._idempotency import (
+    CURRENT,
+    Scope,
+    attempt,
+    attempt_needs_own_counts,
+    enter,
+    is_command,
+)
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
 P = ParamSpec("P")
@@ -86,7 +92,7 @@ def _predicate(on: RetryOn | None) -> Callable[[Exception], bool]:
 def command_of(args: tuple[Any, ...]) -> Any:
     """The command a call is about: its first argument, or its second after a `self`."""
     for arg in args[:2]:
-        if isinstance(arg, Command):
+        if is_command(arg):
             return arg
     return args[0] if args else None
 
