@@ -21,6 +21,10 @@ class Clock(Protocol):
         """Seconds on a clock that never goes back."""
         ...
 
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch, for timestamps stores keep."""
+        ...
+
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` in async code; cancellable at once."""
         ...
@@ -35,6 +39,9 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -67,6 +74,10 @@ class FakeClock:
         self._sleeper_added: asyncio.Event | None = None
 
     def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        """The fake time, as wall-clock seconds too (its epoch is `start`)."""
         return self.now
 
     async def sleep(self, seconds: float) -> None:

@@ -14,7 +14,9 @@ and run again. Three rules keep this from losing data:
   rebuilt command keeps the original `command_id`, so stores can recognise a repeat.
 
 A command's `conflict_config` is outside input: its `max_attempts` is bounded by the
-behaviour's `max_attempts_cap`. Rounds for one aggregate take turns process-wide (`_turns`).
+behaviour's `max_attempts_cap`. Rounds for one aggregate take turns through the store that
+raised the conflict (across processes), else process-wide (`_turns`). A base the store pruned
+is merged as an empty base: every path the two sides hold differently is then a conflict.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 import msgspec
 
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
-from ._errors import ConcurrencyError, MergeConflictError
+from ._errors import ConcurrencyError, MergeConflictError, VersionPrunedError
 from ._hooks import (
     CONFLICT_DETECTED,
     CONFLICT_FAILED,
@@ -39,7 +41,7 @@ from ._hooks import (
 from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._merge import MergeStrategy, MergeStrategyRegistry
 from ._retry import check_cap
-from ._turns import PROCESS_TURNS, Turns
+from ._turns import PROCESS_TURNS, TakesTurns
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -97,7 +99,7 @@ class ResolveConflicts:
         hooks: HookRegistry | None = None,
         fetch_base_state: FetchBaseState | None = None,
         max_attempts_cap: int = MAX_ATTEMPTS_CAP,
-        turns: Turns | None = None,
+        turns: TakesTurns | None = None,
     ) -> None:
         check_cap("max_attempts_cap", max_attempts_cap)
         for name, hook in (
@@ -119,7 +121,7 @@ class ResolveConflicts:
         self.hooks = hooks
         self.fetch_base_state = fetch_base_state
         self.max_attempts_cap = max_attempts_cap
-        self.turns = turns or PROCESS_TURNS
+        self.turns = turns
 
     def __repr__(self) -> str:
         config = f"config={self.config!r}" if self.config is not None else ""
@@ -237,16 +239,20 @@ class ResolveConflicts:
         incoming = self.get_incoming_state(original)
         base: State | None = None
         if self.fetch_base_state is not None and config.policy is ConflictResolutionPolicy.MERGE:
-            base = await _maybe_await(self.fetch_base_state(original))
+            try:
+                base = await _maybe_await(self.fetch_base_state(original))
+            except VersionPrunedError:
+                base = {}  # unknown: both sides' differences are conflicts, nothing overwritten
 
         if config.max_attempts == 0:
             error.add_note("conflict not resolved: max_attempts is 0 (resolution is off)")
             await emit(CONFLICT_FAILED, 1, error)
             raise error
 
+        turns = self.turns or error.turns or PROCESS_TURNS
         command = original
         for round_ in range(1, config.max_attempts + 1):
-            async with self.turns.turn(error.aggregate_id):
+            async with turns.turn(error.aggregate_id):
                 latest = await _maybe_await(self.fetch_latest_state(command))
                 if latest is None:
                     error.add_note("conflict not resolved: the aggregate no longer exists")
@@ -298,7 +304,7 @@ def resolve_conflicts(
     hooks: HookRegistry | None = None,
     fetch_base_state: FetchBaseState | None = None,
     max_attempts_cap: int = MAX_ATTEMPTS_CAP,
-    turns: Turns | None = None,
+    turns: TakesTurns | None = None,
 ) -> ResolveConflicts:
     """Settle `ConcurrencyError`s of a one-command handler by the config's policy.
 
@@ -306,7 +312,8 @@ def resolve_conflicts(
     MERGE merges it with the named strategy — three-way when `fetch_base_state` is given.
     A command's own `conflict_config` (`ConflictResilient`) wins over `config`, but makes at
     most `max_attempts_cap` rounds and can only add `protected_fields`. Rounds for one
-    aggregate take turns with every other round in the process, or within `turns`.
+    aggregate take turns through the store that raised the conflict (so across processes too),
+    else with every other round in the process; `turns` overrides both.
     """
     return ResolveConflicts(
         fetch_latest_state,

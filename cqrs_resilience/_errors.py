@@ -12,6 +12,7 @@ Exception
       ├── StoreConfigurationError  (also ValueError) wrong path, database, user or password
       ├── CorruptStateError        (also ValueError) a stored row does not decode
       ├── InvalidStateError        (also ValueError) a state the store refuses to write
+      ├── VersionPrunedError       (also LookupError) an old version a store no longer keeps
       └── IdempotencyKeyReuseError (also ValueError) one command_id, two different commands
 
 The store errors live here, not in `stores/`, because `InMemoryRepository` raises them too.
@@ -29,7 +30,13 @@ class ConfigurationError(ValueError):
 
 
 class ConcurrencyError(Exception):
-    """An optimistic-concurrency check failed: the aggregate moved on since it was read."""
+    """An optimistic-concurrency check failed: the aggregate moved on since it was read.
+
+    `turns`, set by the library's stores, is what conflict-resolution rounds for this
+    aggregate take turns through (the store itself, so rounds in other processes wait too).
+    """
+
+    turns: Any = None
 
     def __init__(
         self,
@@ -47,6 +54,10 @@ class ConcurrencyError(Exception):
         self.aggregate_id = aggregate_id
         self.expected_version = expected_version
         self.actual_version = actual_version
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a store in `turns` stays in its process
+        state = {k: v for k, v in self.__dict__.items() if k != "turns"}
+        return type(self), (str(self),), state
 
 
 class TransientError(Exception):
@@ -128,6 +139,22 @@ class InvalidStateError(StoreError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.aggregate_id, self.path, self.reason), self.__dict__
+
+
+class VersionPrunedError(StoreError, LookupError):
+    """A version the aggregate had, but the store no longer keeps (see `keep_versions`)."""
+
+    def __init__(self, aggregate_id: Any, version: int, oldest_kept: int) -> None:
+        super().__init__(
+            f"version {version} of aggregate {aggregate_id!r} was pruned; the store keeps "
+            f"versions from {oldest_kept} on (keep_versions)"
+        )
+        self.aggregate_id = aggregate_id
+        self.version = version
+        self.oldest_kept = oldest_kept
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.aggregate_id, self.version, self.oldest_kept), self.__dict__
 
 
 class IdempotencyKeyReuseError(StoreError, ValueError):

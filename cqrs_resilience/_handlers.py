@@ -22,7 +22,7 @@ from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, RetryOn, retry
 if TYPE_CHECKING:
     from ._clock import Clock
     from ._hooks import HookRegistry
-    from ._turns import Turns
+    from ._turns import TakesTurns
 
 R = TypeVar("R")
 
@@ -135,7 +135,7 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
 
     conflict_config: ClassVar[ConflictConfig | None] = None
     max_attempts_cap: ClassVar[int] = MAX_ATTEMPTS_CAP
-    turns: ClassVar[Turns | None] = None
+    turns: ClassVar[TakesTurns | None] = None
 
     @abstractmethod
     async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol
 
 from ._aggregate import A, Aggregate
+from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
-from ._errors import ConcurrencyError
+from ._errors import ConcurrencyError, VersionPrunedError
 from ._idempotency import WriteKey, is_repeat, write_failed, write_key
+from ._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, Retention
+from ._turns import PROCESS_TURNS
 
 __all__ = ["A", "Aggregate", "InMemoryRepository", "Outcome", "Repository", "ids_asked"]
 
@@ -58,10 +62,18 @@ WriteFn = Callable[[str, bytes, "WriteKey | None"], Awaitable[Outcome]]
 
 
 async def persist_checked(
-    codec: AggregateCodec[A], aggregate: A, command_id: str | None, write: WriteFn
+    codec: AggregateCodec[A],
+    aggregate: A,
+    command_id: str | None,
+    write: WriteFn,
+    *,
+    turns: Any = None,
 ) -> A:
     """The write path every store shares: check the state, key the write, run the store's
-    `write(key, encoded, write_key)`, and turn its outcome into a result or an error."""
+    `write(key, encoded, write_key)`, and turn its outcome into a result or an error.
+
+    A `ConcurrencyError` carries `turns` (the store), which resolution rounds take turns
+    through."""
     stored, encoded = codec.next_version(aggregate)
     key = codec.key(aggregate.id)
     recorded = write_key(command_id, key, encoded)
@@ -75,80 +87,116 @@ async def persist_checked(
     if outcome.kind == "repeat":
         return codec.decode(outcome.state, aggregate.id, outcome.version)
     write_failed(recorded, key)
-    raise ConcurrencyError(
+    error = ConcurrencyError(
         aggregate_id=aggregate.id,
         expected_version=aggregate.version,
         actual_version=outcome.version,
     )
+    error.turns = turns
+    if outcome.version == aggregate.version:
+        error.add_note("a conflict-resolution round holds this aggregate; this write yields to it")
+    raise error
 
 
 class InMemoryRepository(Repository[A]):
     """A process-local store with the full contract; for tests, examples and prototypes.
 
     States are kept encoded, as the durable stores keep them, so what reads back is exactly
-    what a durable store would give.
+    what a durable store would give; `keep_versions`, `keep_commands_s` and `clock` (whose
+    `time()` stamps idempotency records) work as on the durable stores.
     """
 
     def __init__(
-        self, aggregate_type: type[A], *, max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
+        self,
+        aggregate_type: type[A],
+        *,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        keep_versions: int | None = DEFAULT_KEEP_VERSIONS,
+        keep_commands_s: float | None = DEFAULT_KEEP_COMMANDS_S,
+        clock: Clock | None = None,
     ) -> None:
         self._codec = AggregateCodec(aggregate_type, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
-        self._history: dict[str, list[bytes]] = {}
-        self._command_keys: dict[str, bytes] = {}
-        self._writes: dict[tuple[str, str, int], tuple[bytes, int]] = {}
-        self._processed: set[tuple[str, str]] = set()
+        self.retention = Retention(keep_versions, keep_commands_s)
+        self.clock = clock or SYSTEM_CLOCK
+        self._latest: dict[str, int] = {}
+        self._states: dict[tuple[str, int], bytes] = {}
+        self._command_keys: dict[str, tuple[bytes, float]] = {}
+        self._writes: dict[tuple[str, str, int], tuple[bytes, int, float]] = {}
         self._lock = asyncio.Lock()
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         found = []
         for aggregate_id in ids_asked(ids):
-            if self._codec.storable_id(aggregate_id) and aggregate_id in self._history:
-                history = self._history[aggregate_id]
-                found.append(self._codec.decode(history[-1], aggregate_id, len(history)))
+            if self._codec.storable_id(aggregate_id) and aggregate_id in self._latest:
+                latest = self._latest[aggregate_id]
+                state = self._states[(aggregate_id, latest)]
+                found.append(self._codec.decode(state, aggregate_id, latest))
         return found
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
-        if not self._codec.storable_id(aggregate_id):
-            return None
-        history = self._history.get(aggregate_id, [])
         if isinstance(version, bool) or not isinstance(version, int):
             raise TypeError(f"version must be an int, got {version!r}")
-        if not 0 < version <= len(history):
+        if not self._codec.storable_id(aggregate_id):
             return None
-        return self._codec.decode(history[version - 1], aggregate_id, version)
+        state = self._states.get((aggregate_id, version))
+        if state is not None:
+            return self._codec.decode(state, aggregate_id, version)
+        latest = self._latest.get(aggregate_id, 0)
+        if 0 < version <= latest:
+            raise VersionPrunedError(aggregate_id, version, self.retention.oldest_kept(latest))
+        return None
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             async with self._lock:
                 return self._write(aggregate.id, aggregate.version, encoded, recorded)
 
-        return await persist_checked(self._codec, aggregate, command_id, write)
+        return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
+
+    def turn(self, aggregate_id: Any) -> AbstractAsyncContextManager[Any]:
+        """Resolution rounds for `aggregate_id` take turns: within this process, all there is."""
+        return PROCESS_TURNS.turn((id(self), aggregate_id))
 
     def _write(
         self, aggregate_id: str, expected: int, encoded: bytes, recorded: WriteKey | None
     ) -> Outcome:
-        history = self._history.get(aggregate_id, [])
+        latest = self._latest.get(aggregate_id, 0)
+        now = self.clock.time()
         if recorded is not None:
             first = self._writes.get((recorded.command_id, aggregate_id, recorded.seq))
-            command_fingerprint = self._command_keys.get(recorded.command_id)
-            if is_repeat(recorded, aggregate_id, command_fingerprint, first[0] if first else None):
+            known = self._command_keys.get(recorded.command_id)
+            if is_repeat(recorded, aggregate_id, known and known[0], first[0] if first else None):
                 assert first is not None
-                return Outcome("repeat", first[1], history[first[1] - 1])
-        if len(history) != expected:
-            return Outcome("conflict", len(history))
-        history.append(encoded)
-        self._history[aggregate_id] = history
+                version = first[1] if (aggregate_id, first[1]) in self._states else latest
+                return Outcome("repeat", version, self._states[(aggregate_id, version)])
+        if latest != expected:
+            return Outcome("conflict", latest)
+        version = self._latest[aggregate_id] = expected + 1
+        self._states[(aggregate_id, version)] = encoded
+        self._states.pop((aggregate_id, self.retention.oldest_kept(version) - 1), None)
         if recorded is not None:
             self._writes[(recorded.command_id, aggregate_id, recorded.seq)] = (
                 recorded.fingerprint,
-                len(history),
+                version,
+                now,
             )
-            self._processed.add((recorded.command_id, aggregate_id))
             if recorded.whole_command:
-                self._command_keys.setdefault(recorded.command_id, recorded.fingerprint)
-        return Outcome("stored", len(history))
+                self._command_keys.setdefault(recorded.command_id, (recorded.fingerprint, now))
+        self._prune_records(now)
+        return Outcome("stored", version)
+
+    def _prune_records(self, now: float) -> None:
+        cutoff = self.retention.records_cutoff(now)
+        if cutoff is None:
+            return
+        for write, (_, _, at) in list(self._writes.items()):
+            if at < cutoff:
+                del self._writes[write]
+        for command_id, (_, at) in list(self._command_keys.items()):
+            if at < cutoff:
+                del self._command_keys[command_id]
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
-        """Whether `command_id` already wrote `aggregate_id`."""
-        return (command_id, aggregate_id) in self._processed
+        """Whether `command_id` already wrote `aggregate_id` (and its record is still kept)."""
+        return any(c == command_id and a == aggregate_id for c, a, _ in self._writes)

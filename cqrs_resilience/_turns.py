@@ -9,6 +9,10 @@ The turns are the process's, not a behaviour's: a handler built per request (as 
 injection frameworks do) still takes turns with every other handler of the process. Locks are
 per event loop (an asyncio lock belongs to one loop) and live only while someone holds or
 waits for them.
+
+Across processes, the store itself keeps the turns: every `ConcurrencyError` the library's
+stores raise carries the store as `turns`, and a store's `turn()` takes this process's turn
+and then the database's (a PostgreSQL advisory lock, SQLite's writer lock).
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ import asyncio
 import contextlib
 import weakref
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Protocol
+
+
+class TakesTurns(Protocol):
+    """Anything resolution rounds can take turns through: `Turns`, or a store."""
+
+    def turn(self, key: Any, /) -> AbstractAsyncContextManager[Any]:
+        """Hold the turn for `key` while the block runs."""
+        ...
 
 
 class Turns:

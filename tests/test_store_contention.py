@@ -45,9 +45,10 @@ class AppendToken(Command[None]):
 
 
 def open_store(kind: str, target: str) -> SQLiteRepository[Ledger] | PostgresRepository[Ledger]:
+    # Every version is kept: the test checks that each is the one before plus one token.
     if kind == "postgres":
-        return PostgresRepository(target, Ledger, min_size=1, max_size=2)
-    return SQLiteRepository(target, Ledger, busy_timeout=BUSY_TIMEOUT)
+        return PostgresRepository(target, Ledger, min_size=1, max_size=2, keep_versions=None)
+    return SQLiteRepository(target, Ledger, busy_timeout=BUSY_TIMEOUT, keep_versions=None)
 
 
 _start: Any = None  # the barrier every worker waits at, so they all begin together

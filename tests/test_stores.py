@@ -735,7 +735,7 @@ async def test_postgres_closed_pool_passed_in_is_a_closed_error(pg_database):
 
 @pytest.mark.postgres
 async def test_postgres_tables_need_no_create_right_once_they_exist(pg_database):
-    """A role that may only read and write (no CREATE) can use tables created before."""
+    """A role that may only read, insert and delete (no CREATE) uses tables made before."""
     import psycopg
     from psycopg.conninfo import make_conninfo
 
@@ -746,7 +746,7 @@ async def test_postgres_tables_need_no_create_right_once_they_exist(pg_database)
         admin.execute(f"CREATE ROLE {role} LOGIN")
         admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}, PUBLIC")
         tables = "aggregate_versions, processed_writes, command_keys"
-        admin.execute(f"GRANT SELECT, INSERT ON {tables} TO {role}")
+        admin.execute(f"GRANT SELECT, INSERT, DELETE ON {tables} TO {role}")
     try:
         async with PostgresRepository(make_conninfo(pg_database, user=role), Account) as app:
             [a] = await app.retrieve(["a"])

@@ -14,12 +14,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
-from .._errors import StoreClosedError, StoreConfigurationError
+from .._errors import StoreClosedError, StoreConfigurationError, VersionPrunedError
 from .._idempotency import WriteKey, is_repeat
 from .._repository import A, Outcome, Repository, ids_asked, persist_checked
+from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
+from .._turns import PROCESS_TURNS
 from . import _sql
 from ._errors import (
     map_postgres_connect_error,
@@ -40,22 +44,63 @@ _INSTALL_HINT = (
     "PostgresRepository needs psycopg 3 and psycopg-pool: pip install 'cqrs-resilience[postgres]'"
 )
 _SCHEMA = _sql.schema("BYTEA")
-_HAS_SCHEMA = "SELECT " + " AND ".join(f"to_regclass('{t}') IS NOT NULL" for t in _sql.TABLES)
+_HAS_SCHEMA = "SELECT " + " AND ".join(
+    f"to_regclass('{name}') IS NOT NULL" for name in (*_sql.TABLES, *_sql.INDEXES)
+)
 # Concurrent CREATE TABLE IF NOT EXISTS can still collide in the catalog; take turns.
 _SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('cqrs_resilience.stores.schema'))"
-_INSERT_NEXT = _sql.for_psycopg(_sql.INSERT_NEXT)
-_LATEST_VERSION = _sql.for_psycopg(_sql.LATEST_VERSION)
 _ONE_VERSION = _sql.for_psycopg(_sql.ONE_VERSION)
-_LOOKUP_WRITE = _sql.for_psycopg(_sql.LOOKUP_WRITE)
-_RECORD_WRITE = _sql.for_psycopg(_sql.RECORD_WRITE)
-# A command's first write records its key in the same round trip.
-_RECORD_WRITE_AND_COMMAND = (
-    "WITH command AS ("
-    + _sql.for_psycopg(_sql.RECORD_COMMAND)
+_VERSION_RANGE = _sql.for_psycopg(_sql.VERSION_RANGE)
+_LATEST_STATE = _sql.for_psycopg(_sql.LATEST_STATE)
+_PRUNE_RECORDS = (
+    "WITH writes AS ("
+    + _sql.for_psycopg(_sql.PRUNE_WRITES)
     + ") "
-    + _sql.for_psycopg(_sql.RECORD_WRITE)
+    + _sql.for_psycopg(_sql.PRUNE_COMMANDS)
 )
 _WAS_PROCESSED = _sql.for_psycopg(_sql.WAS_PROCESSED)
+# Advisory locks of resolution turns: (this class id, a hash of the aggregate's key).
+_TURN_CLASS = 0x63717273  # "cqrs"
+_TURN_LOCK = (
+    "SELECT set_config('lock_timeout', %(lock_timeout)s, true),"
+    f" pg_advisory_xact_lock({_TURN_CLASS}, hashtext(%(id)s))"
+)
+# A whole write in one statement, so in one round trip and atomically. It inserts the next
+# version only if the write is not a repeat, its command id is not another command's, the read
+# version is still the latest, and no resolution round holds the aggregate: a round holds the
+# turn's lock exclusively, a first attempt tries it shared, so first attempts never wait for
+# each other and yield to a round instead of waiting for it. Then it records the write, the
+# command's key on its first write, and prunes versions retention no longer keeps. It returns
+# what Python needs to tell stored, repeat, reuse and conflict apart.
+_WRITE = f"""WITH
+    known AS (SELECT fingerprint FROM command_keys WHERE command_id = %(command_id)s),
+    first AS (SELECT fingerprint, version FROM processed_writes
+        WHERE command_id = %(command_id)s AND aggregate_id = %(id)s AND seq = %(seq)s),
+    latest AS (SELECT COALESCE(MAX(version), 0) AS version FROM aggregate_versions
+        WHERE aggregate_id = %(id)s),
+    allowed AS (SELECT 1 AS yes
+        WHERE NOT EXISTS (SELECT 1 FROM first)
+        AND NOT (%(whole)s AND EXISTS (SELECT 1 FROM known WHERE fingerprint <> %(fingerprint)s))
+        AND (SELECT version FROM latest) = %(expected)s
+        AND (%(in_turn)s
+            OR pg_try_advisory_xact_lock_shared({_TURN_CLASS}, hashtext(%(id)s)))),
+    inserted AS (INSERT INTO aggregate_versions (aggregate_id, version, state)
+        SELECT %(id)s, %(expected)s + 1, %(state)s FROM allowed RETURNING version),
+    recorded AS (INSERT INTO processed_writes
+            (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
+        SELECT %(command_id)s, %(id)s, %(seq)s, %(fingerprint)s, version, %(now)s
+        FROM inserted WHERE %(command_id)s IS NOT NULL),
+    keyed AS (INSERT INTO command_keys (command_id, fingerprint, recorded_at)
+        SELECT %(command_id)s, %(fingerprint)s, %(now)s FROM inserted
+        WHERE %(whole)s AND NOT EXISTS (SELECT 1 FROM known)),
+    pruned AS (DELETE FROM aggregate_versions
+        WHERE aggregate_id = %(id)s AND version < %(oldest)s AND EXISTS (SELECT 1 FROM inserted))
+SELECT (SELECT fingerprint FROM known), (SELECT fingerprint FROM first),
+    (SELECT version FROM first), (SELECT version FROM inserted), (SELECT version FROM latest)"""
+# The (store, key) pairs whose resolution turn this task (and the tasks it starts) holds.
+_HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
+    "cqrs_resilience.postgres_turns", default=frozenset()
+)
 _LATEST = """SELECT DISTINCT ON (aggregate_id) aggregate_id, version, state
     FROM aggregate_versions WHERE aggregate_id = ANY(%s) ORDER BY aggregate_id, version DESC"""
 
@@ -67,6 +112,13 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
     to wait for a free connection) and closes it. Given an `AsyncConnectionPool`, it uses it
     and leaves closing it to you. Tables are created on `open()` or first use when missing.
     `uow` is accepted for the `Repository` protocol and ignored: each persist commits on its own.
+    `keep_versions`, `keep_commands_s` and `max_state_bytes` bound what is kept (see
+    `cqrs_resilience._retention`); `clock.time()` stamps idempotency records.
+
+    Resolution turns are transaction-level advisory locks keyed by the aggregate, held on a
+    pooled connection while the round runs; a first attempt that finds one held yields (its
+    write becomes a round) rather than wait. `lock_timeout` (seconds) bounds the wait for a
+    turn: past it, the round fails with `TransientError`.
 
     One database can hold many aggregate types: rows are keyed by `f"{namespace}:{id}"`, so an
     `Order` "1" and a `User` "1" never meet. `namespace` defaults to the type's `__name__`; pass
@@ -85,6 +137,10 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         pool_timeout: float = 30.0,
         namespace: str | None = None,
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        keep_versions: int | None = DEFAULT_KEEP_VERSIONS,
+        keep_commands_s: float | None = DEFAULT_KEEP_COMMANDS_S,
+        lock_timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> None:
         try:
             import psycopg
@@ -93,6 +149,13 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         except ImportError as exc:
             raise ImportError(_INSTALL_HINT) from exc
 
+        if not 0 < lock_timeout < float("inf"):
+            raise ValueError(
+                f"lock_timeout must be a positive number of seconds, got {lock_timeout}"
+            )
+        self.retention = Retention(keep_versions, keep_commands_s)
+        self.clock = clock or SYSTEM_CLOCK
+        self.lock_timeout = lock_timeout
         self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
@@ -185,67 +248,87 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             args = {"id": self._codec.key(aggregate_id), "version": version}
             await cur.execute(_ONE_VERSION, args)
             row = await cur.fetchone()
-        return None if row is None else self._codec.decode(row[0], aggregate_id, version)
+            if row is None:
+                await cur.execute(_VERSION_RANGE, args)
+                oldest, latest = await cur.fetchone() or (None, None)
+                if oldest is not None and version < oldest and version <= latest:
+                    raise VersionPrunedError(aggregate_id, version, oldest)
+                return None
+        return self._codec.decode(row[0], aggregate_id, version)
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
             async with self._cursor(doing) as cur:
-                return await self._write(
-                    cur, key, aggregate.id, aggregate.version, encoded, recorded
-                )
+                return await self._write(cur, key, aggregate, encoded, recorded)
 
-        return await persist_checked(self._codec, aggregate, command_id, write)
+        return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
+
+    @asynccontextmanager
+    async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
+        """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then a
+        transaction-level advisory lock on a pooled connection, held while the block runs."""
+        key = self._codec.key(aggregate_id)
+        async with (
+            PROCESS_TURNS.turn((id(self), aggregate_id)),
+            self._cursor(f"resolution turn on aggregate {aggregate_id!r}") as cur,
+            cur.connection.transaction(),
+        ):
+            await cur.execute(_TURN_LOCK, {"id": key, "lock_timeout": f"{self.lock_timeout}s"})
+            token = _HELD.set(_HELD.get() | {(id(self), key)})
+            try:
+                yield
+            finally:
+                _HELD.reset(token)
 
     async def _write(
-        self,
-        cur: Cursor,
-        key: str,
-        aggregate_id: str,
-        expected: int,
-        encoded: bytes,
-        recorded: WriteKey | None,
+        self, cur: Cursor, key: str, aggregate: A, encoded: bytes, recorded: WriteKey | None
     ) -> Outcome:
-        args = _sql.write_args(key, expected, encoded, recorded)
+        expected = aggregate.version
+        now = self.clock.time()
+        args = _sql.write_args(key, expected, encoded, recorded, now)
+        args.setdefault("command_id", None)
+        args.setdefault("seq", None)
+        args.setdefault("fingerprint", None)
+        args["whole"] = recorded is not None and recorded.whole_command
+        args["in_turn"] = (id(self), key) in _HELD.get()
+        args["oldest"] = self.retention.oldest_kept(expected + 1)
         try:
-            async with cur.connection.transaction():
-                if recorded is not None:
-                    outcome = await self._recorded(cur, args, aggregate_id, recorded)
-                    if outcome is not None:
-                        return outcome
-                if (await cur.execute(_INSERT_NEXT, args)).rowcount == 1:
-                    if recorded is not None:
-                        first = recorded.whole_command and args["known"] is None
-                        await cur.execute(
-                            _RECORD_WRITE_AND_COMMAND if first else _RECORD_WRITE, args
-                        )
-                    return Outcome("stored", expected + 1)
+            row = await self._execute_one(cur, _WRITE, args)
         except self._unique_violation as exc:
-            # Another transaction committed this version, this write or this command id first.
+            # Another writer committed this version, this write or this command id first: the
+            # same statement now sees what it did, and answers repeat, reuse or conflict.
             if exc.diag.table_name not in _sql.TABLES:
                 raise
-        # Lost a race: unless what won was an earlier attempt of this very write.
-        if recorded is not None:
-            outcome = await self._recorded(cur, args, aggregate_id, recorded)
-            if outcome is not None:
-                return outcome
-        await cur.execute(_LATEST_VERSION, args)
-        row = await cur.fetchone()
-        return Outcome("conflict", row[0] if row is not None else 0)
+            row = await self._execute_one(cur, _WRITE, args)
+        known, first, first_version, inserted, latest = row
+        if recorded is not None and is_repeat(recorded, aggregate.id, known, first):
+            return await self._first_outcome(cur, key, first_version)
+        cutoff = self.retention.records_cutoff(now)
+        if cutoff is not None:
+            await cur.execute(_PRUNE_RECORDS, {"cutoff": cutoff, "batch": PRUNE_BATCH})
+        if inserted is not None:
+            return Outcome("stored", inserted)
+        return Outcome("conflict", latest)
 
-    async def _recorded(
-        self, cur: Cursor, args: dict[str, Any], aggregate_id: str, recorded: WriteKey
-    ) -> Outcome | None:
-        """The first outcome when this write is a repeat; None when it is new."""
-        await cur.execute(_LOOKUP_WRITE, args)
+    async def _execute_one(self, cur: Cursor, statement: str, args: dict[str, Any]) -> Any:
+        """Run one statement atomically: as it is in autocommit, in a transaction otherwise."""
+        if cur.connection.autocommit:
+            await cur.execute(statement, args)
+        else:
+            async with cur.connection.transaction():
+                await cur.execute(statement, args)
+        return await cur.fetchone()
+
+    async def _first_outcome(self, cur: Cursor, key: str, version: int) -> Outcome:
+        """The state a repeated write first stored, or the latest if retention pruned it."""
+        await cur.execute(_ONE_VERSION, {"id": key, "version": version})
         row = await cur.fetchone()
-        assert row is not None
-        args["known"], first, version, state = row
-        return (
-            Outcome("repeat", version, state)
-            if is_repeat(recorded, aggregate_id, args["known"], first)
-            else None
-        )
+        if row is not None:
+            return Outcome("repeat", version, row[0])
+        await cur.execute(_LATEST_STATE, {"id": key})
+        latest_version, state = await cur.fetchone() or (version, None)
+        return Outcome("repeat", latest_version, state)
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""

@@ -9,17 +9,21 @@ Tables:
   the fingerprint of its request and the version it stored. A repeat finds it.
 - `command_keys`: one row per command id with the fingerprint of the command that first used
   it, so a different command reusing the id is refused on any aggregate.
+
+Retention (see `cqrs_resilience._retention`): a write prunes its aggregate's versions older
+than `keep_versions` in the same transaction; now and then a write also prunes a batch of
+idempotency records older than `keep_commands_s` (indexed by `recorded_at`).
 """
 
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from .._idempotency import WriteKey
 
 TABLES = ("aggregate_versions", "processed_writes", "command_keys")
+INDEXES = ("processed_writes_recorded_at", "command_keys_recorded_at")
 
 
 def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
@@ -45,6 +49,8 @@ def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
             fingerprint {blob} NOT NULL,
             recorded_at DOUBLE PRECISION NOT NULL
         ){table_options}""",
+        "CREATE INDEX IF NOT EXISTS processed_writes_recorded_at ON processed_writes (recorded_at)",
+        "CREATE INDEX IF NOT EXISTS command_keys_recorded_at ON command_keys (recorded_at)",
     )
 
 
@@ -56,6 +62,15 @@ INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
         = :expected"""
 LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id"
 ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = :id AND version = :version"
+VERSION_RANGE = "SELECT MIN(version), MAX(version) FROM aggregate_versions WHERE aggregate_id = :id"
+LATEST_STATE = """SELECT version, state FROM aggregate_versions WHERE aggregate_id = :id
+    ORDER BY version DESC LIMIT 1"""
+PRUNE_VERSIONS = "DELETE FROM aggregate_versions WHERE aggregate_id = :id AND version < :oldest"
+PRUNE_WRITES = """DELETE FROM processed_writes WHERE (command_id, aggregate_id, seq) IN (
+    SELECT command_id, aggregate_id, seq FROM processed_writes WHERE recorded_at < :cutoff
+    LIMIT :batch)"""
+PRUNE_COMMANDS = """DELETE FROM command_keys WHERE command_id IN (
+    SELECT command_id FROM command_keys WHERE recorded_at < :cutoff LIMIT :batch)"""
 # One row, always: the command's recorded fingerprint, and this write's first outcome if any.
 LOOKUP_WRITE = """SELECT
         (SELECT fingerprint FROM command_keys WHERE command_id = :command_id),
@@ -75,15 +90,16 @@ WAS_PROCESSED = (
 )
 
 
-def write_args(key: str, expected: int, state: bytes, recorded: WriteKey | None) -> dict[str, Any]:
+def write_args(
+    key: str, expected: int, state: bytes, recorded: WriteKey | None, now: float
+) -> dict[str, Any]:
     """The parameters of a write's statements (the idempotency ones only with a key)."""
-    args: dict[str, Any] = {"id": key, "expected": expected, "state": state}
+    args: dict[str, Any] = {"id": key, "expected": expected, "state": state, "now": now}
     if recorded is not None:
         args.update(
             command_id=recorded.command_id,
             seq=recorded.seq,
             fingerprint=recorded.fingerprint,
-            now=time.time(),
         )
     return args
 

@@ -1,13 +1,19 @@
-"""A `Repository` on one SQLite file: stdlib `sqlite3`, WAL, every version kept as a row.
+"""A `Repository` on one SQLite file: stdlib `sqlite3`, WAL, each version a row.
 
 The database, not Python, enforces the version check: a persist is one `BEGIN IMMEDIATE`
 transaction that inserts row (`namespace:id`, version + 1) only when the latest stored version
-is the one the aggregate was read at, and records the command id beside it. Several processes
-may share the file; a writer that finds it locked for longer than `busy_timeout` gets a
-`TransientError`.
+is the one the aggregate was read at, records the command id beside it, and prunes what the
+retention settings no longer keep. Several processes may share the file; a writer that finds it
+locked for longer than `busy_timeout` gets a `TransientError`.
 
 Each repository owns one connection on one worker thread, so the event loop never blocks on
 disk or locks and the connection is never used from two threads.
+
+Resolution turns use SQLite's own writer lock: `turn()` opens a `BEGIN IMMEDIATE` transaction
+that the round's reads and writes run in (the round is that task and the tasks it starts), so
+no other writer, in any process, can slip in between the round reading the latest state and
+writing the merge. Other work on this repository waits for the round; other processes' writers
+wait on the lock as they would for any write.
 """
 
 from __future__ import annotations
@@ -15,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any, TypeVar, TypeVarTuple
 
+from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
-from .._errors import StoreClosedError
+from .._errors import StoreClosedError, VersionPrunedError
 from .._idempotency import WriteKey, is_repeat
 from .._repository import A, Outcome, Repository, ids_asked, persist_checked
+from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
+from .._turns import PROCESS_TURNS
 from . import _sql
 from ._errors import sqlite_errors
 from ._lifecycle import StoreLifecycle
@@ -32,8 +42,13 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 _SCHEMA = _sql.schema("BLOB", " WITHOUT ROWID")
+_SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
 # SQLite caps bound parameters per statement (999 in old builds).
 _IDS_PER_QUERY = 500
+# The repository whose resolution turn this task (and the tasks it starts) is in, if any.
+_IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
+    "cqrs_resilience.sqlite_turn", default=None
+)
 
 
 class SQLiteRepository(StoreLifecycle, Repository[A]):
@@ -41,7 +56,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     `busy_timeout` (seconds) is how long a write waits for another writer before it raises
     `TransientError`. `uow` is accepted for the `Repository` protocol and ignored: each persist
-    commits on its own.
+    commits on its own. `keep_versions`, `keep_commands_s` and `max_state_bytes` bound what is
+    kept (see `cqrs_resilience._retention`); `clock.time()` stamps idempotency records.
 
     One file can hold many aggregate types: rows are keyed by `f"{namespace}:{id}"`, so an
     `Order` "1" and a `User` "1" never meet. `namespace` defaults to the type's `__name__`; pass
@@ -58,9 +74,14 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         busy_timeout: float = 5.0,
         namespace: str | None = None,
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        keep_versions: int | None = DEFAULT_KEEP_VERSIONS,
+        keep_commands_s: float | None = DEFAULT_KEEP_COMMANDS_S,
+        clock: Clock | None = None,
     ) -> None:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
+        self.retention = Retention(keep_versions, keep_commands_s)
+        self.clock = clock or SYSTEM_CLOCK
         self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
@@ -69,6 +90,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite")
         self._connection: sqlite3.Connection | None = None  # used on the worker thread only
         self._closed = False
+        self._gate: asyncio.Lock | None = None  # held by an open resolution turn
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
@@ -97,18 +119,40 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
-        state = await self._run(doing, self._one_version, key, version)
-        return None if state is None else self._codec.decode(state, aggregate_id, version)
+        state, oldest = await self._run(doing, self._one_version, key, version)
+        if state is not None:
+            return self._codec.decode(state, aggregate_id, version)
+        if oldest is not None:
+            raise VersionPrunedError(aggregate_id, version, oldest)
+        return None
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
-            return await self._run(
-                doing, self._persist, key, aggregate.id, aggregate.version, encoded, recorded
-            )
+            args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
+            return await self._run(doing, self._persist, args, aggregate.id, recorded)
 
-        return await persist_checked(self._codec, aggregate, command_id, write)
+        return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
+
+    @asynccontextmanager
+    async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
+        """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then
+        SQLite's writer lock, which the round's reads and writes run under; committed when
+        the block ends, rolled back when it raises."""
+        async with PROCESS_TURNS.turn((id(self), aggregate_id)):
+            gate = self._gate_lock()
+            async with gate:
+                await self._submit("resolution turn", self._begin_turn)
+                token = _IN_TURN.set(self)
+                try:
+                    yield
+                except BaseException:
+                    _IN_TURN.reset(token)
+                    await self._submit("resolution turn", self._end_turn, False)
+                    raise
+                _IN_TURN.reset(token)
+                await self._submit("resolution turn", self._end_turn, True)
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
@@ -119,10 +163,30 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
     # --- on the event loop ----------------------------------------------------------------
 
     async def _run(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`fn(*args)` on the worker thread, after any open resolution turn ends (unless this
+        task is in it). The worker runs jobs in order, so a job queued before a turn began
+        also ends before it."""
+        if _IN_TURN.get() is self:
+            return await self._submit(doing, fn, *args)
+        async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
+            future = self._executor_job(doing, fn, *args)
+        with sqlite_errors(f"SQLite {self.path}: {doing}"):
+            return await future
+
+    async def _submit(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        future = self._executor_job(doing, fn, *args)
+        with sqlite_errors(f"SQLite {self.path}: {doing}"):
+            return await future
+
+    def _executor_job(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
         if self._closed:
             raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
-        with sqlite_errors(f"SQLite {self.path}: {doing}"):
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _gate_lock(self) -> asyncio.Lock:
+        if self._gate is None:
+            self._gate = asyncio.Lock()
+        return self._gate
 
     # --- on the worker thread -------------------------------------------------------------
 
@@ -133,11 +197,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         try:
             conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
+            marks = ", ".join("?" * len(_SCHEMA_NAMES))
             present = conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN (?, ?, ?)",
-                _sql.TABLES,
+                f"SELECT count(*) FROM sqlite_master WHERE name IN ({marks})", _SCHEMA_NAMES
             ).fetchone()[0]
-            if present < len(_sql.TABLES):
+            if present < len(_SCHEMA_NAMES):
                 # Only a store that lacks its tables takes the write lock to create them.
                 with _transaction(conn):
                     for statement in _SCHEMA:
@@ -172,29 +236,39 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 found.update((row[0], (row[1], row[2])) for row in rows)
         return found
 
-    def _one_version(self, key: str, version: int) -> object:
+    def _one_version(self, key: str, version: int) -> tuple[object, int | None]:
+        """The state at `version`, or (None, the oldest version kept) if it was pruned."""
+        conn = self._connect()
         args = {"id": key, "version": version}
-        row = self._connect().execute(_sql.ONE_VERSION, args).fetchone()
-        return None if row is None else row[0]
+        row = conn.execute(_sql.ONE_VERSION, args).fetchone()
+        if row is not None:
+            return row[0], None
+        oldest, latest = conn.execute(_sql.VERSION_RANGE, args).fetchone()
+        pruned = oldest is not None and 0 < version < oldest and version <= latest
+        return None, oldest if pruned else None
+
+    def _begin_turn(self) -> None:
+        self._connect().execute("BEGIN IMMEDIATE")
+
+    def _end_turn(self, commit: bool) -> None:
+        conn = self._connect()
+        if conn.in_transaction:
+            conn.execute("COMMIT" if commit else "ROLLBACK")
 
     def _was_processed(self, command_id: str, key: str) -> bool:
         args = {"command_id": command_id, "id": key}
         return self._connect().execute(_sql.WAS_PROCESSED, args).fetchone() is not None
 
     def _persist(
-        self,
-        key: str,
-        aggregate_id: str,
-        expected: int,
-        encoded: bytes,
-        recorded: WriteKey | None,
+        self, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
     ) -> Outcome:
         conn = self._connect()
-        args = _sql.write_args(key, expected, encoded, recorded)
         with _transaction(conn):
             if recorded is not None:
                 command, first, version, state = conn.execute(_sql.LOOKUP_WRITE, args).fetchone()
                 if is_repeat(recorded, aggregate_id, command, first):
+                    if state is None:  # its version was pruned: the latest state answers
+                        version, state = conn.execute(_sql.LATEST_STATE, args).fetchone()
                     return Outcome("repeat", version, state)
             if conn.execute(_sql.INSERT_NEXT, args).rowcount != 1:
                 return Outcome("conflict", conn.execute(_sql.LATEST_VERSION, args).fetchone()[0])
@@ -202,12 +276,37 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 conn.execute(_sql.RECORD_WRITE, args)
                 if recorded.whole_command and command is None:
                     conn.execute(_sql.RECORD_COMMAND, args)
-            return Outcome("stored", expected + 1)
+            self._prune(conn, args)
+            return Outcome("stored", args["expected"] + 1)
+
+    def _prune(self, conn: sqlite3.Connection, args: dict[str, Any]) -> None:
+        """Drop what retention no longer keeps, in the writing transaction."""
+        oldest = self.retention.oldest_kept(args["expected"] + 1)
+        if oldest > 1:
+            conn.execute(_sql.PRUNE_VERSIONS, {"id": args["id"], "oldest": oldest})
+        cutoff = self.retention.records_cutoff(args["now"])
+        if cutoff is not None:
+            batch = {"cutoff": cutoff, "batch": PRUNE_BATCH}
+            conn.execute(_sql.PRUNE_WRITES, batch)
+            conn.execute(_sql.PRUNE_COMMANDS, batch)
 
 
 @contextmanager
 def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """Commit when the block completes, roll back when it raises: nothing half-written."""
+    """Commit when the block completes, roll back when it raises: nothing half-written.
+
+    Inside a resolution turn's transaction it is a savepoint, committed with the turn.
+    """
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT cqrs_write")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO cqrs_write")
+            raise
+        finally:
+            conn.execute("RELEASE cqrs_write")
+        return
     conn.execute(begin)
     try:
         yield
