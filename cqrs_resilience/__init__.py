@@ -24,6 +24,7 @@ from ._errors import (
     MergeConflictError,
     StoreError,
     TransientError,
+    VersionPrunedError,
 )
 from ._faults import FaultyRepository
 from ._handlers import (
@@ -108,6 +109,7 @@ __all__ = [
     "Turns",
     "UnknownStrategyError",
     "UpdateCommand",
+    "VersionPrunedError",
     "__version__",
     "command_scope",
     "current_command_id",

@@ -95,13 +95,17 @@ async def make_store(
         else str(tmp_path / "store.sqlite3")
     )
 
-    def make(aggregate_type: type[A]) -> Repository[A]:
+    def make(aggregate_type: type[A], **options: Any) -> Repository[A]:
+        """A repository of the kind under test; `options` are store arguments every kind takes
+        (retention, clock, max_state_bytes). In memory, the first call's options stand."""
         if store_kind == "memory":
-            return memory.setdefault(aggregate_type, InMemoryRepository(aggregate_type))
+            if aggregate_type not in memory:
+                memory[aggregate_type] = InMemoryRepository(aggregate_type, **options)
+            return memory[aggregate_type]
         store: Repository[A] = (
-            PostgresRepository(target, aggregate_type, max_size=4)
+            PostgresRepository(target, aggregate_type, max_size=4, **options)
             if store_kind == "postgres"
-            else SQLiteRepository(target, aggregate_type)
+            else SQLiteRepository(target, aggregate_type, **options)
         )
         built.append(store)
         return store

@@ -13,6 +13,7 @@ from .._errors import (
     StoreClosedError,
     StoreConfigurationError,
     StoreError,
+    VersionPrunedError,
 )
 from ._postgres import PostgresRepository
 from ._sqlite import SQLiteRepository
@@ -27,4 +28,5 @@ __all__ = [
     "StoreClosedError",
     "StoreConfigurationError",
     "StoreError",
+    "VersionPrunedError",
 ]

@@ -75,7 +75,6 @@ _PG_TRANSIENT_SQLSTATES = frozenset(
         "57P05",  # idle_session_timeout
         "25P03",  # idle_in_transaction_session_timeout
         "53300",  # too_many_connections
-        "55P03",  # lock_not_available (lock_timeout, e.g. waiting for a resolution turn)
     }
 )
 # A server that refuses a connection with FATAL means the DSN is wrong, unless it is one of these.

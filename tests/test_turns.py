@@ -1,0 +1,192 @@
+"""Resolution rounds take turns: within a process, and across processes through the store."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+from cqrs_resilience import (
+    ConcurrencyError,
+    ConflictConfig,
+    ConflictResolutionPolicy,
+    HookRegistry,
+    InMemoryRepository,
+    Turns,
+)
+from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
+from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
+
+PROCESSES = 4
+WRITERS = 50  # per process: 200 writers on one aggregate
+# The default config, with MERGE (and the item identity a list of line items needs):
+# max_attempts=3, so a round that loses three times fails the command.
+CONFIG = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, list_identity_key="id")
+
+
+def open_store(kind: str, target: str) -> Any:
+    if kind == "postgres":
+        return PostgresRepository(target, DemoOrder, max_size=4)
+    return SQLiteRepository(target, DemoOrder)
+
+
+_start: Any = None
+
+
+def _init(start: Any) -> None:
+    global _start
+    _start = start
+
+
+def run_writers(kind: str, target: str, process: int) -> dict[str, Any]:
+    """WRITERS concurrent writers, one full-state command each, on the one aggregate."""
+
+    async def run() -> dict[str, Any]:
+        async with open_store(kind, target) as store:
+            handler = AddLineItemHandler(store, HookRegistry())
+            _start.wait(timeout=60)
+
+            async def writer(w: int) -> str:
+                seen = (await store.retrieve(["hot"]))[0].to_dict()
+                item = {"id": f"p{process}-w{w}"}
+                command = AddLineItem(
+                    order_id="hot",
+                    expected_version=seen["version"],
+                    state={**seen, "items": [*seen["items"], item]},
+                    conflict_config=CONFIG,
+                )
+                try:
+                    await handler.handle(command)
+                except ConcurrencyError as exc:
+                    return f"failed: {exc}"
+                return "ok"
+
+            outcomes = await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+            return {"outcomes": Counter(outcomes), "attempts": handler.attempts}
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_rounds_take_turns_across_processes(kind, request, tmp_path):
+    """200 writers on one aggregate from 4 processes, max_attempts=3: every command succeeds,
+    with at most 2.5 process calls per command, and every line item lands once."""
+    target = request.getfixturevalue("pg_database") if kind == "postgres" else str(tmp_path / "db")
+    async with open_store(kind, target) as store:
+        await store.persist(DemoOrder(id="hot"))
+    context = multiprocessing.get_context("spawn")
+    started = time.monotonic()
+
+    def race() -> list[dict[str, Any]]:
+        with ProcessPoolExecutor(
+            PROCESSES, mp_context=context, initializer=_init, initargs=(context.Barrier(PROCESSES),)
+        ) as pool:
+            futures = [pool.submit(run_writers, kind, target, p) for p in range(PROCESSES)]
+            return [f.result(timeout=120) for f in futures]
+
+    results = await asyncio.to_thread(race)
+    outcomes = sum((r["outcomes"] for r in results), Counter())
+    attempts = sum(r["attempts"] for r in results)
+    assert outcomes == Counter({"ok": PROCESSES * WRITERS}), outcomes
+    assert attempts <= 2.5 * PROCESSES * WRITERS, attempts
+    async with open_store(kind, target) as store:
+        [final] = await store.retrieve(["hot"])
+    ids = [item["id"] for item in final.items]
+    assert sorted(ids) == sorted(f"p{p}-w{w}" for p in range(PROCESSES) for w in range(WRITERS))
+    assert final.version == 1 + PROCESSES * WRITERS
+    assert time.monotonic() - started < 120
+
+
+# --- within one process -----------------------------------------------------------------------
+
+
+async def test_a_turn_is_exclusive_per_key_and_free_across_keys():
+    """Two holders of one key's turn run one after the other; other keys do not wait."""
+    turns = Turns()
+    order: list[str] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(key: str, name: str) -> None:
+        async with turns.turn(key):
+            order.append(f"{name} in")
+            inside.set()
+            await release.wait()
+            order.append(f"{name} out")
+
+    first = asyncio.create_task(hold("a", "first"))
+    await inside.wait()
+    second = asyncio.create_task(hold("a", "second"))
+    async with turns.turn("b"):  # another key: no waiting
+        order.append("b")
+    release.set()
+    await asyncio.gather(first, second)
+    assert order == ["first in", "b", "first out", "second in", "second out"]
+
+
+async def test_no_turns_for_none_or_unhashable_keys():
+    """None and unhashable keys hold no turn: only the database arbitrates them."""
+    turns = Turns()
+    async with (
+        turns.turn(None),
+        turns.turn(["unhashable"]),
+        turns.turn(None),
+        turns.turn(["unhashable"]),
+    ):
+        assert "0 key" in repr(turns)
+
+
+async def test_stores_raise_conflicts_that_carry_their_turns():
+    """A store's ConcurrencyError names the store as the turns rounds take, and pickles
+    without it."""
+    import pickle
+
+    store = InMemoryRepository(DemoOrder)
+    await store.persist(DemoOrder(id="o"))
+    with pytest.raises(ConcurrencyError) as info:
+        await store.persist(DemoOrder(id="o"))
+    assert info.value.turns is store
+    assert pickle.loads(pickle.dumps(info.value)).turns is None
+
+
+async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
+    """During a round's turn the repository's other callers wait; the round's own calls run,
+    and what it wrote is committed when the turn ends."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        created = await store.persist(DemoOrder(id="o"))
+        go, other_done = asyncio.Event(), asyncio.Event()
+
+        async def other() -> None:  # started outside the turn: not part of the round
+            await go.wait()
+            await store.persist(DemoOrder(id="p"))
+            other_done.set()
+
+        task = asyncio.create_task(other())
+        async with store.turn("o"):
+            go.set()
+            await asyncio.sleep(0)  # one scheduling step: the other caller reaches the store
+            [read] = await store.retrieve(["o"])  # the round's own reads run at once
+            await store.persist(read)
+            assert not other_done.is_set()
+        await task
+        assert [o.version for o in await store.retrieve(["o", "p"])] == [created.version + 1, 1]
+
+
+async def test_a_sqlite_turn_that_fails_writes_nothing(tmp_path):
+    """A round that raises after writing rolls its writes back with its turn."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        created = await store.persist(DemoOrder(id="o"))
+
+        async def failing_round() -> None:
+            async with store.turn("o"):
+                await store.persist(created)
+                raise RuntimeError("after the write")
+
+        with pytest.raises(RuntimeError, match="after the write"):
+            await failing_round()
+        assert await store.retrieve(["o"]) == [created]
