@@ -25,6 +25,7 @@ import msgspec
 
 from ._clock import Clock
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
+from ._errors import VersionPrunedError
 from ._faults import FaultyRepository
 from ._handlers import ResilientCommandHandler
 from ._hooks import HookRegistry
@@ -262,6 +263,7 @@ class Report:
     lost: list[str] = field(default_factory=list)
     doubled: list[str] = field(default_factory=list)
     bad_versions: list[str] = field(default_factory=list)
+    store_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -317,11 +319,35 @@ async def verify(options: DemoOptions, report: Report) -> None:
                 report.bad_versions.append(
                     f"{order_id}: version {order.version} with {len(tokens)} items"
                 )
-            for version in range(1, order.version + 1):
-                if await repository.retrieve_version(order_id, version) is None:
-                    report.bad_versions.append(f"{order_id}: version {version} missing")
+            # Every version the store still keeps is one item more than the one before.
+            for version in range(order.version, 0, -1):
+                try:
+                    kept = await repository.retrieve_version(order_id, version)
+                except VersionPrunedError:
+                    break
+                if kept is None or len(kept.items) != version - 1:
+                    report.bad_versions.append(f"{order_id}: version {version} wrong or missing")
+        report.store_bytes = await store_size(options, repository)
     finally:
         await repository.close()
+
+
+def _file_sizes(*paths: str) -> int:
+    return sum(os.path.getsize(path) for path in paths if os.path.exists(path))
+
+
+async def store_size(options: DemoOptions, repository: Any) -> int:
+    """Bytes the store takes: the SQLite file and its log, or the PostgreSQL tables."""
+    if not options.dsn:
+        assert options.sqlite_path is not None
+        return _file_sizes(options.sqlite_path, f"{options.sqlite_path}-wal")
+    import psycopg
+
+    tables = ("aggregate_versions", "processed_writes", "command_keys")
+    sizes = " + ".join(f"pg_total_relation_size('{table}')" for table in tables)
+    async with await psycopg.AsyncConnection.connect(options.dsn) as conn:
+        row = await (await conn.execute(f"SELECT {sizes}")).fetchone()
+    return int(row[0]) if row else 0
 
 
 def run_demo(options: DemoOptions) -> Report:
@@ -398,6 +424,7 @@ def format_report(report: Report) -> str:
         ("latency p50", f"{_percentile(stats.latencies_ms, 0.50):.1f} ms"),
         ("latency p99", f"{_percentile(stats.latencies_ms, 0.99):.1f} ms"),
         ("elapsed", f"{report.elapsed:.2f} s"),
+        ("store size", f"{report.store_bytes / 1e6:.1f} MB"),
     ]
     items = sum(len(order.items) for order in report.final.values())
     check = (

@@ -6,14 +6,16 @@ is the one the aggregate was read at, records the command id beside it, and prun
 retention settings no longer keep. Several processes may share the file; a writer that finds it
 locked for longer than `busy_timeout` gets a `TransientError`.
 
-Each repository owns one connection on one worker thread, so the event loop never blocks on
-disk or locks and the connection is never used from two threads.
+Each repository owns two connections, each on its own worker thread, so the event loop never
+blocks on disk or locks and no connection is used from two threads: one writes, the other
+reads (in WAL mode readers see the last commit and never wait for a writer).
 
 Resolution turns use SQLite's own writer lock: `turn()` opens a `BEGIN IMMEDIATE` transaction
 that the round's reads and writes run in (the round is that task and the tasks it starts), so
 no other writer, in any process, can slip in between the round reading the latest state and
-writing the merge. Other work on this repository waits for the round; other processes' writers
-wait on the lock as they would for any write.
+writing the merge. The round's reads and writes go through the writing connection, so it
+reads its own writes; other writes on this repository wait for the round, other reads do not;
+other processes' writers wait on the lock as they would for any write.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, nullcontext
@@ -89,29 +92,36 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self.busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite")
         self._connection: sqlite3.Connection | None = None  # used on the worker thread only
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite-read")
+        self._read_connection: sqlite3.Connection | None = None  # on the reader thread only
+        self._ready = False
         self._closed = False
         self._gate: asyncio.Lock | None = None  # held by an open resolution turn
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
         await self._run("open", self._connect)
+        self._ready = True
 
     async def close(self) -> None:
         """Close the connection; later calls raise `StoreClosedError`. Closing twice is fine."""
         if self._closed:
             return
         self._closed = True
+        loop = asyncio.get_running_loop()
         try:
             with sqlite_errors(f"SQLite {self.path}: close"):
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._disconnect)
+                await loop.run_in_executor(self._reader, self._disconnect_reader)
+                await loop.run_in_executor(self._executor, self._disconnect)
         finally:
             self._executor.shutdown(wait=False)
+            self._reader.shutdown(wait=False)
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         storable = self._codec.storable_id
         wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         doing = f"retrieve of {len(wanted)} aggregate(s)"
-        rows = await self._run(doing, self._latest, [key for _, key in wanted])
+        rows = await self._read(doing, self._latest, [key for _, key in wanted])
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
@@ -119,7 +129,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
-        state, oldest = await self._run(doing, self._one_version, key, version)
+        state, oldest = await self._read(doing, self._one_version, key, version)
         if state is not None:
             return self._codec.decode(state, aggregate_id, version)
         if oldest is not None:
@@ -158,7 +168,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         key = self._codec.key(aggregate_id)
-        return await self._run(doing, self._was_processed, command_id, key)
+        return await self._read(doing, self._was_processed, command_id, key)
 
     # --- on the event loop ----------------------------------------------------------------
 
@@ -170,6 +180,19 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return await self._submit(doing, fn, *args)
         async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
             future = self._executor_job(doing, fn, *args)
+        with sqlite_errors(f"SQLite {self.path}: {doing}"):
+            return await future
+
+    async def _read(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        """`fn(*args)` on the reading connection; inside this task's turn, on the writing one
+        (in the turn's transaction, so the round reads its own writes)."""
+        if _IN_TURN.get() is self:
+            return await self._submit(doing, fn, *args)
+        if not self._ready:
+            await self.open()  # the writer creates the tables a reader needs
+        if self._closed:
+            raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
+        future = asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
 
@@ -217,9 +240,24 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         if conn is not None:
             conn.close()
 
+    def _disconnect_reader(self) -> None:
+        conn, self._read_connection = self._read_connection, None
+        if conn is not None:
+            conn.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection: the reading one on the reader thread, else the writer."""
+        if threading.current_thread().name.startswith("cqrs-sqlite-read"):
+            if self._read_connection is None:
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
+                self._read_connection = conn
+            return self._read_connection
+        return self._connect()
+
     def _latest(self, keys: list[str]) -> dict[str, tuple[int, bytes]]:
         """The latest (version, state) of each stored key among `keys`."""
-        conn = self._connect()
+        conn = self._conn()
         unique = list(dict.fromkeys(keys))
         found: dict[str, tuple[int, bytes]] = {}
         chunks = [unique[i : i + _IDS_PER_QUERY] for i in range(0, len(unique), _IDS_PER_QUERY)]
@@ -238,7 +276,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     def _one_version(self, key: str, version: int) -> tuple[object, int | None]:
         """The state at `version`, or (None, the oldest version kept) if it was pruned."""
-        conn = self._connect()
+        conn = self._conn()
         args = {"id": key, "version": version}
         row = conn.execute(_sql.ONE_VERSION, args).fetchone()
         if row is not None:
@@ -257,7 +295,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     def _was_processed(self, command_id: str, key: str) -> bool:
         args = {"command_id": command_id, "id": key}
-        return self._connect().execute(_sql.WAS_PROCESSED, args).fetchone() is not None
+        return self._conn().execute(_sql.WAS_PROCESSED, args).fetchone() is not None
 
     def _persist(
         self, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
