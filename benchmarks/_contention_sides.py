@@ -10,14 +10,15 @@ Per command, each side adds one line item to an order that already exists:
   item and writes it back in place.
 
 Both sides of a store get the same settings: SQLite in WAL mode with the default
-`synchronous=FULL` and one busy timeout, one connection per process on one worker thread
-(the library's design); PostgreSQL through one autocommit pool per process of the same size,
-filled before the clock starts. Both keep the order as msgpack of `DemoOrder`, decoded and
-encoded once per write on the pessimistic side; the library's extra work (checking that a
-state reads back, a fingerprint of each command, the client's own read) is its cost.
+`synchronous=FULL` and the same busy timeout (30 s, so no write gives up; the library's
+default is 5 s), one connection per process on one worker thread (the library's design);
+PostgreSQL through one autocommit pool per process of the same size, filled before the clock
+starts. Both keep the order as msgpack of `DemoOrder`, decoded and encoded once per write on
+the pessimistic side; the library's extra work (the client's own read, checking that a state
+reads back, a fingerprint of each command, the idempotency rows) is its cost.
 
-Stores are made fresh for every row: `prepare` creates the orders through each side's own
-write path and keeps a snapshot, `restore` brings the side back to it before a run.
+`prepare` creates the orders in an empty store through each side's own write path and keeps
+that as a snapshot; `restore` brings the side back to the snapshot before every run.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
 
 from cqrs_resilience import (
+    CommandResponse,
     ConflictConfig,
     ConflictResolutionPolicy,
     ExponentialBackoffPolicy,
@@ -44,7 +47,7 @@ from cqrs_resilience.stores._sql import TABLES
 
 Side = Literal["optimistic", "pessimistic"]
 SIDES: tuple[Side, ...] = ("optimistic", "pessimistic")
-BUSY_TIMEOUT_S = 30.0  # SQLite, both sides: long enough that no write ever gives up
+BUSY_TIMEOUT_S = 30.0  # SQLite, both sides
 PG_SCHEMA = "cqrs_contention_bench"  # keeps the bench's tables apart from anything else there
 SEED_PREFIX = "seed_"
 
@@ -58,20 +61,28 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(DemoOrder).decode
 
 
+# The attempts of the command the current task is sending: [process calls so far].
+_command_attempts: ContextVar[list[int]] = ContextVar("command_attempts")
+
+
 class PatientHandler(AddLineItemHandler):
-    """Lets the benchmark's commands ask for as many retries and rounds as they do."""
+    """Lets the benchmark's commands ask for as many retries and rounds as they do, and
+    counts each command's attempts."""
 
     max_retries_cap = POLICY.max_retries
     max_attempts_cap = CONFIG.max_attempts
 
+    async def process(self, command: AddLineItem) -> CommandResponse[str]:
+        _command_attempts.get()[0] += 1
+        return await super().process(command)
+
 
 class Writer(Protocol):
-    """One process's way of adding line items; `attempts` counts writes tried."""
+    """One process's way of adding line items."""
 
-    @property
-    def attempts(self) -> int: ...
-
-    async def add(self, order_id: str, item_id: str) -> None: ...
+    async def add(self, order_id: str, item_id: str) -> int:
+        """Add the item; the number of writes it took."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -96,21 +107,23 @@ class OptimisticWriter:
         self.handler = PatientHandler(repository, HookRegistry())
         self._close = close
 
-    @property
-    def attempts(self) -> int:
-        return self.handler.attempts
-
-    async def add(self, order_id: str, item_id: str) -> None:
+    async def add(self, order_id: str, item_id: str) -> int:
         seen = (await self.repository.retrieve([order_id]))[0].to_dict()
-        await self.handler.handle(
-            AddLineItem(
-                order_id=order_id,
-                expected_version=seen["version"],
-                state={**seen, "items": [*seen["items"], new_item(item_id)]},
-                retry_policy=POLICY,
-                conflict_config=CONFIG,
+        attempts = [0]
+        token = _command_attempts.set(attempts)
+        try:
+            await self.handler.handle(
+                AddLineItem(
+                    order_id=order_id,
+                    expected_version=seen["version"],
+                    state={**seen, "items": [*seen["items"], new_item(item_id)]},
+                    retry_policy=POLICY,
+                    conflict_config=CONFIG,
+                )
             )
-        )
+        finally:
+            _command_attempts.reset(token)
+        return attempts[0]
 
     async def close(self) -> None:
         await self.repository.close()
@@ -233,16 +246,15 @@ class SQLiteLockedWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.attempts = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="locked-sqlite")
         self._conn: sqlite3.Connection | None = None  # used on the worker thread only
 
     async def open(self) -> None:
         await self._run(self._connect)
 
-    async def add(self, order_id: str, item_id: str) -> None:
-        self.attempts += 1
+    async def add(self, order_id: str, item_id: str) -> int:
         await self._run(self._add, order_id, item_id)
+        return 1
 
     async def close(self) -> None:
         await self._run(self._disconnect)
@@ -272,7 +284,8 @@ class SQLiteLockedWriter:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
 
@@ -400,10 +413,8 @@ class PostgresLockedWriter:
 
     def __init__(self, pool: Any) -> None:
         self.pool = pool
-        self.attempts = 0
 
-    async def add(self, order_id: str, item_id: str) -> None:
-        self.attempts += 1
+    async def add(self, order_id: str, item_id: str) -> int:
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "SELECT version, state FROM locked_orders WHERE id = %s FOR UPDATE", (order_id,)
@@ -413,6 +424,7 @@ class PostgresLockedWriter:
                 "UPDATE locked_orders SET version = %s, state = %s WHERE id = %s",
                 (version + 1, appended(state, item_id), order_id),
             )
+        return 1
 
     async def close(self) -> None:
         await self.pool.close()

@@ -22,12 +22,13 @@ it (the optimistic side's read included) to its return, waits for a connection o
 included. Each side runs `--repeat` times per row (3), the sides taking turns to go first;
 the table shows each side's median run, stderr every run.
 
-Reported per row: commands/s; attempts per command (the handler's `process` calls; the
-pessimistic side makes exactly one transaction per command); p50 and p99 latency; the side's
-store size at the end (SQLite: the database file plus its -wal once the workers have closed
-their connections; PostgreSQL: `pg_total_relation_size` of the side's tables); and the
-optimistic / pessimistic throughput ratio. After every run the stored orders are checked:
-every item present exactly once, each version one more than the item count.
+Reported per row: commands/s; attempts per command, on average and the most one command
+took (the handler's `process` calls; the pessimistic side makes exactly one transaction per
+command); p50 and p99 latency; the side's store size at the end (SQLite: the database file
+plus its -wal once the workers have closed their connections; PostgreSQL:
+`pg_total_relation_size` of the side's tables); and the optimistic / pessimistic throughput
+ratio. After every run the stored orders are checked: every item present exactly once, each
+version one more than the item count.
 
 What the sides do not share, on purpose: the optimistic side keeps every version and a
 record of every command (idempotency) and checks each state reads back; the pessimistic side
@@ -75,12 +76,13 @@ Command = tuple[str, str]  # (order id, item id)
 Plan = list[list[list[Command]]]  # per process, per writer task: its commands in order
 
 
-class Run(msgspec.Struct, kw_only=True):
+class WorkerRun(msgspec.Struct, kw_only=True):
     """What one worker process did, or why it could not."""
 
     started: float = 0.0
     ended: float = 0.0
     attempts: int = 0
+    most_attempts: int = 0
     latencies_ms: list[float] = msgspec.field(default_factory=list)
     error: str | None = None
 
@@ -91,6 +93,7 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     commands: int
     elapsed_s: float
     attempts: int
+    most_attempts: int  # by one command
     latencies_ms: list[float]
     size_bytes: int
 
@@ -171,16 +174,16 @@ class Workers:
         for process in self.processes:
             process.join(timeout=30)
 
-    def run(self, store: Store, side: Side, plan: Plan) -> list[Run]:
+    def run(self, store: Store, side: Side, plan: Plan) -> list[WorkerRun]:
         for inbox, tasks in zip(self.inboxes, plan, strict=True):
             inbox.put((store, side, tasks))
-        runs: list[Run] = []
+        runs: list[WorkerRun] = []
         while len(runs) < len(plan):
             try:
-                runs.append(msgspec.msgpack.decode(self.results.get(timeout=1.0), type=Run))
+                runs.append(msgspec.msgpack.decode(self.results.get(timeout=1.0), type=WorkerRun))
             except queue.Empty:
                 if not all(process.is_alive() for process in self.processes):
-                    runs.append(Run(error="a worker process died"))
+                    runs.append(WorkerRun(error="a worker process died"))
                     break
         errors = [run.error for run in runs if run.error]
         if errors:
@@ -193,10 +196,10 @@ def _serve(inbox: Any, barrier: Any, results: Any) -> None:
     while (job := inbox.get()) is not None:
         store, side, tasks = job
         try:
-            run = asyncio.run(_drive(store, side, tasks, barrier))
+            run = asyncio.run(_run_tasks(store, side, tasks, barrier))
         except BaseException as exc:  # report it, and release the others from the barrier
             barrier.abort()
-            run = Run(error=f"{type(exc).__name__}: {exc}")
+            run = WorkerRun(error=f"{type(exc).__name__}: {exc}")
         results.put(msgspec.msgpack.encode(run))
 
 
@@ -210,19 +213,23 @@ def run_side(workers: Workers, store: Store, side: Side, plan: Plan) -> Outcome:
         commands=sum(len(commands) for tasks in plan for commands in tasks),
         elapsed_s=max(r.ended for r in runs) - min(r.started for r in runs),
         attempts=sum(r.attempts for r in runs),
+        most_attempts=max(r.most_attempts for r in runs),
         latencies_ms=[ms for r in runs for ms in r.latencies_ms],
         size_bytes=size,
     )
 
 
-async def _drive(store: Store, side: Side, tasks: list[list[Command]], barrier: Any) -> Run:
+async def _run_tasks(
+    store: Store, side: Side, tasks: list[list[Command]], barrier: Any
+) -> WorkerRun:
     writer = await store.open_writer(side, min(len(tasks), CONNECTIONS_PER_PROCESS))
     latencies_ms: list[float] = []
+    attempts: list[int] = []
 
     async def task(commands: list[Command]) -> None:
         for order_id, item_id in commands:
             began = time.perf_counter()
-            await writer.add(order_id, item_id)
+            attempts.append(await writer.add(order_id, item_id))
             latencies_ms.append((time.perf_counter() - began) * 1000)
 
     try:
@@ -232,7 +239,13 @@ async def _drive(store: Store, side: Side, tasks: list[list[Command]], barrier: 
         ended = time.perf_counter()
     finally:
         await writer.close()
-    return Run(started=started, ended=ended, attempts=writer.attempts, latencies_ms=latencies_ms)
+    return WorkerRun(
+        started=started,
+        ended=ended,
+        attempts=sum(attempts),
+        most_attempts=max(attempts, default=0),
+        latencies_ms=latencies_ms,
+    )
 
 
 def check_stored(store: Store, side: Side, plan: Plan) -> None:
@@ -289,7 +302,7 @@ def format_row(row: Row) -> str:
     opt, pes = row.optimistic, row.pessimistic
     return (
         f"| {row.store} | {row.processes} | {row.writers} | {opt.commands:,} "
-        f"| {opt.rate:,.0f} | {opt.attempts / opt.commands:.2f} "
+        f"| {opt.rate:,.0f} | {opt.attempts / opt.commands:.2f} (max {opt.most_attempts}) "
         f"| {_ms(opt.latency_ms(0.5))} | {_ms(opt.latency_ms(0.99))} | {_size(opt.size_bytes)} "
         f"| {pes.rate:,.0f} | {_ms(pes.latency_ms(0.5))} | {_ms(pes.latency_ms(0.99))} "
         f"| {_size(pes.size_bytes)} | {row.ratio:.2f}x |"
