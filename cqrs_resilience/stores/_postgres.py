@@ -76,8 +76,8 @@ _WRITE = f"""WITH
     known AS (SELECT fingerprint FROM command_keys WHERE command_id = %(command_id)s),
     first AS (SELECT fingerprint, version FROM processed_writes
         WHERE command_id = %(command_id)s AND aggregate_id = %(id)s AND seq = %(seq)s),
-    latest AS (SELECT COALESCE(MAX(version), 0) AS version FROM aggregate_versions
-        WHERE aggregate_id = %(id)s),
+    latest AS (SELECT COALESCE((SELECT MAX(version) FROM aggregate_versions
+        WHERE aggregate_id = %(id)s), 0) AS version),
     allowed AS (SELECT 1 AS yes
         WHERE NOT EXISTS (SELECT 1 FROM first)
         AND NOT (%(whole)s AND EXISTS (SELECT 1 FROM known WHERE fingerprint <> %(fingerprint)s))
@@ -101,8 +101,10 @@ SELECT (SELECT fingerprint FROM known), (SELECT fingerprint FROM first),
 _HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
     "cqrs_resilience.postgres_turns", default=frozenset()
 )
-_LATEST = """SELECT DISTINCT ON (aggregate_id) aggregate_id, version, state
-    FROM aggregate_versions WHERE aggregate_id = ANY(%s) ORDER BY aggregate_id, version DESC"""
+# The newest row of each id: one index probe per id, however long its history.
+_LATEST = """SELECT k.id, v.version, v.state FROM unnest(%s::text[]) AS k(id)
+    CROSS JOIN LATERAL (SELECT version, state FROM aggregate_versions
+        WHERE aggregate_id = k.id ORDER BY version DESC LIMIT 1) AS v"""
 
 
 class PostgresRepository(StoreLifecycle, Repository[A]):

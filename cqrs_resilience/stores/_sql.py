@@ -58,11 +58,17 @@ def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
 # against a writer whose insert is not committed yet.
 INSERT_NEXT = """INSERT INTO aggregate_versions (aggregate_id, version, state)
     SELECT :id, :expected + 1, :state
-    WHERE (SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id)
+    WHERE COALESCE((SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = :id), 0)
         = :expected"""
-LATEST_VERSION = "SELECT COALESCE(MAX(version), 0) FROM aggregate_versions WHERE aggregate_id = :id"
+# A bare MAX or MIN over one aggregate's rows is one index probe in both databases; wrapped in
+# an expression (COALESCE(MAX(...))) SQLite would read every version, states and all.
+LATEST_VERSION = (
+    "SELECT COALESCE((SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = :id), 0)"
+)
 ONE_VERSION = "SELECT state FROM aggregate_versions WHERE aggregate_id = :id AND version = :version"
-VERSION_RANGE = "SELECT MIN(version), MAX(version) FROM aggregate_versions WHERE aggregate_id = :id"
+VERSION_RANGE = """SELECT
+    (SELECT MIN(version) FROM aggregate_versions WHERE aggregate_id = :id),
+    (SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = :id)"""
 LATEST_STATE = """SELECT version, state FROM aggregate_versions WHERE aggregate_id = :id
     ORDER BY version DESC LIMIT 1"""
 PRUNE_VERSIONS = "DELETE FROM aggregate_versions WHERE aggregate_id = :id AND version < :oldest"

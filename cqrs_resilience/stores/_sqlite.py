@@ -46,8 +46,6 @@ Ts = TypeVarTuple("Ts")
 
 _SCHEMA = _sql.schema("BLOB", " WITHOUT ROWID")
 _SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
-# SQLite caps bound parameters per statement (999 in old builds).
-_IDS_PER_QUERY = 500
 # The repository whose resolution turn this task (and the tasks it starts) is in, if any.
 _IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
     "cqrs_resilience.sqlite_turn", default=None
@@ -256,22 +254,16 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         return self._connect()
 
     def _latest(self, keys: list[str]) -> dict[str, tuple[int, bytes]]:
-        """The latest (version, state) of each stored key among `keys`."""
+        """The latest (version, state) of each stored key among `keys`: an index probe each."""
         conn = self._conn()
         unique = list(dict.fromkeys(keys))
         found: dict[str, tuple[int, bytes]] = {}
-        chunks = [unique[i : i + _IDS_PER_QUERY] for i in range(0, len(unique), _IDS_PER_QUERY)]
         # Several queries read one snapshot only inside a transaction.
-        with _transaction(conn, "BEGIN") if len(chunks) > 1 else nullcontext():
-            for chunk in chunks:
-                marks = ", ".join("?" * len(chunk))
-                # SQLite takes the bare `state` from the row holding MAX(version).
-                rows = conn.execute(
-                    "SELECT aggregate_id, MAX(version), state FROM aggregate_versions"
-                    f" WHERE aggregate_id IN ({marks}) GROUP BY aggregate_id",
-                    chunk,
-                )
-                found.update((row[0], (row[1], row[2])) for row in rows)
+        with _transaction(conn, "BEGIN") if len(unique) > 1 else nullcontext():
+            for key in unique:
+                row = conn.execute(_sql.LATEST_STATE, {"id": key}).fetchone()
+                if row is not None:
+                    found[key] = (row[0], row[1])
         return found
 
     def _one_version(self, key: str, version: int) -> tuple[object, int | None]:
