@@ -6,17 +6,22 @@ Why it is built the way it is:
   result *are* the objects of `current` (or `incoming`). Nothing is deep-copied, so merging a
   small change into a large state costs the change, but a caller must copy before mutating
   below the top level.
-- The merge walks only what differs (``==`` in C finds it) and carries everything else along
-  without looking inside.
+- The merge walks only where the inputs differ (``==`` in C finds it) and carries everything
+  else along without looking inside.
 - Any depth works. The recursion goes at most `Run.limit` levels down; deeper subtrees go on a
   work list and are merged later from the top of the stack (`Run.defer`), and comparisons too
   deep for ``==`` fall back to a depth-proof one (`_merge_equality`).
-- Cycles are guarded where the merge walks: a value that contains itself, met while comparing
-  or keying list items, or two states walked together into the same places again (the chain of
-  deferrals spots it), raises ValueError naming the input and the path where it closes; never
-  a RecursionError or a hang. A value the merge only carries along (unchanged, or taken whole
-  from one side) is not inspected, so a cycle there passes into the result as it was in the
-  input; a store refuses a cyclic state when it is written.
+- Cycles are guarded where the merge walks, and only there: a value that contains itself, met
+  while comparing or keying list items, raises ValueError naming the input and the path where
+  the cycle closes; so do two states walked together round a cycle, which the merge notices
+  when the chain of work it put off leads back to the same inputs. Never a RecursionError or a
+  hang. A value the merge only carries along (unchanged, or taken whole from one side) is not
+  inspected: a cycle there passes into the result as it was, and a store refuses the state.
+- Inputs met twice where the recursion stops, without a cycle, share a subtree (states built
+  in Python can; decoded ones cannot). The merge then starts again putting off every level,
+  so each shared subtree is merged once and its result shared (its conflicts are reported at
+  the first path met), and costs what the inputs hold, not every path to it. Sharing shallower
+  than the limit is merged once per path, as ``==`` compares it once per path.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ Path: TypeAlias = "tuple[Path, Any] | None"  # (parent, key) links, built only w
 Box = TypeVar("Box", dict[Any, Any], list[Any])
 
 
+class _SharedSubtree(Exception):
+    """Internal: the same inputs were met twice at the depth limit; merge again, sharing."""
+
+
 class Run(Equality):
     """One merge in progress: its options, the conflicts found so far, and the subtrees it put
     off because they lie deeper than `limit`."""
@@ -72,6 +81,8 @@ class Run(Equality):
         "key",
         "limit",
         "on_conflict",
+        "put_off",
+        "share",
     )
 
     def __init__(
@@ -79,6 +90,7 @@ class Run(Equality):
         inputs: tuple[tuple[str, Any], ...],
         *,
         limit: int = LIMITS[0],
+        share: bool = False,
         key: str | None = None,
         append: bool = False,
         on_conflict: OnMergeConflict = OnMergeConflict.RAISE,
@@ -86,31 +98,47 @@ class Run(Equality):
         super().__init__()
         self.inputs = inputs
         self.limit = limit
+        self.share = share
         self.key = key
         self.append = append
         self.on_conflict = on_conflict
         self.conflicts: list[Conflict] = []
         self.deferred: list[tuple[Callable[..., Any], tuple[Any, ...], Any, Any]] = []
+        self.put_off: dict[tuple[int, ...], Any] = {}  # ids of deferred inputs: their `into`
         self.chain: Any = None  # (ids of the deferred call's inputs, parent link)
 
     def defer(self, fn: Callable[..., Any], args: tuple[Any, ...], into: Box) -> Box:
-        """Merge `args` later, into `into`; the chain of deferrals spots a cycle followed."""
+        """Merge `args` later, into `into`. Inputs put off before are a cycle followed if the
+        chain of deferrals leads back to them (ValueError), else a subtree the inputs share:
+        with `share` its merge is shared too, without, the merge starts again with `share`."""
         ident = tuple(id(a) for a in args if isinstance(a, (dict, list)))
-        link = self.chain
-        while link is not None:
-            if link[0] == ident:
-                raise self.input_cycle()
-            link = link[1]
+        earlier: Box | None = self.put_off.get(ident)
+        if earlier is not None:
+            link = self.chain
+            while link is not None:
+                if link[0] == ident:
+                    raise self.input_cycle()
+                link = link[1]
+            if not self.share:
+                raise _SharedSubtree
+            return earlier
+        self.put_off[ident] = into
         self.deferred.append((fn, args, into, (ident, self.chain)))
         return into
 
     def drain(self) -> None:
+        """Make the merges put off, from the top of the stack, each into the `into` that stood
+        in for it; those put off meanwhile join the end of the list."""
         deferred = self.deferred
         done = 0
         while done < len(deferred):
             fn, args, into, self.chain = deferred[done]
             done += 1
-            fn(*args, 0, self, into)
+            result = fn(*args, 0, self)
+            if isinstance(into, dict):
+                into.update(result)
+            else:
+                into[:] = result
 
     def conflict(self, path: Path, base: Any, current: Any, incoming: Any) -> Any:
         """Settle a path both sides changed differently; the value to keep (MISSING: none)."""
@@ -150,22 +178,34 @@ def execute(
     append: bool = False,
     on_conflict: OnMergeConflict = OnMergeConflict.RAISE,
 ) -> dict[str, Any]:
-    """`fn(*args, depth, run)` and the work it put off; conflicts raised, the top level new."""
-    for limit in LIMITS:
-        run = Run(inputs, limit=limit, key=key, append=append, on_conflict=on_conflict)
+    """`fn(*args, depth, run)` and the work it put off; conflicts raised, the top level new.
+
+    Inputs that share a subtree deeper than the limit (or hold a cycle the merge follows) meet
+    it again there; so that such a merge costs what the inputs hold, not every path to it, it
+    starts again putting off every level, and merges each shared subtree once (`Run.defer`).
+    """
+
+    def attempt(limit: int, share: bool = False) -> dict[str, Any]:
+        run = Run(inputs, limit=limit, share=share, key=key, append=append, on_conflict=on_conflict)
         try:
             merged = fn(*args, 0, run)
             run.drain()
-        except RecursionError:
-            if limit == LIMITS[-1]:
-                raise
-            continue  # the caller's stack is already deep: try again, recursing less
         except CycleFound:
             raise run.input_cycle() from None
         if run.conflicts:
             raise MergeConflictError(run.conflicts)
         return dict(merged) if merged is current else merged  # the top level is always new
-    raise AssertionError("unreachable")  # pragma: no cover
+
+    for limit in LIMITS:
+        try:
+            return attempt(limit)
+        except RecursionError:
+            if limit == LIMITS[-1]:
+                raise
+            # the caller's stack is already deep: try again, recursing less
+        except _SharedSubtree:
+            break
+    return attempt(1, share=True)
 
 
 def identities(items: list[Any], key: str) -> tuple[list[Any], dict[Any, int], int]:

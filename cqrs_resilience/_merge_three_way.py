@@ -61,9 +61,8 @@ def _merge3(
     path: Path,
     depth: int,
     run: Run,
-    into: dict[Any, Any] | None = None,
 ) -> dict[Any, Any]:
-    if depth >= run.limit and into is None:
+    if depth >= run.limit:
         return run.defer(_merge3, (b, c, i, path), {})
     canon = run.canon
     out = None
@@ -119,11 +118,7 @@ def _merge3(
                 if out is None:
                     out = dict(c)
                 del out[k]
-    result = c if out is None else out
-    if into is None:
-        return result
-    into.update(result)
-    return into
+    return c if out is None else out
 
 
 def _merge3_keyed(
@@ -133,10 +128,9 @@ def _merge3_keyed(
     path: Path,
     depth: int,
     run: Run,
-    into: list[Any] | None = None,
 ) -> list[Any]:
     """Three-way per item identity; items without one are added or removed as a set."""
-    if depth >= run.limit and into is None:
+    if depth >= run.limit:
         return run.defer(_merge3_keyed, (bl, cl, il, path), [])
     assert run.key is not None
     b_ids, b_index, b_loose = identities(bl, run.key)
@@ -201,8 +195,4 @@ def _merge3_keyed(
                     continue
             merged.append(item)
             changed = True
-    result = merged if changed else cl
-    if into is None:
-        return result
-    into[:] = result
-    return into
+    return merged if changed else cl

@@ -29,10 +29,8 @@ def deep_merge(
     )
 
 
-def _merge2(
-    c: dict[Any, Any], i: dict[Any, Any], depth: int, run: Run, into: dict[Any, Any] | None = None
-) -> dict[Any, Any]:
-    if depth >= run.limit and into is None:
+def _merge2(c: dict[Any, Any], i: dict[Any, Any], depth: int, run: Run) -> dict[Any, Any]:
+    if depth >= run.limit:
         return run.defer(_merge2, (c, i), {})
     canon = run.canon
     out = None
@@ -63,23 +61,13 @@ def _merge2(
         if out is None:
             out = dict(c)
         out[k] = iv
-    result = c if out is None else out
-    if into is None:
-        return result
-    into.update(result)
-    return into
+    return c if out is None else out
 
 
-def _merge_list2(
-    cl: list[Any], il: list[Any], depth: int, run: Run, into: list[Any] | None = None
-) -> list[Any]:
-    if depth >= run.limit and into is None:
+def _merge_list2(cl: list[Any], il: list[Any], depth: int, run: Run) -> list[Any]:
+    if depth >= run.limit:
         return run.defer(_merge_list2, (cl, il), [])
-    result = _merge_keyed2(cl, il, depth, run) if run.key is not None else _append_new(cl, il, run)
-    if into is None:
-        return result
-    into[:] = result
-    return into
+    return _merge_keyed2(cl, il, depth, run) if run.key is not None else _append_new(cl, il, run)
 
 
 def _append_new(cl: list[Any], il: list[Any], run: Run) -> list[Any]:

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 
@@ -173,3 +174,70 @@ def test_three_way_merges_carry_a_cyclic_one_sided_change_whole() -> None:
 def test_a_cycle_the_result_drops_is_not_an_error() -> None:
     """Replacing a cyclic value with a plain one merges normally."""
     assert DeepMergeStrategy().merge({"child": cyclic()}, {"child": 1}) == {"child": 1}
+
+
+def braided(tag: int, period: int) -> dict[str, Any]:
+    """A ring of `period` dicts, each {"x": tag, "a": next, "b": next}: 2**n paths n deep."""
+    ring: list[dict[str, Any]] = [{"x": tag} for _ in range(period)]
+    for node, after in zip(ring, ring[1:] + ring[:1], strict=True):
+        node["a"] = node["b"] = after
+    return ring[0]
+
+
+@pytest.mark.parametrize("period", [1, 3, 300])
+def test_a_cycle_followed_along_branching_paths_raises_at_once(period: int) -> None:
+    """Cyclic states walked together along many paths raise ValueError after one lap, also
+    when the cycle is longer than the recursion the merge allows itself."""
+    with pytest.raises(ValueError, match="current contains a cycle"):
+        DeepMergeStrategy().merge(braided(1, period), braided(2, period))
+    with pytest.raises(ValueError, match="cycle"):
+        three_way_merge(braided(0, period), braided(1, period), braided(2, period))
+
+
+def shared_chain(tag: int, depth: int) -> dict[str, Any]:
+    """{"x": tag, "a": node, "b": node} where node is the same dict, `depth` levels down."""
+    node: dict[str, Any] = {"x": tag}
+    for _ in range(depth):
+        node = {"x": tag, "a": node, "b": node}
+    return node
+
+
+@pytest.mark.parametrize("depth", [200, 5_000])
+def test_a_deep_subtree_shared_within_both_states_is_merged_once(depth: int) -> None:
+    """A deep dict reachable along many paths (2**depth here) is merged once and its result
+    shared, two-way and three-way."""
+    current, incoming = shared_chain(1, depth), shared_chain(2, depth)
+
+    for merged in (
+        DeepMergeStrategy().merge(current, incoming),
+        three_way_merge(shared_chain(0, depth), current, incoming, on_conflict="prefer_incoming"),
+    ):
+        levels = 0
+        while "a" in merged:
+            assert merged["a"] is merged["b"]
+            assert merged["x"] == 2
+            merged, levels = merged["a"], levels + 1
+        assert (levels, merged) == (depth, {"x": 2})
+
+
+def test_states_sharing_a_deep_subtree_merge_as_their_copies_do() -> None:
+    """States holding one deep dict at two keys merge to what unshared copies merge to; where
+    all three states share it, a conflict inside it is reported once, at the first path met."""
+    shared_c, shared_i = nested(300, 1), nested(300, 2)
+    current, incoming = {"x": shared_c, "y": shared_c}, {"x": shared_i, "y": shared_i}
+
+    def copied(state: dict[str, Any]) -> dict[str, Any]:
+        return msgspec.json.decode(msgspec.json.encode(state))  # type: ignore[no-any-return]
+
+    merged = DeepMergeStrategy().merge(current, incoming)
+
+    assert merged == DeepMergeStrategy().merge(copied(current), copied(incoming))
+    assert merged["x"] is merged["y"]
+    path = ("a",) * 300 + ("leaf",)
+    with pytest.raises(MergeConflictError) as caught:
+        three_way_merge({"x": nested(300, 0), "y": nested(300, 0)}, current, incoming)
+    assert [conflict.path for conflict in caught.value.conflicts] == [("x", *path), ("y", *path)]
+    base = nested(300, 0)  # shared by all three: merged once
+    with pytest.raises(MergeConflictError) as caught:
+        three_way_merge({"x": base, "y": base}, current, incoming)
+    assert [conflict.path for conflict in caught.value.conflicts] == [("x", *path)]
