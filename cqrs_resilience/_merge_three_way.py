@@ -66,22 +66,22 @@ def _merge3(
         return run.defer(_merge3, (b, c, i, path), {})
     canon = run.canon
     out = None
-    shared = 0  # keys both have; fewer than len(c) means current has keys incoming lacks
+    added = 0  # keys only incoming has; the rest of len(i) are keys current has too
     for k, iv in i.items():
         try:
             cv = c[k]
         except KeyError:
             cv = MISSING
+            added += 1
         else:
-            shared += 1
             if iv is cv:
                 continue
             try:
-                same = iv == cv if canon is None else canon.equal(iv, cv)
+                if iv == cv if canon is None else canon.equal(iv, cv):
+                    continue  # unchanged, or the same change on both sides
             except RecursionError:
-                same = run.equal(iv, cv)
-            if same:  # unchanged, or the same change on both sides
-                continue
+                if run.equal(iv, cv):
+                    continue
         bv = b.get(k, MISSING)
         if run.same(iv, bv):  # only current changed it (or deleted it)
             continue
@@ -106,7 +106,7 @@ def _merge3(
         if out is None:
             out = dict(c)
         out[k] = nv
-    if shared < len(c):  # keys incoming lacks: deleted by it, or added by current
+    if len(i) - added < len(c):  # keys incoming lacks: deleted by it, or added by current
         for k, cv in c.items():
             if k in i:
                 continue

@@ -152,8 +152,7 @@ def test_a_value_containing_itself_that_must_be_compared_raises() -> None:
     ],
 )
 def test_a_cycle_the_deep_merge_only_carries_along_is_not_inspected(make_args: Any) -> None:
-    """A cyclic value kept from current or taken whole from incoming passes into the result as
-    it was, without a look inside (a store refuses a cyclic state when it is written)."""
+    """A cyclic value the merge keeps or takes whole passes into the result, not looked inside."""
     current, incoming = make_args(cyclic())
 
     merged = DeepMergeStrategy().merge(current, incoming)
@@ -186,8 +185,7 @@ def braided(tag: int, period: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("period", [1, 3, 300])
 def test_a_cycle_followed_along_branching_paths_raises_at_once(period: int) -> None:
-    """Cyclic states walked together along many paths raise ValueError after one lap, also
-    when the cycle is longer than the recursion the merge allows itself."""
+    """Cycles walked along many paths raise ValueError at once, longer than the recursion too."""
     with pytest.raises(ValueError, match="current contains a cycle"):
         DeepMergeStrategy().merge(braided(1, period), braided(2, period))
     with pytest.raises(ValueError, match="cycle"):
@@ -204,8 +202,7 @@ def shared_chain(tag: int, depth: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("depth", [200, 5_000])
 def test_a_deep_subtree_shared_within_both_states_is_merged_once(depth: int) -> None:
-    """A deep dict reachable along many paths (2**depth here) is merged once and its result
-    shared, two-way and three-way."""
+    """A deep dict reachable along 2**depth paths is merged once and shared, two- and three-way."""
     current, incoming = shared_chain(1, depth), shared_chain(2, depth)
 
     for merged in (
@@ -221,8 +218,7 @@ def test_a_deep_subtree_shared_within_both_states_is_merged_once(depth: int) -> 
 
 
 def test_states_sharing_a_deep_subtree_merge_as_their_copies_do() -> None:
-    """States holding one deep dict at two keys merge to what unshared copies merge to; where
-    all three states share it, a conflict inside it is reported once, at the first path met."""
+    """States sharing a deep dict merge as copies do; a conflict all three share is listed once."""
     shared_c, shared_i = nested(300, 1), nested(300, 2)
     current, incoming = {"x": shared_c, "y": shared_c}, {"x": shared_i, "y": shared_i}
 

@@ -43,8 +43,7 @@ def test_same_takes_nan_as_nan_for_floats_and_same_nan_inside_containers_too() -
 
 
 def test_equal_but_nan_walks_what_msgpack_cannot_encode() -> None:
-    """Keys that do not sort, types msgpack lacks and cycles are compared by walking, NaN for
-    NaN, without looping."""
+    """Unsortable keys, types msgpack lacks and cycles are walked, NaN equal to NaN, no looping."""
     thing = object()
 
     assert equal_but_nan({1: nan(), "a": [thing]}, {1: nan(), "a": [thing]})

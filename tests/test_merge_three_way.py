@@ -278,8 +278,7 @@ def _fresh(value: Any) -> Any:
 def test_a_side_equal_to_base_never_conflicts(
     base: dict[str, Any], incoming: dict[str, Any]
 ) -> None:
-    """If current is base (re-decoded, NaNs and all), incoming's changes all apply, whatever
-    on_conflict says: nothing is dropped and nothing conflicts."""
+    """A current equal to base (re-decoded, NaNs too) takes all of incoming, never conflicting."""
     current = _fresh(base)
     for on_conflict in OnMergeConflict:
         merged = three_way_merge(base, current, incoming, on_conflict=on_conflict)
@@ -418,8 +417,7 @@ def reference(
 def test_property_three_way_merge_is_the_textbook_recursive_merge(
     base: dict[str, Any], data: st.DataObject
 ) -> None:
-    """On dicts and scalars (no lists, no NaN), three_way_merge keeps, takes and reports
-    exactly what the textbook recursive three-way merge does, settled either way or raised."""
+    """On dicts and scalars, three_way_merge results and conflicts are the textbook merge's."""
     current, incoming = data.draw(revised(base)), data.draw(revised(base))
     expected, conflicts = reference(base, current, incoming, "current")
 

@@ -216,8 +216,7 @@ def plain(cur: dict[str, Any], inc: dict[str, Any]) -> dict[str, Any]:
 def test_property_deep_merge_is_the_plain_recursive_merge(
     current: dict[str, Any], data: st.DataObject
 ) -> None:
-    """Without list options, DeepMergeStrategy().merge gives the plain recursive merge's
-    result, and keys incoming does not name stay current's own objects."""
+    """Without list options the deep merge is the plain recursive merge, sharing current's rest."""
     incoming = data.draw(DOCS | revised(current, VALUES))
 
     merged = DeepMergeStrategy().merge(current, incoming)
