@@ -13,7 +13,7 @@ from ._conflict import (
     UpdateCommand,
     resolve_conflicts,
 )
-from ._conflict_config import ConflictConfig, ConflictResolutionPolicy, OnMergeConflict
+from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._errors import (
     ConcurrencyError,
     ConfigurationError,
@@ -37,17 +37,17 @@ from ._handlers import (
 )
 from ._hooks import HookRegistry, get_hook_registry
 from ._idempotency import command_scope, current_command_id
-from ._merge import (
+from ._merge_engine import OnMergeConflict
+from ._merge_registry import MergeStrategyRegistry, UnknownStrategyError
+from ._merge_strategies import (
     DeepMergeStrategy,
     FieldLevelMergeStrategy,
     IMergeStrategy,
     MergeStrategy,
-    MergeStrategyRegistry,
     ThreeWayMergeStrategy,
     TimestampLastWinsStrategy,
-    UnknownStrategyError,
-    three_way_merge,
 )
+from ._merge_three_way import three_way_merge
 from ._messages import Command, CommandResponse, ConflictResilient, Retryable
 from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy

@@ -39,7 +39,8 @@ from ._hooks import (
     get_hook_registry,
 )
 from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
-from ._merge import MergeStrategy, MergeStrategyRegistry
+from ._merge_registry import MergeStrategyRegistry
+from ._merge_strategies import MergeStrategy
 from ._retry import check_cap
 from ._turns import PROCESS_TURNS, TakesTurns
 

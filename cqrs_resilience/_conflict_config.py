@@ -9,6 +9,7 @@ from typing import TypeVar
 import msgspec
 
 from ._errors import ConfigurationError
+from ._merge_engine import OnMergeConflict
 
 
 class ConflictResolutionPolicy(enum.StrEnum):
@@ -20,17 +21,6 @@ class ConflictResolutionPolicy(enum.StrEnum):
     """The command's state is laid over the latest state and the command runs again."""
     MERGE = "merge"
     """The command's state is merged into the latest state and the command runs again."""
-
-
-class OnMergeConflict(enum.StrEnum):
-    """What a three-way merge does with a path both sides changed differently."""
-
-    RAISE = "raise"
-    """Raise MergeConflictError listing every conflicting path (the default: nothing lost)."""
-    PREFER_CURRENT = "prefer_current"
-    """Keep the value already stored."""
-    PREFER_INCOMING = "prefer_incoming"
-    """Take the command's value."""
 
 
 E = TypeVar("E", bound=enum.Enum)

@@ -34,7 +34,7 @@ from cqrs_resilience import (
     retry,
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
-from tests.test_merge import CustomOrderMergeStrategy
+from tests.test_merge_registry import CustomOrderMergeStrategy
 
 MERGE = ConflictConfig(policy=ConflictResolutionPolicy.MERGE)
 
