@@ -133,6 +133,46 @@ def _merge3_keyed(
     if depth >= run.limit:
         return run.defer(_merge3_keyed, (bl, cl, il, path), [])
     assert run.key is not None
+    start = _shared_start(bl, cl, il, run.key)
+    if not start:
+        return _merge_items(bl, cl, il, 0, path, depth, run)
+    current_tail = cl[start:]
+    tail = _merge_items(_EMPTY_LIST, current_tail, il[start:], start, path, depth, run)
+    return cl if tail is current_tail else cl[:start] + tail
+
+
+def _shared_start(bl: list[Any], cl: list[Any], il: list[Any], key: str) -> int:
+    """len(bl) when both sides only appended to base, else 0.
+
+    Then the base items are unchanged on every side, and as they stand in the same order in
+    all three lists, items match across the lists exactly as their tails match alone (repeats
+    of an identity shift by the same count everywhere). Only items without an identity would
+    match across the boundary (they merge as a set), so base must have none. The checks run in
+    C, so a merge of appends to a long list costs what was appended.
+    """
+    n = len(bl)
+    if not n or len(cl) < n or len(il) < n:
+        return 0
+    try:
+        if set(map(type, bl)) != {dict} or cl[:n] != bl or il[:n] != bl:
+            return 0
+        hash(tuple([item[key] for item in bl]))  # every base item has a hashable identity
+    except (KeyError, TypeError, RecursionError):  # no identity, unhashable, too deep for ==
+        return 0
+    return n
+
+
+def _merge_items(
+    bl: list[Any],
+    cl: list[Any],
+    il: list[Any],
+    offset: int,
+    path: Path,
+    depth: int,
+    run: Run,
+) -> list[Any]:
+    """The per-item merge; `offset` is where `cl` and `il` start in the lists being merged."""
+    assert run.key is not None
     b_ids, b_index, b_loose = identities(bl, run.key)
     c_ids, c_index, c_loose = identities(cl, run.key)
     i_ids, i_index, i_loose = identities(il, run.key)
@@ -162,7 +202,7 @@ def _merge3_keyed(
         if i_pos is None:
             if b_pos is not None:  # incoming removed it
                 gone = run.same_nan(item, base_item)
-                if gone or run.conflict((path, pos), base_item, item, MISSING) is MISSING:
+                if gone or run.conflict((path, offset + pos), base_item, item, MISSING) is MISSING:
                     changed = True
                     continue
             merged.append(item)
@@ -175,7 +215,7 @@ def _merge3_keyed(
             changed = True
         else:
             base = base_item if isinstance(base_item, dict) else _EMPTY_DICT
-            both = _merge3(base, item, incoming_item, (path, pos), depth + 1, run)
+            both = _merge3(base, item, incoming_item, (path, offset + pos), depth + 1, run)
             merged.append(both)
             changed = changed or both is not item
     for pos, (item, ident) in enumerate(zip(il, i_ids, strict=True)):
@@ -191,7 +231,7 @@ def _merge3_keyed(
                 base_item = bl[b_pos]
                 if run.same_nan(item, base_item):
                     continue
-                if run.conflict((path, pos), base_item, MISSING, item) is MISSING:
+                if run.conflict((path, offset + pos), base_item, MISSING, item) is MISSING:
                     continue
             merged.append(item)
             changed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+from unittest import mock
 
 import msgspec
 import pytest
@@ -16,6 +17,7 @@ from cqrs_resilience import (
     DeepMergeStrategy,
     MergeConflictError,
     OnMergeConflict,
+    _merge_three_way,
     three_way_merge,
 )
 from tests.merge_data import DOCS, TREE_DOCS, nan, nested, revised
@@ -430,3 +432,59 @@ def test_property_three_way_merge_is_the_textbook_recursive_merge(
     for prefer in ("current", "incoming"):
         settled = three_way_merge(base, current, incoming, on_conflict=f"prefer_{prefer}")
         assert settled == reference(base, current, incoming, prefer)[0]
+
+
+_ITEMS = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"id": st.sampled_from(["a", "b", "c", "d", "e"]), "n": st.integers(0, 2)}
+        ),
+        st.fixed_dictionaries({"n": st.integers(0, 2)}),  # no identity: matched as a value
+        st.integers(0, 2),
+        st.fixed_dictionaries({"id": st.just(["unhashable"])}),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    base=_ITEMS,
+    current_tail=_ITEMS,
+    incoming_tail=_ITEMS,
+    how=st.sampled_from(list(OnMergeConflict)),
+)
+def test_property_appends_to_a_shared_base_merge_as_the_item_by_item_merge(
+    base: list[Any],
+    current_tail: list[Any],
+    incoming_tail: list[Any],
+    how: OnMergeConflict,
+) -> None:
+    """Both sides appending (the common case) skips the shared base items; the result, and
+    every conflict with its path, is what the merge of every item gives."""
+    states = [
+        {"items": copy.deepcopy(items)}
+        for items in (base, base + current_tail, base + incoming_tail)
+    ]
+
+    def merged() -> Any:
+        try:
+            return three_way_merge(*states, list_identity_key="id", on_conflict=how)
+        except MergeConflictError as error:
+            return sorted(map(repr, error.conflicts))
+
+    fast = merged()
+    with mock.patch.object(_merge_three_way, "_shared_start", return_value=0):
+        assert fast == merged()
+
+
+def test_appends_to_a_long_list_skip_its_shared_items() -> None:
+    base = [{"id": f"i{n}", "qty": n} for n in range(1000)]
+    current = [*copy.deepcopy(base), {"id": "c", "qty": 1}]
+    incoming = [*copy.deepcopy(base), {"id": "n", "qty": 2}]
+    assert _merge_three_way._shared_start(base, current, incoming, "id") == 1000
+    merged = three_way_merge(
+        {"items": base}, {"items": current}, {"items": incoming}, list_identity_key="id"
+    )
+    assert merged["items"] == [*base, {"id": "c", "qty": 1}, {"id": "n", "qty": 2}]
+    assert merged["items"][0] is current[0]  # current's items kept, not copied
