@@ -108,7 +108,7 @@ class OptimisticWriter:
         self._close = close
 
     async def add(self, order_id: str, item_id: str) -> int:
-        seen = (await self.repository.retrieve([order_id]))[0].to_dict()
+        seen = msgspec.structs.asdict((await self.repository.retrieve([order_id]))[0])
         attempts = [0]
         token = _command_attempts.set(attempts)
         try:
