@@ -3,8 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
+
+from ._demo import (
+    DEMO_POLICY,
+    MAX_RETRIES_LIMIT,
+    default_options,
+    format_report,
+    plural,
+    run_demo,
+    temporary_sqlite,
+)
+from ._errors import TransientError
+from .stores import StoreError
+
+# Exit statuses of `demo`, one place for the code and its --help.
+EXIT_OK = 0
+EXIT_LOST_OR_DOUBLED = 1
+EXIT_USAGE = 2
+EXIT_FAILED_VISIBLY = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+_EXIT_CODES = f"""\
+exit status:
+  {EXIT_OK}    every update in its order exactly once, every command acknowledged
+  {EXIT_LOST_OR_DOUBLED}    an acknowledged update was lost, an update doubled, or versions
+       inconsistent (the exactly-once check failed)
+  {EXIT_USAGE}    bad options, or the store could not be opened
+  {EXIT_FAILED_VISIBLY}    some commands failed visibly (their caller got the error) but
+       nothing was lost or doubled
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cqrs-resilience")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+
+        return __version__
 
 
 def _rate(text: str) -> float:
@@ -17,13 +61,24 @@ def _rate(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive(text: str) -> int:
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _retries(text: str) -> int:
+    value = _whole(text)
+    if not 0 <= value <= MAX_RETRIES_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {MAX_RETRIES_LIMIT}")
     return value
 
 
@@ -37,40 +92,89 @@ def _dsn(text: str) -> str:
     return text
 
 
+def _sqlite_path(text: str) -> str:
+    # Said here, before the run, rather than as SQLite's "unable to open database file".
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got an empty string")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.exists(directory):
+        raise argparse.ArgumentTypeError(f"directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise argparse.ArgumentTypeError(f"{directory} is not a directory")
+    # SQLite writes its log and lock files next to the database, so the folder must be
+    # writable even when the file exists.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"directory {directory} is not writable")
+    if os.path.exists(text) and not os.access(text, os.R_OK | os.W_OK):
+        raise argparse.ArgumentTypeError(f"file {text} is not readable and writable")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cqrs-resilience",
         description="Retry and conflict resolution for CQRS command handlers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
         help="many concurrent writers on a few hot orders, with injected faults",
-        description=(
+        # Wrapped here: the raw formatter keeps the exit-status table's layout.
+        description=textwrap.fill(
             "Run N concurrent writers that add line items to a few hot orders through a "
             "ResilientCommandHandler with a three-way MERGE, while the store injects "
             "transient faults and commit-then-timeout faults. Ends with a table and a check "
-            "that every update is in the final state exactly once; exits 1 if not."
+            "that every update is in the final state exactly once.",
+            width=78,
         ),
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Errors found after parsing are the demo's, told with the demo's usage.
+    demo.set_defaults(command_parser=demo)
+    demo.add_argument(
+        "--writers",
+        type=_positive,
+        default=32,
+        metavar="N",
+        help="concurrent writers, 1 or more (default 32)",
     )
     demo.add_argument(
-        "--writers", type=_positive, default=32, help="concurrent writers (default 32)"
+        "--updates",
+        type=_positive,
+        default=25,
+        metavar="N",
+        help="commands per writer, 1 or more (default 25)",
     )
     demo.add_argument(
-        "--updates", type=_positive, default=25, help="commands per writer (default 25)"
+        "--orders", type=_positive, default=3, metavar="N", help="hot orders, 1 or more (default 3)"
     )
-    demo.add_argument("--orders", type=_positive, default=3, help="hot orders (default 3)")
     demo.add_argument(
         "--transient-rate",
         type=_rate,
         default=0.1,
-        help="share of writes that fail before writing (default 0.1)",
+        metavar="R",
+        help="share of writes that fail before writing, 0 <= R < 1 (default 0.1)",
     )
     demo.add_argument(
         "--timeout-rate",
         type=_rate,
         default=0.02,
-        help="share of writes that commit, then time out (default 0.02)",
+        metavar="R",
+        help="share of writes that commit, then time out, 0 <= R < 1 (default 0.02)",
+    )
+    demo.add_argument(
+        "--max-retries",
+        type=_retries,
+        default=DEMO_POLICY.max_retries,
+        metavar="N",
+        help=(
+            f"retries of a command after a transient failure, 0 to {MAX_RETRIES_LIMIT} "
+            f"(default {DEMO_POLICY.max_retries}); with too few, commands fail visibly"
+        ),
     )
     demo.add_argument(
         "--dsn",
@@ -80,35 +184,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--sqlite",
+        type=_sqlite_path,
         metavar="PATH",
         default=None,
-        help="SQLite file to use instead of a temporary one",
+        help="SQLite file to use instead of a temporary one (kept after the run)",
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary SQLite folder after the run and print where it is",
     )
     demo.add_argument(
         "--processes",
         type=_positive,
         default=1,
-        help="worker processes sharing the database (default 1)",
+        metavar="K",
+        help="worker processes sharing the database, 1 to --writers (default 1)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed for faults (default 0)")
+    demo.add_argument(
+        "--seed",
+        type=_whole,
+        default=0,
+        metavar="N",
+        help="random seed for faults, any whole number (default 0)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    command_parser: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+    if unknown:
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command != "demo":
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     if args.processes > args.writers:
-        parser.error(f"--processes ({args.processes}) cannot exceed --writers ({args.writers})")
+        command_parser.error(
+            f"--processes ({args.processes}) cannot exceed --writers ({args.writers})"
+        )
     if args.dsn and args.sqlite:
-        parser.error("give --dsn or --sqlite, not both")
+        command_parser.error("give --dsn or --sqlite, not both")
+    try:
+        with contextlib.ExitStack() as cleanup:
+            return _run_demo(args, cleanup)
+    except KeyboardInterrupt:
+        # The store is closed and the temporary folder removed by now; no traceback.
+        print(f"{_fresh_line()}cqrs-resilience: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
-    from ._demo import default_options, format_report, run_demo
-    from ._errors import TransientError
-    from .stores import StoreError
 
+def _run_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    sqlite_path = args.sqlite
+    if not args.dsn and sqlite_path is None:
+        sqlite_path = cleanup.enter_context(temporary_sqlite(keep=args.keep))
+        if args.keep:
+            cleanup.callback(print, f"cqrs-resilience: kept {sqlite_path}", file=sys.stderr)
     options = default_options(
         writers=args.writers,
         updates=args.updates,
@@ -117,12 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_rate=args.timeout_rate,
         processes=args.processes,
         dsn=args.dsn,
-        sqlite_path=args.sqlite,
+        sqlite_path=sqlite_path,
         seed=args.seed,
+        max_retries=args.max_retries,
     )
     print(
-        f"cqrs-resilience demo: {options.writers} writers x {options.updates} commands on "
-        f"{options.orders} hot orders, {options.transient_rate:.0%} transient faults, "
+        f"cqrs-resilience demo: {plural(options.writers, 'writer')} x "
+        f"{plural(options.updates, 'command')} on {plural(options.orders, 'hot order')}, "
+        f"{options.transient_rate:.0%} transient faults, "
         f"{options.timeout_rate:.0%} commit-then-timeout",
         flush=True,
     )
@@ -130,9 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_demo(options)
     except (StoreError, TransientError, ImportError, OSError) as exc:
         print(f"cqrs-resilience: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(format_report(report))
-    return 0 if report.ok else 1
+    if not report.exactly_once:
+        return EXIT_LOST_OR_DOUBLED
+    return EXIT_FAILED_VISIBLY if report.failed_visibly else EXIT_OK
+
+
+def _fresh_line() -> str:
+    # A progress bar on a terminal leaves the cursor mid-line.
+    return "\n" if sys.stderr.isatty() else ""
 
 
 if __name__ == "__main__":

@@ -10,14 +10,18 @@ in its order exactly once, and each order's version must equal one plus its item
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import random
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +46,8 @@ class DemoOrder(Aggregate):
 
 
 DEMO_POLICY = ExponentialBackoffPolicy(max_retries=12, initial_delay_ms=2, max_delay_ms=200)
+MAX_RETRIES_LIMIT = 100
+"""The most retries a demo command may ask for (`--max-retries`)."""
 DEMO_CONFIG = ConflictConfig(
     policy=ConflictResolutionPolicy.MERGE,
     strategy_name="deep",
@@ -70,7 +76,7 @@ class AddLineItemHandler(ResilientCommandHandler[str]):
 
     # The demo's commands ask for more patience than the default caps allow a command (10
     # retries, 10 rounds): dozens of writers race on three orders, with injected faults.
-    max_retries_cap = DEMO_POLICY.max_retries
+    max_retries_cap = MAX_RETRIES_LIMIT
     max_attempts_cap = DEMO_CONFIG.max_attempts
 
     def __init__(
@@ -122,6 +128,7 @@ class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
     dsn: str | None = None
     sqlite_path: str | None = None
     seed: int = 0
+    max_retries: int = DEMO_POLICY.max_retries
     run_id: str = ""
 
     def order_ids(self) -> list[str]:
@@ -141,6 +148,8 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     injected_timeouts: int = 0
     latencies_ms: list[float] = msgspec.field(default_factory=list)
     sent: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    failed_tokens: list[str] = msgspec.field(default_factory=list)
+    """Updates whose command failed visibly: their caller knows, so they may be absent."""
     errors: list[str] = msgspec.field(default_factory=list)
 
     def add(self, other: WorkerStats) -> None:
@@ -158,6 +167,7 @@ class WorkerStats(msgspec.Struct, kw_only=True):
         self.latencies_ms.extend(other.latencies_ms)
         for order_id, tokens in other.sent.items():
             self.sent.setdefault(order_id, []).extend(tokens)
+        self.failed_tokens.extend(other.failed_tokens)
         self.errors.extend(other.errors)
 
 
@@ -209,7 +219,8 @@ async def run_writers(
         seed=options.seed * 1_000_003 + min(writer_ids, default=0),
     )
     handler = AddLineItemHandler(faulty, hooks)
-    policy, config = DEMO_POLICY, DEMO_CONFIG
+    policy = msgspec.structs.replace(DEMO_POLICY, max_retries=options.max_retries)
+    config = DEMO_CONFIG
     order_ids = options.order_ids()
 
     async def writer(writer_id: int) -> None:
@@ -232,6 +243,7 @@ async def run_writers(
                 await handler.handle(command)
             except Exception as exc:
                 stats.failed += 1
+                stats.failed_tokens.append(token)
                 stats.errors.append(f"{token}: {type(exc).__name__}: {exc}")
             stats.latencies_ms.append((time.perf_counter() - started) * 1000)
             stats.commands += 1
@@ -270,11 +282,29 @@ class Report:
     lost: list[str] = field(default_factory=list)
     doubled: list[str] = field(default_factory=list)
     bad_versions: list[str] = field(default_factory=list)
+    applied_after_failing: int = 0
+    """Commands that failed visibly yet are in the final state (committed, then timed out)."""
     store_bytes: int = 0
 
     @property
+    def exactly_once(self) -> bool:
+        """No acknowledged update lost, none applied twice, versions consistent."""
+        return not (self.lost or self.doubled or self.bad_versions)
+
+    @property
+    def failed_visibly(self) -> int:
+        """Commands whose caller got an error, or that never ran (a worker process died)."""
+        total = self.options.writers * self.options.updates
+        return self.stats.failed + max(0, total - self.stats.commands)
+
+    @property
     def ok(self) -> bool:
-        return not (self.lost or self.doubled or self.bad_versions or self.stats.failed)
+        return self.exactly_once and not self.failed_visibly
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 writer`, `2 writers`: the count and the noun, agreeing."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -302,17 +332,19 @@ class _Progress:
             if percent == self.shown and done != self.total:
                 return
             bar = "#" * (percent * 30 // 100)
-            sys.stderr.write(f"\r  [{bar:<30}] {done}/{self.total} commands")
+            sys.stderr.write(f"\r  [{bar:<30}] {done}/{plural(self.total, 'command')}")
             if done >= self.total:
                 sys.stderr.write("\n")
         elif percent // 10 != self.shown // 10 or done == self.total:
-            sys.stderr.write(f"  {done}/{self.total} commands ({percent}%)\n")
+            sys.stderr.write(f"  {done}/{plural(self.total, 'command')} ({percent}%)\n")
         sys.stderr.flush()
         self.shown = percent
 
 
 async def verify(options: DemoOptions, report: Report) -> None:
-    """Every update in its order exactly once; versions consistent with the items."""
+    """Every acknowledged update in its order exactly once, a visibly failed one at most once;
+    versions consistent with the items."""
+    failed = set(report.stats.failed_tokens)
     repository = await open_repository(options)
     try:
         for order_id in options.order_ids():
@@ -320,7 +352,8 @@ async def verify(options: DemoOptions, report: Report) -> None:
             report.final[order_id] = order
             tokens = [item["id"] for item in order.items]
             sent = report.stats.sent.get(order_id, [])
-            report.lost += sorted(set(sent) - set(tokens))
+            report.lost += sorted(set(sent) - failed - set(tokens))
+            report.applied_after_failing += len(failed & set(tokens))
             report.doubled += sorted({t for t in tokens if tokens.count(t) > 1})
             if order.version != 1 + len(tokens):
                 report.bad_versions.append(
@@ -389,23 +422,42 @@ def _run_processes(options: DemoOptions, bar: _Progress) -> WorkerStats:
         context.Process(target=_process_main, args=(options, share, done, results), daemon=True)
         for share in shares
     ]
-    for worker in workers:
-        worker.start()
+    with _sigint_ignored():  # inherited: Ctrl-C reaches the parent alone, which stops them
+        for worker in workers:
+            worker.start()
     stats = WorkerStats()
     received = 0
-    while received < len(workers):
-        try:
-            stats.add(msgspec.msgpack.decode(results.get(timeout=0.2), type=WorkerStats))
-            received += 1
-        except Exception:  # queue.Empty: nothing yet
-            if not any(w.is_alive() for w in workers) and results.empty():
-                stats.errors.append("a worker process died without reporting")
-                break
-        bar.show(done.value)
-    for worker in workers:
-        worker.join()
+    try:
+        while received < len(workers):
+            try:
+                stats.add(msgspec.msgpack.decode(results.get(timeout=0.2), type=WorkerStats))
+                received += 1
+            except Exception:  # queue.Empty: nothing yet
+                if not any(w.is_alive() for w in workers) and results.empty():
+                    stats.errors.append("a worker process died without reporting")
+                    break
+            bar.show(done.value)
+    except BaseException:
+        for worker in workers:
+            worker.terminate()
+        raise
+    finally:
+        for worker in workers:
+            worker.join()
     bar.show(done.value)
     return stats
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; nothing to change from here
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def format_report(report: Report) -> str:
@@ -413,14 +465,15 @@ def format_report(report: Report) -> str:
     stats, options = report.stats, report.options
     store = "PostgreSQL" if options.dsn else f"SQLite ({options.sqlite_path})"
     total = options.writers * options.updates
+    processes = "process" if options.processes == 1 else "processes"
     rows = [
         ("store", store),
         (
             "writers x updates",
-            f"{options.writers} x {options.updates} in {options.processes} process(es)",
+            f"{options.writers} x {options.updates} in {options.processes} {processes}",
         ),
         ("hot orders", str(options.orders)),
-        ("commands", f"{stats.commands} ({stats.failed} failed)"),
+        ("commands", f"{stats.commands} ({stats.failed} failed visibly)"),
         ("attempts (process calls)", str(stats.attempts)),
         ("retries (transient)", str(stats.retries)),
         ("conflicts detected (ConcurrencyErrors)", str(stats.conflicts_detected)),
@@ -434,13 +487,27 @@ def format_report(report: Report) -> str:
         ("store size", f"{report.store_bytes / 1e6:.1f} MB"),
     ]
     items = sum(len(order.items) for order in report.final.values())
-    check = (
-        f"PASS: {items}/{total} updates present exactly once, versions consistent"
-        if report.ok
-        else f"FAIL: {len(report.lost)} lost, {len(report.doubled)} doubled, "
-        f"{len(report.bad_versions)} version problems, {stats.failed} failed commands"
-    )
+    failed = report.failed_visibly
+    if not report.exactly_once:
+        check = (
+            f"FAIL: {len(report.lost)} lost, {len(report.doubled)} doubled, "
+            f"{plural(len(report.bad_versions), 'version problem')}"
+        )
+    elif failed:
+        check = (
+            f"PASS: {stats.commands - stats.failed}/{total} acknowledged updates present "
+            "exactly once, versions consistent"
+        )
+    else:
+        check = f"PASS: {items}/{total} updates present exactly once, versions consistent"
     rows.append(("every update exactly once", check))
+    if failed:
+        rows.append(
+            (
+                "failed visibly (caller got the error)",
+                f"{plural(failed, 'command')}, {report.applied_after_failing} of them applied",
+            )
+        )
     width = max(len(name) for name, _ in rows)
     value_width = max(len(value) for _, value in rows)
     lines = [
@@ -462,9 +529,17 @@ def format_report(report: Report) -> str:
 
 
 def default_options(**overrides: Any) -> DemoOptions:
-    """Options with a fresh run id and, without a DSN, a SQLite file in a temporary folder."""
+    """Options with a fresh run id; give `dsn` or `sqlite_path` (see `temporary_sqlite`)."""
     run_id = overrides.pop("run_id", None) or uuid.uuid4().hex[:8]
-    if not overrides.get("dsn") and not overrides.get("sqlite_path"):
-        folder = tempfile.mkdtemp(prefix="cqrs-resilience-demo-")
-        overrides["sqlite_path"] = os.path.join(folder, "demo.sqlite3")
     return DemoOptions(run_id=run_id, **overrides)
+
+
+@contextlib.contextmanager
+def temporary_sqlite(*, keep: bool = False) -> Iterator[str]:
+    """A SQLite file path in a new temporary folder, removed afterwards unless `keep`."""
+    folder = tempfile.mkdtemp(prefix="cqrs-resilience-demo-")
+    try:
+        yield os.path.join(folder, "demo.sqlite3")
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)

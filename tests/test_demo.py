@@ -141,6 +141,8 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         "--sqlite",
         "--processes",
         "--seed",
+        "--max-retries",
+        "--keep",
     ):
         assert option in out
 

@@ -1,0 +1,262 @@
+"""The command line: exit statuses, Ctrl-C, the temporary store, option messages, --help."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import cqrs_resilience
+from cqrs_resilience import __main__ as cli
+from cqrs_resilience import _demo
+from cqrs_resilience._demo import Report, WorkerStats, default_options, plural
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["demo", "--writers", "2", "--updates", "2", "--orders", "1"]
+
+
+def _start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
+    """`python -m cqrs_resilience ...` with this tree first on the path, temp files in tmp_path."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TMPDIR": str(tmp_path),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "cqrs_resilience", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_ctrl_c_exits_130_quietly_and_removes_the_temporary_folder(
+    tmp_path: Path, processes: str
+) -> None:
+    """SIGINT mid-run: "interrupted" on stderr, status 130, no traceback, no folder left."""
+    run = _start(["demo", "--writers", "4", "--updates", "250", "--processes", processes], tmp_path)
+    assert run.stderr is not None
+    # Progress goes to stderr, a line at a time when it is not a terminal ("  N/1000
+    # commands"): wait until the writers have done some, then interrupt them.
+    seen = []
+    for line in run.stderr:
+        seen.append(line)
+        if not line.startswith("  0/"):
+            break
+    assert seen and re.match(r"  [1-9]\d*/1000 commands", seen[-1]), seen
+    assert not seen[-1].startswith("  1000/"), "finished before the interrupt; give it more work"
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, (out, err)
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("cqrs-resilience-demo-*"))
+
+
+def test_a_run_removes_its_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --keep, the temporary SQLite folder is gone when the command returns."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli.main(SMALL) == 0
+    assert not list(tmp_path.iterdir())
+
+
+def test_keep_leaves_the_temporary_store_and_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--keep: the SQLite file stays and stderr names it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert cli.main([*SMALL, "--keep"]) == 0
+    (kept,) = tmp_path.glob("cqrs-resilience-demo-*/demo.sqlite3")
+    assert f"kept {kept}" in capsys.readouterr().err
+
+
+def test_an_sqlite_file_given_stays(tmp_path: Path) -> None:
+    """--sqlite PATH: the file is the user's and outlives the run."""
+    path = tmp_path / "mine.sqlite3"
+    assert cli.main([*SMALL, "--sqlite", str(path)]) == 0
+    assert path.exists()
+
+
+def _main_fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_missing_sqlite_directory_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --sqlite path in a folder that does not exist says so, with the demo's usage."""
+    missing = tmp_path / "no" / "such"
+    err = _main_fails([*SMALL, "--sqlite", str(missing / "d.sqlite3")], capsys)
+    assert f"--sqlite: directory {missing} does not exist" in err
+    assert "usage: cqrs-resilience demo" in err
+
+
+def test_an_unwritable_sqlite_directory_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --sqlite path in a read-only folder says the folder is not writable."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.access(folder, os.W_OK):  # root writes anywhere: pretend it cannot here
+        real = os.access
+
+        def access(path: str | os.PathLike[str], mode: int) -> bool:
+            return False if Path(path) == folder and mode & os.W_OK else real(path, mode)
+
+        monkeypatch.setattr(os, "access", access)
+    try:
+        err = _main_fails([*SMALL, "--sqlite", str(folder / "d.sqlite3")], capsys)
+    finally:
+        folder.chmod(0o700)
+    assert f"--sqlite: directory {folder} is not writable" in err
+
+
+@pytest.mark.parametrize(("value", "message"), [("", "empty"), (".", "is a directory, not a file")])
+def test_an_empty_or_directory_sqlite_path_is_an_error(
+    value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--sqlite '' and --sqlite DIR are usage errors."""
+    assert message in _main_fails([*SMALL, "--sqlite", value], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--bogus"],
+        ["demo", "--writers", "2", "--processes", "3"],
+        ["demo", "--max-retries", "101"],
+        ["demo", "--max-retries", "-1"],
+    ],
+)
+def test_a_bad_demo_option_shows_the_demo_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Errors in demo options print `usage: cqrs-resilience demo ...`, not the top level's."""
+    err = _main_fails(argv, capsys)
+    assert err.startswith("usage: cqrs-resilience demo ")
+    assert "cqrs-resilience demo: error:" in err
+
+
+def test_max_retries_zero_turns_faults_into_visible_failures_exit_3(tmp_path: Path) -> None:
+    """With no retries, injected faults reach callers: reported apart from losses, exit 3."""
+    argv = [*SMALL, "--updates", "10", "--max-retries", "0", "--transient-rate", "0.5"]
+    run = _start(argv, tmp_path)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 3, (out, err)
+    assert "acknowledged updates present exactly once" in out
+    assert "failed visibly (caller got the error)" in out
+    (retries,) = [line for line in out.splitlines() if line.startswith("| retries")]
+    assert retries.split("|")[2].strip() == "0"
+
+
+def _report(**problems: list[str]) -> Report:
+    options = default_options(writers=1, updates=2, sqlite_path="unused")
+    stats = WorkerStats(commands=2, sent={"o": ["t1", "t2"]})
+    if "failed" in problems:
+        stats.failed_tokens = problems.pop("failed")
+        stats.failed = len(stats.failed_tokens)
+    return Report(
+        options,
+        stats,
+        elapsed=1.0,
+        lost=problems.get("lost", []),
+        doubled=problems.get("doubled", []),
+    )
+
+
+@pytest.mark.parametrize(
+    ("report", "code"),
+    [
+        (_report(), 0),
+        (_report(lost=["t1"]), 1),
+        (_report(doubled=["t1"]), 1),
+        (_report(failed=["t2"]), 3),
+        (_report(lost=["t1"], failed=["t2"]), 1),
+    ],
+)
+def test_exit_status_says_lost_or_doubled_apart_from_visible_failures(
+    report: Report, code: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """1 for a lost or doubled update (whatever else), 3 for visible failures alone, else 0."""
+    monkeypatch.setattr(cli, "run_demo", lambda options: report)
+    assert cli.main([*SMALL, "--sqlite", str(tmp_path / "d.sqlite3")]) == code
+
+
+async def test_a_visibly_failed_update_that_is_absent_is_not_lost(tmp_path: Path) -> None:
+    """The check counts only acknowledged updates as lost: a failed command's may be missing."""
+    options = default_options(writers=1, updates=1, orders=1, sqlite_path=str(tmp_path / "f"))
+    await _demo.create_orders(options)
+    (order_id,) = options.order_ids()
+    stats = WorkerStats(commands=1, failed=1, sent={order_id: ["w0-u0"]}, failed_tokens=["w0-u0"])
+    report = Report(options, stats, elapsed=1.0)
+    await _demo.verify(options, report)
+    assert report.lost == []
+    assert report.exactly_once
+    assert report.failed_visibly == 1
+    assert not report.ok
+
+
+def test_version_comes_from_the_installed_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the program name and version and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cqrs-resilience {cli._version()}"
+
+
+def test_version_falls_back_to_the_package_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without installed metadata (a bare source tree), --version uses __version__."""
+    import importlib.metadata
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli._version() == cqrs_resilience.__version__
+
+
+def test_help_gives_ranges_and_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    """demo --help says each numeric option's range and every exit status."""
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in (
+        "--writers N concurrent writers, 1 or more",
+        "--updates N commands per writer, 1 or more",
+        "--orders N hot orders, 1 or more",
+        "0 <= R < 1 (default 0.1)",
+        "0 <= R < 1 (default 0.02)",
+        "--max-retries N retries of a command after a transient failure, 0 to 100 (default 12)",
+        "1 to --writers",
+        "any whole number",
+        "--keep",
+    ):
+        assert text in out
+    for code in ("0 ", "1 ", "2 ", "3 ", "130 interrupted"):
+        assert f" {code}" in out.split("exit status:")[1]
+
+
+def test_output_uses_singulars_for_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One writer, one command, one order, one process: no "1 writers" anywhere."""
+    argv = ["demo", "--writers", "1", "--updates", "1", "--orders", "1"]
+    assert cli.main([*argv, "--sqlite", str(tmp_path / "d.sqlite3")]) == 0
+    captured = capsys.readouterr()
+    assert "1 writer x 1 command on 1 hot order," in captured.out
+    assert "1 x 1 in 1 process " in captured.out
+    assert "1/1 command (100%)" in captured.err
+    assert plural(2, "hot order") == "2 hot orders"
+    assert plural(0, "writer") == "0 writers"
