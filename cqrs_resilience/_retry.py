@@ -147,7 +147,17 @@ class _Attempts:
     """One call's retry state: the tenacity call state, its stop and wait, who it is for, and
     the idempotency scope its re-attempts run in."""
 
-    __slots__ = ("changes", "command", "max_retries", "policy", "scope", "state", "stop", "wait")
+    __slots__ = (
+        "changes",
+        "command",
+        "max_retries",
+        "policy",
+        "scope",
+        "skipped",
+        "state",
+        "stop",
+        "wait",
+    )
 
     def __init__(
         self,
@@ -166,6 +176,7 @@ class _Attempts:
         self.stop = stop
         self.wait = wait
         self.scope, self.changes = scope
+        self.skipped = 0.0  # seconds of waits `set_testing()` skipped
 
 
 class Retry:
@@ -231,8 +242,8 @@ class Retry:
         should_retry = self._should_retry
         handler_type = describe_handler(fn)
         budget = self.budget
-        # tenacity's time-based stops count from the first attempt; read the clock only then.
-        now = self._now if self.stop is not None else None
+        # tenacity's strategies may count time from the first attempt: read the clock for them.
+        now = self._now if self.stop is not None or self.wait is not None else None
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
         ):
@@ -313,12 +324,13 @@ class Retry:
                 )
             _POLICY_TYPES.add(type(policy))
         # Strategies written in code replace the policy's count or delays, and are trusted.
-        stop: Stop = self.stop or tenacity.stop_after_attempt(max_retries + 1)
-        wait: Wait = self.wait or _PolicyWait(policy, cap_s)
-        run = _Attempts(
-            policy, stop, wait, max_retries if self.stop is None else None, command, call, scope
-        )
-        if self.stop is not None:
+        if self.stop is None:
+            stop: Stop = tenacity.stop_after_attempt(max_retries + 1)
+        else:
+            stop, max_retries = self.stop, None
+        wait = self.wait if self.wait is not None else _PolicyWait(policy, cap_s)
+        run = _Attempts(policy, stop, wait, max_retries, command, call, scope)
+        if self.stop is not None or self.wait is not None:
             run.state.start_time = started
         return run
 
@@ -333,9 +345,12 @@ class Retry:
         if self.stop is not None or self.wait is not None:
             # What tenacity's own strategies read, on our clock.
             state.outcome = tenacity.Future.construct(state.attempt_number, exc, True)
-            state.outcome_timestamp = self._now()
+            state.outcome_timestamp = self._now() + run.skipped
         if is_testing():
             delay = 0.0
+            if self.stop is not None:
+                # A skipped wait still counts for a time-based stop, or it would never stop.
+                run.skipped += run.wait(state)
         else:
             delay = run.wait(state)
             retry_after = getattr(exc, "retry_after", None)

@@ -733,3 +733,16 @@ def test_bad_strategies_are_rejected_up_front() -> None:
         retry(stop=3)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="wait="):
         retry(wait="fast")  # type: ignore[call-overload]
+
+
+async def test_set_testing_still_ends_a_time_based_stop() -> None:
+    """In testing mode the waits are skipped, yet stop_after_delay sees them pass: no endless
+    loop on a clock that never moves."""
+    clock = FakeClock(autojump=False)
+    flaky = Flaky(100)
+    with set_testing(), pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_after_delay(30), wait=tenacity.wait_fixed(10), clock=clock)(
+            flaky
+        )()
+    assert flaky.calls == 4
+    assert clock.sleeps == []
