@@ -241,7 +241,7 @@ class Retry:
             raise TypeError(f"retry() wraps a callable, got {fn!r}")
         should_retry = self._should_retry
         handler_type = describe_handler(fn)
-        budget = self.budget
+        deposit = self.budget.deposit if self.budget is not None else None
         # tenacity's strategies may count time from the first attempt: read the clock for them.
         now = self._now if self.stop is not None or self.wait is not None else None
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
@@ -256,8 +256,8 @@ class Retry:
                 if scope is None or not args or args[0] is not scope.command:
                     scope, token = enter(args)
                 changes = scope.changes if scope is not None else 0
-                if budget is not None:
-                    budget.deposit()
+                if deposit is not None:
+                    deposit()
                 started = now() if now is not None else 0.0
                 try:
                     try:
@@ -282,8 +282,8 @@ class Retry:
             if scope is None or not args or args[0] is not scope.command:
                 scope, token = enter(args)
             changes = scope.changes if scope is not None else 0
-            if budget is not None:
-                budget.deposit()
+            if deposit is not None:
+                deposit()
             started = now() if now is not None else 0.0
             try:
                 try:

@@ -19,12 +19,10 @@ other clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -48,7 +46,7 @@ more than half the queue (as asyncio does with cancelled timers)."""
 class _Expiries:
     """The live calls of one `timeout()` on one event loop, by deadline, under one timer."""
 
-    __slots__ = ("__weakref__", "armed", "clock", "dead", "entries", "loop", "now", "timer")
+    __slots__ = ("armed", "clock", "dead", "entries", "loop", "now", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: Clock | None) -> None:
         self.loop = loop
@@ -142,23 +140,17 @@ class Timeout:
         # The system clock goes through the loop's own timers; None says so.
         self._timer_clock = None if clock is None or type(clock) is SystemClock else clock
         self._queue: _Expiries | None = None
-        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Expiries] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def __repr__(self) -> str:
         clock = f", clock={self.clock!r}" if self.clock is not None else ""
         return f"timeout({self.seconds:g}{clock})"
 
     def _queue_on(self, loop: asyncio.AbstractEventLoop) -> _Expiries:
-        queue = self._queues.get(loop)
-        if queue is None:
-            queue = _Expiries(loop, self._timer_clock)
-            # A loop that takes no weak reference keeps only the last queue (`_queue`).
-            with contextlib.suppress(TypeError):
-                self._queues[loop] = queue
-        self._queue = queue
-        return queue
+        """A fresh queue for another loop. The one it replaces lives on while its calls and
+        its timer hold it, so switching loops (a new loop per test, a loop per thread) costs a
+        timer, never a missed deadline."""
+        self._queue = _Expiries(loop, self._timer_clock)
+        return self._queue
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         if not callable(fn):

@@ -336,17 +336,20 @@ async def test_quick_calls_behind_a_slow_one_do_not_pile_up() -> None:
 
 
 async def test_each_event_loop_gets_its_own_timers() -> None:
-    """One behaviour used from a second event loop (another thread) works there too."""
-    behavior = timeout(5)
+    """One behaviour used from a second event loop (another thread) works there, and a call
+    still running on the first loop still times out."""
+    behavior = timeout(0.05)
 
     async def ok() -> str:
         await asyncio.sleep(0)
         return "ok"
 
-    wrapped = behavior(ok)
-    assert await wrapped() == "ok"
-    assert await asyncio.to_thread(asyncio.run, wrapped()) == "ok"
-    assert await wrapped() == "ok"
+    slow = asyncio.create_task(behavior(asyncio.sleep)(60))
+    await asyncio.sleep(0)
+    assert await asyncio.to_thread(asyncio.run, behavior(ok)()) == "ok"
+    assert await behavior(ok)() == "ok"
+    with pytest.raises(TimeoutError):
+        await slow
 
 
 def test_sync_functions_are_refused_when_decorated() -> None:
