@@ -1,9 +1,10 @@
 """Retry and conflict resolution for CQRS command handlers.
 
-Behaviours are plain higher-order functions (`retry`, `resolve_conflicts`) composed with
+Behaviours are plain higher-order functions (`retry`, `timeout`, `resolve_conflicts`) composed with
 `pipeline()`; the handler classes are thin shells generated from the same behaviours.
 """
 
+from ._budget import RetryBudget
 from ._clock import Clock, FakeClock, SystemClock, is_testing, set_testing
 from ._conflict import (
     FetchBaseState,
@@ -35,7 +36,7 @@ from ._handlers import (
     RetryableCommandHandler,
     RetryBehaviorMixin,
 )
-from ._hooks import HookRegistry, get_hook_registry
+from ._hooks import RETRY_BUDGET_EXHAUSTED, HookRegistry, get_hook_registry
 from ._idempotency import command_scope, current_command_id
 from ._merge_engine import OnMergeConflict
 from ._merge_registry import MergeStrategyRegistry, UnknownStrategyError
@@ -53,6 +54,7 @@ from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
 from ._repository import Aggregate, InMemoryRepository, Repository
 from ._retry import DEFAULT_RETRY_ON, Retry, retry
+from ._timeout import Timeout, timeout
 from ._turns import Turns
 
 __version__ = "0.1.0"
@@ -93,17 +95,20 @@ __all__ = [
     "OnMergeConflict",
     "Pipeline",
     "PipelinedCommandHandler",
+    "RETRY_BUDGET_EXHAUSTED",
     "Repository",
     "ResilientCommandHandler",
     "ResolveConflicts",
     "Retry",
     "RetryBehaviorMixin",
+    "RetryBudget",
     "RetryPolicy",
     "Retryable",
     "RetryableCommandHandler",
     "StoreError",
     "SystemClock",
     "ThreeWayMergeStrategy",
+    "Timeout",
     "TimestampLastWinsStrategy",
     "TransientError",
     "Turns",
@@ -120,4 +125,5 @@ __all__ = [
     "retry",
     "set_testing",
     "three_way_merge",
+    "timeout",
 ]

@@ -10,6 +10,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -56,6 +57,22 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+class FakeTimer:
+    """What `FakeClock.call_at` returns: `cancel()` it and it never fires."""
+
+    __slots__ = ("callback", "when")
+
+    def __init__(self, when: float, callback: Callable[[], object]) -> None:
+        self.when = when
+        self.callback: Callable[[], object] | None = callback
+
+    def cancel(self) -> None:
+        self.callback = None
+
+    def __repr__(self) -> str:
+        return f"FakeTimer(when={self.when}, {'cancelled' if self.callback is None else 'armed'})"
+
+
 class FakeClock:
     """A test clock whose time moves only when told, or by itself when everything sleeps.
 
@@ -63,6 +80,9 @@ class FakeClock:
     length, so a test sees the whole backoff schedule in `sleeps` without waiting. With
     `autojump=False` sleepers wait until `advance()` passes their deadline, which lets a test
     act mid-backoff (for example cancel the sleeping task).
+
+    Timers (`call_at`, which `timeout()` uses) fire as time passes them, whichever way it
+    moves; a sleep cut short by a timer that cancels the sleeping task ends at the timer.
     """
 
     def __init__(self, *, autojump: bool = True, start: float = 0.0) -> None:
@@ -70,6 +90,7 @@ class FakeClock:
         self.now = start
         self.sleeps: list[float] = []
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._timers: list[tuple[float, int, FakeTimer]] = []
         self._order = itertools.count()
         self._sleeper_added: asyncio.Event | None = None
 
@@ -83,7 +104,7 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         if self.autojump:
-            self.now += seconds
+            self._move_to(self.now + seconds, cut_short=True)
             await asyncio.sleep(0)  # still a suspension point, as a real sleep is
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -94,7 +115,34 @@ class FakeClock:
 
     def sleep_sync(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        self._move_to(self.now + seconds)
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> FakeTimer:
+        """Call `callback` when this clock's time next moves to or past `when`."""
+        timer = FakeTimer(when, callback)
+        heapq.heappush(self._timers, (when, next(self._order), timer))
+        return timer
+
+    def _move_to(self, target: float, *, cut_short: bool = False) -> None:
+        """Move time to `target`, firing due timers in order, each at its own time.
+
+        With `cut_short` (an async sleep) time stops at a timer that cancels the sleeping
+        task: its sleep would have ended there.
+        """
+        timers = self._timers
+        if timers and timers[0][0] <= target:
+            task = _running_task() if cut_short else None
+            cancelling = task.cancelling() if task is not None else 0
+            while timers and timers[0][0] <= target:
+                when, _, timer = heapq.heappop(timers)
+                callback, timer.callback = timer.callback, None
+                if callback is None:
+                    continue
+                self.now = max(self.now, when)
+                callback()
+                if task is not None and task.cancelling() > cancelling:
+                    return
+        self.now = max(self.now, target)
 
     @property
     def pending(self) -> int:
@@ -102,10 +150,11 @@ class FakeClock:
         return sum(1 for _, _, w in self._sleepers if not w.done())
 
     def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper whose deadline has come."""
+        """Move time forward: fire the timers it passes and wake every sleeper whose deadline
+        has come."""
         if seconds < 0:
             raise ValueError(f"a clock cannot go back: advance({seconds})")
-        self.now += seconds
+        self._move_to(self.now + seconds)
         while self._sleepers and self._sleepers[0][0] <= self.now:
             _, _, waiter = heapq.heappop(self._sleepers)
             if not waiter.done():
@@ -119,6 +168,13 @@ class FakeClock:
 
     def __repr__(self) -> str:
         return f"FakeClock(now={self.now}, sleeps={len(self.sleeps)}, pending={self.pending})"
+
+
+def _running_task() -> asyncio.Task[object] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop: a sync sleep outside async code
+        return None
 
 
 _testing = False

@@ -22,11 +22,19 @@ H = TypeVar("H", bound=Hook)
 
 RETRY_SCHEDULED = "handler.retry.scheduled"
 RETRY_EXHAUSTED = "handler.retry.exhausted"
+RETRY_BUDGET_EXHAUSTED = "handler.retry.budget_exhausted"
 CONFLICT_DETECTED = "handler.conflict.detected"
 CONFLICT_RESOLVED = "handler.conflict.resolved"
 CONFLICT_FAILED = "handler.conflict.failed"
 
-EVENTS = (RETRY_SCHEDULED, RETRY_EXHAUSTED, CONFLICT_DETECTED, CONFLICT_RESOLVED, CONFLICT_FAILED)
+EVENTS = (
+    RETRY_SCHEDULED,
+    RETRY_EXHAUSTED,
+    RETRY_BUDGET_EXHAUSTED,
+    CONFLICT_DETECTED,
+    CONFLICT_RESOLVED,
+    CONFLICT_FAILED,
+)
 
 
 class HookRegistry:

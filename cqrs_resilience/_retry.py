@@ -2,8 +2,11 @@
 
 The first attempt runs outside tenacity, inside a bare try/except, so a call that succeeds
 pays almost nothing. Only after a retryable failure does tenacity's machinery take over: its
-call state counts attempts, `stop_after_attempt` ends the budget, and the policy becomes a
-tenacity wait strategy. Each call has its own state; nothing is shared between calls.
+call state counts attempts, `stop_after_attempt` ends the retries, and the policy becomes a
+tenacity wait strategy; tenacity's own `stop=` and `wait=` strategies plug in the same way,
+with the call state's times read from the behaviour's clock. Each call has its own state;
+what calls share is only what the user shares: a `RetryBudget`, or the deadline of a
+`timeout()` around them, which no backoff may sleep past.
 
 A call whose first argument is a command runs in the command's idempotency scope (see
 `_idempotency`), so a write that committed before a timeout is recognised when retried, with
@@ -24,9 +27,12 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import tenacity
 
+from ._budget import RetryBudget
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
+from ._deadline import time_left
 from ._errors import ConfigurationError, TransientError
 from ._hooks import (
+    RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
     HookRegistry,
@@ -46,7 +52,16 @@ from ._policies import ExponentialBackoffPolicy, RetryPolicy
 P = ParamSpec("P")
 T = TypeVar("T")
 
-RetryOn: TypeAlias = type[Exception] | tuple[type[Exception], ...] | Callable[[BaseException], bool]
+RetryOn: TypeAlias = (
+    type[Exception]
+    | tuple[type[Exception], ...]
+    | Callable[[BaseException], bool]
+    | tenacity.retry_base
+)
+Stop: TypeAlias = Callable[[tenacity.RetryCallState], bool]
+"""A tenacity stop strategy (`stop_after_attempt(5) | stop_after_delay(30)`, ...)."""
+Wait: TypeAlias = Callable[[tenacity.RetryCallState], float]
+"""A tenacity wait strategy, in seconds (`wait_random_exponential(max=10)`, ...)."""
 
 DEFAULT_RETRY_ON: tuple[type[Exception], ...] = (TransientError, ConnectionError, TimeoutError)
 """Retried when `on` is not given. `asyncio.TimeoutError` is `TimeoutError` on 3.11+."""
@@ -76,6 +91,15 @@ def _predicate(on: RetryOn | None) -> Callable[[Exception], bool]:
     """Turn `on` into a test; only `Exception`s ever reach it, so cancellation never retries."""
     if on is None:
         on = DEFAULT_RETRY_ON
+    if isinstance(on, tenacity.retry_base):
+        strategy = on  # tenacity's retry_if_exception_type(...) and friends read the outcome
+
+        def tenacity_says(exc: BaseException) -> bool:
+            state = tenacity.RetryCallState(cast(Any, None), None, (), {})
+            state.outcome = tenacity.Future.construct(1, exc, has_exception=True)
+            return bool(strategy(state))
+
+        return tenacity_says
     if isinstance(on, type) and issubclass(on, BaseException):
         on = (on,)
     if isinstance(on, tuple):
@@ -110,17 +134,37 @@ class _PolicyWait(tenacity.wait.wait_base):
         return min(delay, self.cap_s) if delay > 0 else 0.0
 
 
+def _seconds(value: float) -> str:
+    return f"{max(value, 0.0):.3g} s" if value < 100 else f"{value:.0f} s"
+
+
+def _attempts(state: tenacity.RetryCallState) -> str:
+    count = state.attempt_number
+    return f"gave up after {count} attempt{'s' if count != 1 else ''}"
+
+
 class _Attempts:
     """One call's retry state: the tenacity call state, its stop and wait, who it is for, and
     the idempotency scope its re-attempts run in."""
 
-    __slots__ = ("changes", "command", "max_retries", "policy", "scope", "state", "stop", "wait")
+    __slots__ = (
+        "changes",
+        "command",
+        "max_retries",
+        "policy",
+        "scope",
+        "skipped",
+        "state",
+        "stop",
+        "wait",
+    )
 
     def __init__(
         self,
         policy: RetryPolicy,
-        max_retries: int,
-        cap_s: float,
+        stop: Stop,
+        wait: Wait,
+        max_retries: int | None,
         command: Any,
         call: tuple[Any, tuple[Any, ...], dict[str, Any]],
         scope: tuple[Scope | None, int],
@@ -129,9 +173,10 @@ class _Attempts:
         self.max_retries = max_retries
         self.command = command
         self.state = tenacity.RetryCallState(cast(Any, None), *call)
-        self.stop = tenacity.stop_after_attempt(max_retries + 1)
-        self.wait = _PolicyWait(policy, cap_s)
+        self.stop = stop
+        self.wait = wait
         self.scope, self.changes = scope
+        self.skipped = 0.0  # seconds of waits `set_testing()` skipped
 
 
 class Retry:
@@ -141,7 +186,10 @@ class Retry:
         self,
         policy: RetryPolicy | None = None,
         *,
+        stop: Stop | None = None,
+        wait: Wait | None = None,
         on: RetryOn | None = None,
+        budget: RetryBudget | None = None,
         hooks: HookRegistry | None = None,
         clock: Clock | None = None,
         max_retries_cap: int = MAX_RETRIES_CAP,
@@ -151,20 +199,32 @@ class Retry:
             raise TypeError(
                 f"retry() takes a RetryPolicy (max_retries and backoff_ms()), got {policy!r}"
             )
+        for name, strategy in (("stop", stop), ("wait", wait)):
+            if strategy is not None and not callable(strategy):
+                raise TypeError(
+                    f"retry({name}=...) takes a tenacity {name} strategy, got {strategy!r}"
+                )
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise TypeError(f"retry(budget=...) takes a RetryBudget, got {budget!r}")
         check_cap("max_retries_cap", max_retries_cap)
         check_cap("max_delay_cap_s", max_delay_cap_s, seconds=True)
         self.policy = policy
+        self.stop = stop
+        self.wait = wait
         self.on = on
+        self.budget = budget
         self.hooks = hooks
         self.clock = clock
         self.max_retries_cap = max_retries_cap
         self.max_delay_cap_s = float(max_delay_cap_s)
         self._should_retry = _predicate(on)
+        self._now = (clock or SYSTEM_CLOCK).monotonic
 
     def __repr__(self) -> str:
         parts = [repr(self.policy)] if self.policy is not None else []
-        if self.on is not None:
-            parts.append(f"on={self.on!r}")
+        for name in ("stop", "wait", "on", "budget"):
+            if getattr(self, name) is not None:
+                parts.append(f"{name}={getattr(self, name)!r}")
         if self.max_retries_cap != MAX_RETRIES_CAP:
             parts.append(f"max_retries_cap={self.max_retries_cap}")
         if self.max_delay_cap_s != MAX_DELAY_CAP_S:
@@ -181,6 +241,9 @@ class Retry:
             raise TypeError(f"retry() wraps a callable, got {fn!r}")
         should_retry = self._should_retry
         handler_type = describe_handler(fn)
+        deposit = self.budget.deposit if self.budget is not None else None
+        # tenacity's strategies may count time from the first attempt: read the clock for them.
+        now = self._now if self.stop is not None or self.wait is not None else None
         if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
         ):
@@ -193,6 +256,9 @@ class Retry:
                 if scope is None or not args or args[0] is not scope.command:
                     scope, token = enter(args)
                 changes = scope.changes if scope is not None else 0
+                if deposit is not None:
+                    deposit()
+                started = now() if now is not None else 0.0
                 try:
                     try:
                         return await async_fn(*args, **kwargs)
@@ -201,7 +267,9 @@ class Retry:
                             raise
                         failure = exc
                     call = (async_fn, args, kwargs)
-                    return await self._retry_async(handler_type, call, failure, (scope, changes))
+                    return await self._retry_async(
+                        handler_type, call, failure, (scope, changes), started
+                    )
                 finally:
                     if token is not None:
                         CURRENT.reset(token)
@@ -214,6 +282,9 @@ class Retry:
             if scope is None or not args or args[0] is not scope.command:
                 scope, token = enter(args)
             changes = scope.changes if scope is not None else 0
+            if deposit is not None:
+                deposit()
+            started = now() if now is not None else 0.0
             try:
                 try:
                     return fn(*args, **kwargs)
@@ -221,7 +292,8 @@ class Retry:
                     if not should_retry(exc):
                         raise
                     failure = exc
-                return self._retry_sync(handler_type, (fn, args, kwargs), failure, (scope, changes))
+                call = (fn, args, kwargs)
+                return self._retry_sync(handler_type, call, failure, (scope, changes), started)
             finally:
                 if token is not None:
                     CURRENT.reset(token)
@@ -231,7 +303,10 @@ class Retry:
     # The retry path: everything below runs only after a retryable failure.
 
     def _start(
-        self, call: tuple[Any, tuple[Any, ...], dict[str, Any]], scope: tuple[Scope | None, int]
+        self,
+        call: tuple[Any, tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+        started: float,
     ) -> _Attempts:
         command = command_of(call[1])
         policy = getattr(command, "retry_policy", None)
@@ -248,21 +323,54 @@ class Retry:
                     f"{type(command).__name__}.retry_policy must be a RetryPolicy, got {policy!r}"
                 )
             _POLICY_TYPES.add(type(policy))
-        return _Attempts(policy, max_retries, cap_s, command, call, scope)
+        # Strategies written in code replace the policy's count or delays, and are trusted.
+        if self.stop is None:
+            stop: Stop = tenacity.stop_after_attempt(max_retries + 1)
+        else:
+            stop, max_retries = self.stop, None
+        wait = self.wait if self.wait is not None else _PolicyWait(policy, cap_s)
+        run = _Attempts(policy, stop, wait, max_retries, command, call, scope)
+        if self.stop is not None or self.wait is not None:
+            run.state.start_time = started
+        return run
 
-    def _delay(self, run: _Attempts, exc: Exception) -> float | None:
-        """Seconds to wait before the next attempt, or None when the budget is spent."""
-        if run.stop(run.state):
-            attempts = run.state.attempt_number
-            exc.add_note(f"gave up after {attempts} attempt{'s' if attempts != 1 else ''}")
-            return None
+    def _delay(self, run: _Attempts, exc: Exception) -> float | str:
+        """Seconds to wait before the next attempt, or the event to emit when giving up.
+
+        In tenacity's order (wait, then stop, so `stop_before_delay` sees the wait), then the
+        deadline of any `timeout()` around the call, then the budget, which is only drawn on
+        for a retry that will happen.
+        """
+        state = run.state
+        if self.stop is not None or self.wait is not None:
+            # What tenacity's own strategies read, on our clock.
+            state.outcome = tenacity.Future.construct(state.attempt_number, exc, True)
+            state.outcome_timestamp = self._now() + run.skipped
         if is_testing():
-            return 0.0
-        delay = run.wait(run.state)
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
-            # A server's Retry-After is outside input: at most the cap, whatever the policy.
-            delay = max(delay, min(float(retry_after), self.max_delay_cap_s))
+            delay = 0.0
+            if self.stop is not None:
+                # A skipped wait still counts for a time-based stop, or it would never stop.
+                run.skipped += run.wait(state)
+        else:
+            delay = run.wait(state)
+            retry_after = getattr(exc, "retry_after", None)
+            if isinstance(retry_after, int | float) and not isinstance(retry_after, bool):
+                # A server's Retry-After is outside input: at most the cap, whatever the policy.
+                delay = max(delay, min(float(retry_after), self.max_delay_cap_s))
+        state.upcoming_sleep = delay
+        if run.stop(state):
+            exc.add_note(_attempts(state))
+            return RETRY_EXHAUSTED
+        left = time_left()
+        if left is not None and delay > left:
+            exc.add_note(
+                f"{_attempts(state)}: the next wait of {_seconds(delay)} would end after the "
+                f"deadline ({_seconds(left)} left)"
+            )
+            return RETRY_EXHAUSTED
+        if self.budget is not None and not self.budget.try_withdraw():
+            exc.add_note(f"{_attempts(state)}: the retry budget is spent ({self.budget!r})")
+            return RETRY_BUDGET_EXHAUSTED
         return delay
 
     def _context(
@@ -278,6 +386,7 @@ class Retry:
             "error": exc,
             "policy": run.policy,
             "strategy": None,
+            "budget": self.budget,
         }
 
     async def _retry_async(
@@ -286,22 +395,24 @@ class Retry:
         call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
         exc: Exception,
         scope: tuple[Scope | None, int],
+        started: float,
     ) -> Any:
-        run = self._start(call, scope)
+        run = self._start(call, scope, started)
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
         while True:
             delay = self._delay(run, exc)
-            if delay is None:
-                if hooks.wants(RETRY_EXHAUSTED):
-                    await hooks.emit(RETRY_EXHAUSTED, self._context(handler_type, run, exc, None))
+            if isinstance(delay, str):
+                if hooks.wants(delay):
+                    await hooks.emit(delay, self._context(handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
             if hooks.wants(RETRY_SCHEDULED):
                 await hooks.emit(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
             if delay > 0 or not is_testing():
                 await sleep(delay)
+                run.state.idle_for += delay
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return await fn(*args, **kwargs)
@@ -318,22 +429,24 @@ class Retry:
         call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
         exc: Exception,
         scope: tuple[Scope | None, int],
+        started: float,
     ) -> Any:
-        run = self._start(call, scope)
+        run = self._start(call, scope, started)
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK
         while True:
             delay = self._delay(run, exc)
-            if delay is None:
-                if hooks.wants(RETRY_EXHAUSTED):
-                    hooks.emit_sync(RETRY_EXHAUSTED, self._context(handler_type, run, exc, None))
+            if isinstance(delay, str):
+                if hooks.wants(delay):
+                    hooks.emit_sync(delay, self._context(handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
             if hooks.wants(RETRY_SCHEDULED):
                 hooks.emit_sync(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
             if delay > 0:
                 clock.sleep_sync(delay)
+                run.state.idle_for += delay
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return fn(*args, **kwargs)
@@ -351,7 +464,10 @@ def retry(policy: Callable[P, T], /) -> Callable[P, T]: ...
 def retry(
     policy: RetryPolicy | None = None,
     *,
+    stop: Stop | None = None,
+    wait: Wait | None = None,
     on: RetryOn | None = None,
+    budget: RetryBudget | None = None,
     hooks: HookRegistry | None = None,
     clock: Clock | None = None,
     max_retries_cap: int = MAX_RETRIES_CAP,
@@ -362,7 +478,10 @@ def retry(
 def retry(
     policy: RetryPolicy | Callable[..., Any] | None = None,
     *,
+    stop: Stop | None = None,
+    wait: Wait | None = None,
     on: RetryOn | None = None,
+    budget: RetryBudget | None = None,
     hooks: HookRegistry | None = None,
     clock: Clock | None = None,
     max_retries_cap: int = MAX_RETRIES_CAP,
@@ -372,16 +491,24 @@ def retry(
 
     `policy` is the default; a `retry_policy` on the call's command wins, bounded by
     `max_retries_cap` retries and `max_delay_cap_s` seconds before any one retry (as is an
-    error's `retry_after`). `on` picks what is retried (types or a predicate); cancellation and
-    interpreter exits never are. When the budget is spent the last error is raised itself, with
-    a note saying how many attempts. `@retry` without parentheses uses the defaults.
+    error's `retry_after`). tenacity's own `stop` and `wait` strategies, when given, replace
+    the policy's count and delays (whichever policy applies); being code, they are not capped,
+    and they run on `clock`. `on` picks what is retried (types, a predicate or a tenacity
+    `retry_if_...`); cancellation and interpreter exits never are. `budget` (a `RetryBudget`)
+    bounds retries across calls. Inside a `timeout()`, no wait runs past its deadline.
+
+    When retrying ends early, the last error is raised itself, with a note saying how many
+    attempts and why. `@retry` without parentheses uses the defaults.
     """
     fn = None
     if policy is not None and not isinstance(policy, RetryPolicy) and callable(policy):
         fn, policy = policy, None
     behavior = Retry(
         policy,
+        stop=stop,
+        wait=wait,
         on=on,
+        budget=budget,
         hooks=hooks,
         clock=clock,
         max_retries_cap=max_retries_cap,

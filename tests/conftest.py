@@ -28,6 +28,7 @@ def events(hooks: HookRegistry) -> list[tuple[str, dict[str, object]]]:
     for name in (
         "handler.retry.scheduled",
         "handler.retry.exhausted",
+        "handler.retry.budget_exhausted",
         "handler.conflict.detected",
         "handler.conflict.resolved",
         "handler.conflict.failed",

@@ -85,3 +85,50 @@ async def test_shipped_fake_clock_fixture_records_backoff(fake_clock: FakeClock)
 def test_shipped_no_backoff_fixture_switches_testing_on() -> None:
     """The plugin's no_backoff fixture turns testing mode on for the test."""
     assert is_testing()
+
+
+def test_timers_fire_in_order_as_advance_passes_them() -> None:
+    """call_at() callbacks run, in deadline order, when time reaches them; cancel() stops one."""
+    clock = FakeClock()
+    fired: list[tuple[str, float]] = []
+    clock.call_at(2, lambda: fired.append(("late", clock.now)))
+    clock.call_at(1, lambda: fired.append(("early", clock.now)))
+    clock.call_at(1.5, lambda: fired.append(("cancelled", clock.now))).cancel()
+    clock.advance(0.5)
+    assert fired == []
+    clock.advance(2)
+    assert fired == [("early", 1), ("late", 2)]
+    assert clock.now == 2.5
+
+
+def test_sync_sleeps_fire_timers_they_pass() -> None:
+    """A sync sleep moves time like any other, so it fires timers too."""
+    clock = FakeClock()
+    fired: list[float] = []
+    clock.call_at(1, lambda: fired.append(clock.now))
+    clock.sleep_sync(3)
+    assert fired == [1]
+    assert clock.now == 3
+
+
+async def test_an_autojump_sleep_stops_at_a_timer_that_cancels_it() -> None:
+    """A timer that cancels the sleeping task cuts its sleep short, at the timer's time."""
+    clock = FakeClock()
+    task = asyncio.current_task()
+    assert task is not None
+    clock.call_at(2, task.cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await clock.sleep(10)
+    task.uncancel()
+    assert clock.now == 2
+    assert clock.sleeps == [10]
+
+
+async def test_an_autojump_sleep_runs_through_timers_that_do_not_cancel_it() -> None:
+    """Other timers fire on the way; the sleep still takes its full length."""
+    clock = FakeClock()
+    fired: list[float] = []
+    clock.call_at(1, lambda: fired.append(clock.now))
+    await clock.sleep(4)
+    assert fired == [1]
+    assert clock.now == 4

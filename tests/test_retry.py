@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import tenacity
 
 from cqrs_resilience import (
     Aggregate,
@@ -585,3 +586,163 @@ def test_bad_caps_are_rejected(caps: dict[str, Any]) -> None:
     """A cap out of range fails at construction, naming it."""
     with pytest.raises(ValueError, match=next(iter(caps))):
         retry(**caps)
+
+
+# --- tenacity's own strategies, on our clock ------------------------------------------------
+
+
+def always_failing(clock: FakeClock, calls: list[float], busy_s: float = 0.0) -> Any:
+    """Fails every time, recording the clock at each call; each call takes `busy_s`."""
+
+    async def fails() -> None:
+        calls.append(clock.now)
+        if busy_s:
+            await clock.sleep(busy_s)
+        raise TransientError("down")
+
+    return fails
+
+
+async def test_tenacity_stop_replaces_the_policys_count(clock: FakeClock) -> None:
+    """stop=stop_after_attempt(3) means three calls, whatever the policy says."""
+    calls: list[float] = []
+    with pytest.raises(TransientError) as info:
+        await retry(NO_JITTER, stop=tenacity.stop_after_attempt(3), clock=clock)(
+            always_failing(clock, calls)
+        )()
+    assert len(calls) == 3
+    assert info.value.__notes__ == ["gave up after 3 attempts"]
+
+
+async def test_stop_after_delay_runs_on_our_clock(clock: FakeClock) -> None:
+    """stop_after_attempt(5) | stop_after_delay(30) with 10 s waits: fake time ends it at 30 s."""
+    calls: list[float] = []
+    stop = tenacity.stop_after_attempt(5) | tenacity.stop_after_delay(30)
+    with pytest.raises(TransientError):
+        await retry(stop=stop, wait=tenacity.wait_fixed(10), clock=clock)(
+            always_failing(clock, calls)
+        )()
+    assert calls == [0, 10, 20, 30]
+    assert clock.sleeps == [10, 10, 10]
+
+
+async def test_stop_after_delay_counts_the_first_attempt(clock: FakeClock) -> None:
+    """The delay is measured from the start of the first attempt, not from its failure."""
+    calls: list[float] = []
+    with pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_after_delay(30), wait=tenacity.wait_fixed(10), clock=clock)(
+            always_failing(clock, calls, busy_s=25)
+        )()
+    assert calls == [0, 35]
+
+
+async def test_stop_before_delay_sees_the_next_wait(clock: FakeClock) -> None:
+    """stop_before_delay(30) gives up when the next wait would reach 30 s."""
+    calls: list[float] = []
+    with pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_before_delay(30), wait=tenacity.wait_fixed(10), clock=clock)(
+            always_failing(clock, calls)
+        )()
+    assert calls == [0, 10, 20]
+
+
+async def test_tenacity_wait_replaces_the_policys_delays(clock: FakeClock) -> None:
+    """wait=wait_random_exponential(...) draws every delay; the policy still counts retries."""
+    calls: list[float] = []
+    wait = tenacity.wait_random_exponential(multiplier=0.1, max=10)
+    with pytest.raises(TransientError):
+        await retry(NO_JITTER, wait=wait, clock=clock)(always_failing(clock, calls))()
+    assert len(calls) == 4
+    for k, slept in enumerate(clock.sleeps, 1):
+        assert 0 <= slept <= min(0.1 * 2**k, 10)
+
+
+async def test_strategies_written_in_code_are_not_capped(clock: FakeClock) -> None:
+    """A code-written wait of 2 minutes and stop of 20 attempts are trusted, even for a
+    command whose own policy asks for less."""
+    flaky = Flaky(100)
+    command = decoded_ping('{"type": "fixed", "max_retries": 1, "delay_ms": 5}')
+    with pytest.raises(TransientError):
+        await retry(
+            stop=tenacity.stop_after_attempt(20), wait=tenacity.wait_fixed(120), clock=clock
+        )(flaky)(command)
+    assert flaky.calls == 20
+    assert set(clock.sleeps) == {120}
+
+
+async def test_a_commands_delays_stay_capped_under_a_code_stop(clock: FakeClock) -> None:
+    """With only stop= given, the command's own delays still come from it, capped."""
+    command = decoded_ping('{"type": "fixed", "max_retries": 9, "delay_ms": 1e300}')
+    with pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_after_attempt(3), clock=clock)(Flaky(10))(command)
+    assert clock.sleeps == [60.0, 60.0]
+
+
+async def test_a_commands_count_stays_capped_under_a_code_wait(clock: FakeClock) -> None:
+    """With only wait= given, the command's max_retries still counts, capped."""
+    flaky = Flaky(100)
+    command = decoded_ping('{"type": "fixed", "max_retries": 1000000, "delay_ms": 0}')
+    with pytest.raises(TransientError):
+        await retry(wait=tenacity.wait_fixed(1), max_retries_cap=4, clock=clock)(flaky)(command)
+    assert flaky.calls == 5
+    assert clock.sleeps == [1, 1, 1, 1]
+
+
+async def test_hooks_report_no_max_retries_when_tenacity_stops(
+    clock: FakeClock, hooks: HookRegistry, events: list[Any]
+) -> None:
+    """A tenacity stop has no retry count to report: max_retries is None."""
+    with pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_after_attempt(2), clock=clock, hooks=hooks)(Flaky(10))()
+    assert [ctx["max_retries"] for _, ctx in events] == [None, None]
+
+
+async def test_tenacity_retry_predicates_work_as_on(clock: FakeClock) -> None:
+    """on= takes tenacity's retry_if_exception_type / _message strategies too."""
+    assert (
+        await retry(NO_JITTER, on=tenacity.retry_if_exception_type(KeyError), clock=clock)(
+            Flaky(2, KeyError)
+        )()
+        == 3
+    )
+    only_503 = tenacity.retry_if_exception_message(match=".*503.*")
+    assert await retry(NO_JITTER, on=only_503, clock=clock)(Flaky(1, RuntimeError("503")))() == 2
+    flaky = Flaky(1, RuntimeError("404"))
+    with pytest.raises(RuntimeError):
+        await retry(NO_JITTER, on=only_503, clock=clock)(flaky)()
+    assert flaky.calls == 1
+
+
+def test_tenacity_strategies_drive_sync_retries_too(clock: FakeClock) -> None:
+    """A plain function: stop_after_delay reads the same clock its sync sleeps move."""
+    calls: list[float] = []
+
+    @retry(stop=tenacity.stop_after_delay(5), wait=tenacity.wait_fixed(2), clock=clock)
+    def legacy() -> None:
+        calls.append(clock.now)
+        raise ConnectionError("reset")
+
+    with pytest.raises(ConnectionError):
+        legacy()
+    assert calls == [0, 2, 4, 6]
+
+
+def test_bad_strategies_are_rejected_up_front() -> None:
+    """stop= and wait= must be callables (tenacity strategies)."""
+    with pytest.raises(TypeError, match="stop="):
+        retry(stop=3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="wait="):
+        retry(wait="fast")  # type: ignore[call-overload]
+
+
+async def test_set_testing_still_ends_a_time_based_stop() -> None:
+    """In testing mode the waits are skipped, yet stop_after_delay sees them pass: no endless
+    loop on a clock that never moves."""
+    clock = FakeClock(autojump=False)
+    flaky = Flaky(100)
+    with set_testing(), pytest.raises(TransientError):
+        await retry(stop=tenacity.stop_after_delay(30), wait=tenacity.wait_fixed(10), clock=clock)(
+            flaky
+        )()
+    assert flaky.calls == 4
+    assert clock.sleeps == []
