@@ -25,8 +25,20 @@ RETRY_EXHAUSTED = "handler.retry.exhausted"
 CONFLICT_DETECTED = "handler.conflict.detected"
 CONFLICT_RESOLVED = "handler.conflict.resolved"
 CONFLICT_FAILED = "handler.conflict.failed"
+CIRCUIT_OPENED = "handler.circuit.opened"
+CIRCUIT_HALF_OPENED = "handler.circuit.half_opened"
+CIRCUIT_CLOSED = "handler.circuit.closed"
 
-EVENTS = (RETRY_SCHEDULED, RETRY_EXHAUSTED, CONFLICT_DETECTED, CONFLICT_RESOLVED, CONFLICT_FAILED)
+EVENTS = (
+    RETRY_SCHEDULED,
+    RETRY_EXHAUSTED,
+    CONFLICT_DETECTED,
+    CONFLICT_RESOLVED,
+    CONFLICT_FAILED,
+    CIRCUIT_OPENED,
+    CIRCUIT_HALF_OPENED,
+    CIRCUIT_CLOSED,
+)
 
 
 class HookRegistry:
