@@ -2,7 +2,8 @@
 
 One process, one event loop, every contender in the same run. Happy path: ns per call of a
 trivial async handler that succeeds. Retry path: a handler that fails twice with a transient
-error and then succeeds, with zero delay, against a hand-written loop doing the same.
+error and then succeeds, with zero delay, against a hand-written loop doing the same. The
+circuit breaker has a happy-path row (closed) and its own table for refusing calls (open).
 
     python benchmarks/bench_overhead.py           # full run (about a minute)
     python benchmarks/bench_overhead.py --quick   # smoke run
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +32,7 @@ from cqrs_resilience import (
     ResilientCommandHandler,
     RetryableCommandHandler,
     TransientError,
+    circuit_breaker,
     pipeline,
     retry,
 )
@@ -64,6 +68,10 @@ def noop_behavior(handler: Call) -> Call:
         return await handler(command)
 
     return wrapped
+
+
+async def failing(command: Any) -> str:
+    raise TransientError("down")
 
 
 def hand_written(handler: Call) -> Call:
@@ -119,6 +127,8 @@ def contenders() -> dict[str, Callable[[Call], Call]]:
         ),
         "cqrs_resilience RetryableCommandHandler.handle": lambda h: OkHandler(h).handle,
         "cqrs_resilience ResilientCommandHandler.handle": lambda h: OkResilientHandler(h).handle,
+        "a no-op async wrapper (the floor for any behaviour)": noop_behavior,
+        "cqrs_resilience circuit_breaker() (closed)": circuit_breaker(),
         "tenacity.retry": tenacity.retry(
             stop=tenacity.stop_after_attempt(4),
             wait=tenacity.wait_none(),
@@ -146,6 +156,45 @@ async def per_call_ns(fns: dict[str, Call], calls: int, rounds: int) -> dict[str
             start = time.perf_counter_ns()
             for _ in range(calls):
                 await fn(command)
+            best[name] = min(best[name], (time.perf_counter_ns() - start) / calls)
+    return best
+
+
+NOT_RETRYING = {
+    "bare (no retry)",
+    "a no-op async wrapper (the floor for any behaviour)",
+    "cqrs_resilience circuit_breaker() (closed)",
+}
+"""Contenders that do not retry: they have no retry-path figure."""
+
+
+async def refusal_ns(calls: int, rounds: int) -> dict[str, float]:
+    """What a failed call costs the caller: raised by the handler, or refused by an open
+    breaker without calling it. Best of `rounds`, ns per call."""
+    breaker = circuit_breaker(minimum_throughput=2, break_duration_s=1e9)
+    refusing = breaker(failing)
+    quiet = logging.getLogger("cqrs_resilience")
+    level, quiet.level = quiet.level, logging.ERROR  # the opening's WARNING is not news here
+    for _ in range(2):
+        with contextlib.suppress(TransientError):
+            await refusing(None)
+    quiet.level = level
+    assert breaker.state == "open"
+    fns: dict[str, Call] = {
+        "the handler raises (no breaker)": failing,
+        "a no-op wrapper around the raising handler": noop_behavior(failing),
+        "open circuit_breaker() refuses (handler not called)": refusing,
+    }
+    command = Ping()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                try:  # noqa: SIM105 - suppress() would time its own context manager
+                    await fn(command)
+                except Exception:
+                    pass
             best[name] = min(best[name], (time.perf_counter_ns() - start) / calls)
     return best
 
@@ -179,7 +228,7 @@ async def main(quick: bool) -> None:
     makers = contenders()
     happy = await per_call_ns({name: make(ok) for name, make in makers.items()}, calls, rounds)
     path = await per_call_ns(
-        {name: make(flaky_handler()) for name, make in makers.items() if name != "bare (no retry)"},
+        {name: make(flaky_handler()) for name, make in makers.items() if name not in NOT_RETRYING},
         retry_calls,
         rounds,
     )
@@ -211,6 +260,20 @@ async def main(quick: bool) -> None:
         f"\nretry() happy-path overhead: {fmt_ns(ours)}; tenacity's is "
         f"{tenacity_overhead / ours:,.0f}x larger (target >= 50x). Retry path: "
         f"{path['cqrs_resilience retry()'] / hand:.2f}x the hand-written loop (target <= 2x)."
+    )
+    breaker = happy["cqrs_resilience circuit_breaker() (closed)"] - bare
+    floor = happy["a no-op async wrapper (the floor for any behaviour)"] - bare
+    print(
+        f"circuit_breaker() closed, happy path: {fmt_ns(breaker)} per call (target <= 300 ns), "
+        f"of which {fmt_ns(floor)} is the wrapper itself."
+    )
+    refusal = await refusal_ns(calls, rounds)
+    print("\n| a failing call | per call |\n|---|---:|")
+    for name, ns in refusal.items():
+        print(f"| {name} | {fmt_ns(ns)} |")
+    print(
+        f"\nAn open breaker refuses in {fmt_ns(refusal[name])} (target <= 1 µs), raising "
+        "BrokenCircuitError with retry_after and the opening failure as its cause.\n"
     )
     guard, emit = await emit_ns(calls * 4, rounds)
     print(
