@@ -190,14 +190,18 @@ class CircuitBreaker:
             async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
                 trial = 0
                 if self._state is not CLOSED:
-                    t = now()
+                    t, until = now(), self._blocked_until
                     # Refusing takes no lock: a stale read only refuses a call that a racing
                     # thread was about to make the trial anyway.
-                    if t < self._blocked_until and (self._state is OPEN or self._trial):
-                        raise BrokenCircuitError(self._blocked_until - t) from self._last_failure
+                    if t < until and (self._state is OPEN or self._trial):
+                        raise BrokenCircuitError(until - t) from self._last_failure
                     trial, change = self._admit()
                     if change is not None:
-                        await self._announce(change, handler_type, args)
+                        try:
+                            await self._announce(change, handler_type, args)
+                        except BaseException:  # cancelled in a hook: the trial never ran
+                            self._release(trial)
+                            raise
                 try:
                     result = await async_fn(*args, **kwargs)
                 except Exception as exc:
@@ -226,12 +230,16 @@ class CircuitBreaker:
         def guarded_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
             trial = 0
             if self._state is not CLOSED:
-                t = now()
-                if t < self._blocked_until and (self._state is OPEN or self._trial):
-                    raise BrokenCircuitError(self._blocked_until - t) from self._last_failure
+                t, until = now(), self._blocked_until
+                if t < until and (self._state is OPEN or self._trial):
+                    raise BrokenCircuitError(until - t) from self._last_failure
                 trial, change = self._admit()
                 if change is not None:
-                    self._announce_sync(change, handler_type, args)
+                    try:
+                        self._announce_sync(change, handler_type, args)
+                    except BaseException:
+                        self._release(trial)
+                        raise
             try:
                 result = fn(*args, **kwargs)
             except Exception as exc:

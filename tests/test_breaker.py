@@ -651,3 +651,27 @@ def test_one_trial_across_threads(clock: FakeClock) -> None:
         thread.join()
     assert len(reached) == 1
     assert sorted(results) == ["ok"] + ["refused"] * 7
+
+
+async def test_trial_cancelled_in_a_hook_is_released(clock: FakeClock, hooks: HookRegistry) -> None:
+    """Cancelled while the half-opened hook runs, the trial never ran and hands its turn on."""
+    gate = asyncio.Event()
+
+    async def slow_hook(context: dict[str, Any]) -> None:
+        await gate.wait()
+
+    hooks.subscribe(CIRCUIT_HALF_OPENED, slow_hook)
+    target = Outcomes()
+    cb = breaker(clock, hooks)
+    await open_circuit(cb(target), target)
+    clock.advance(5.0)
+    stuck = asyncio.create_task(cb(target)())
+    await asyncio.sleep(0)
+    stuck.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck
+    assert target.calls == 4
+    hooks.clear()
+    target.failing = False
+    assert await outcome(cb(target)) == "ok"
+    assert cb.state == "closed"
