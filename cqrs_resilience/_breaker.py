@@ -15,8 +15,8 @@ a trial that ends that way hands its turn to the next caller. So does a trial st
 after `break_duration_s`, so one hung call cannot hold the circuit half-open for ever.
 
 State changes happen under a lock, so threads calling a sync function agree on one trial. A
-closed circuit counts successes without it: a rare lost increment under threads costs less
-than a lock on every call.
+closed circuit counts successes without it (only starting a new bucket takes it): a rare
+lost increment under threads costs less than a lock on every call.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class CircuitBreaker:
                 else:  # the hot path, inlined: count one success in the current bucket
                     t = now()
                     if t >= self._bucket_end:
-                        self._roll(t)
+                        self._next_bucket(t)
                     self._calls += 1
                 return result
 
@@ -258,7 +258,7 @@ class CircuitBreaker:
             else:
                 t = now()
                 if t >= self._bucket_end:
-                    self._roll(t)
+                    self._next_bucket(t)
                 self._calls += 1
             return result
 
@@ -271,6 +271,12 @@ class CircuitBreaker:
         self._old_calls = self._old_failures = 0
         self._calls = self._failures = 0
         self._bucket_start = self._bucket_end = -math.inf
+
+    def _next_bucket(self, now: float) -> None:
+        """`_roll` for the unlocked success path: once per bucket, so the lock costs little."""
+        with self._lock:
+            if now >= self._bucket_end:
+                self._roll(now)
 
     def _roll(self, now: float) -> None:
         """Start a new bucket at `now` and drop the buckets that left the window."""
@@ -335,7 +341,7 @@ class CircuitBreaker:
         if not trial:
             now = self._now()
             if now >= self._bucket_end:
-                self._roll(now)
+                self._next_bucket(now)
             self._calls += 1
             return None
         with self._lock:
