@@ -130,7 +130,10 @@ class CircuitBreaker:
         self.sampling_duration_s = float(sampling_duration_s)
         self.break_duration_s = float(break_duration_s)
         self.on = on
-        self._is_failure = _predicate(on)
+        try:
+            self._is_failure = _predicate(on)  # retry()'s own reading of `on`, defaults included
+        except TypeError as exc:
+            raise TypeError(str(exc).replace("retry(", "circuit_breaker(", 1)) from None
         self._hooks = hooks
         self._now: Callable[[], float] = clock.monotonic if clock is not None else time.monotonic
         self._lock = threading.Lock()

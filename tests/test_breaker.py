@@ -546,6 +546,12 @@ def test_invalid_settings_name_the_field(field: str, value: Any) -> None:
         circuit_breaker(**{field: value})
 
 
+def test_on_must_be_types_or_a_predicate() -> None:
+    """A wrong `on` is a TypeError that names circuit_breaker."""
+    with pytest.raises(TypeError, match=r"circuit_breaker\(on=\.\.\.\)"):
+        circuit_breaker(on=(TransientError, 42))  # type: ignore[arg-type]
+
+
 def test_wraps_only_callables() -> None:
     """Applying a breaker to something not callable is a TypeError."""
     with pytest.raises(TypeError):
