@@ -3,7 +3,8 @@
 One process, one event loop, every contender in the same run. Happy path: ns per call of a
 trivial async handler that succeeds. Retry path: a handler that fails twice with a transient
 error and then succeeds, with zero delay, against a hand-written loop doing the same.
-`timeout()` and `retry(budget=...)` are timed the same way, side by side with plain `retry()`.
+`timeout()` and `retry(budget=...)` are timed the same way, side by side with plain `retry()`. The
+circuit breaker has a happy-path row (closed) and its own table for refusing calls (open).
 
     python benchmarks/bench_overhead.py           # full run (about a minute)
     python benchmarks/bench_overhead.py --quick   # smoke run
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +34,7 @@ from cqrs_resilience import (
     RetryableCommandHandler,
     RetryBudget,
     TransientError,
+    circuit_breaker,
     pipeline,
     retry,
     timeout,
@@ -41,7 +45,6 @@ ZERO = FixedRetryPolicy(max_retries=3, delay_ms=0, jitter=False)
 OURS = "cqrs_resilience retry()"
 BUDGET = "cqrs_resilience retry(budget=RetryBudget(ratio=2))"
 TIMEOUT = "cqrs_resilience timeout(10)"
-NO_RETRY_PATH = {"bare (no retry)", TIMEOUT}  # these do not retry: no retry path to time
 
 
 class Ping(Command[str]):
@@ -71,6 +74,19 @@ def noop_behavior(handler: Call) -> Call:
         return await handler(command)
 
     return wrapped
+
+
+async def failing(command: Any) -> str:
+    raise TransientError("down")
+
+
+def passthrough(handler: Callable[..., Awaitable[Any]]) -> Call:
+    """The least any behaviour that keeps every signature does: forward *args, **kwargs."""
+
+    async def forward(*args: Any, **kwargs: Any) -> Any:
+        return await handler(*args, **kwargs)
+
+    return forward
 
 
 def hand_written(handler: Call) -> Call:
@@ -131,6 +147,8 @@ def contenders() -> dict[str, Callable[[Call], Call]]:
         "cqrs_resilience pipeline(timeout(10), retry())": pipeline(timeout(10), retry(ZERO)),
         "cqrs_resilience RetryableCommandHandler.handle": lambda h: OkHandler(h).handle,
         "cqrs_resilience ResilientCommandHandler.handle": lambda h: OkResilientHandler(h).handle,
+        "a no-op async wrapper (the floor for any behaviour)": passthrough,
+        "cqrs_resilience circuit_breaker() (closed)": circuit_breaker(),
         "tenacity.retry": tenacity.retry(
             stop=tenacity.stop_after_attempt(4),
             wait=tenacity.wait_none(),
@@ -159,6 +177,57 @@ async def per_call_ns(fns: dict[str, Call], calls: int, rounds: int) -> dict[str
             for _ in range(calls):
                 await fn(command)
             best[name] = min(best[name], (time.perf_counter_ns() - start) / calls)
+    return best
+
+
+NOT_RETRYING = {
+    "bare (no retry)",
+    "a no-op async wrapper (the floor for any behaviour)",
+    "cqrs_resilience circuit_breaker() (closed)",
+    TIMEOUT,
+}
+"""Contenders that do not retry: they have no retry-path figure."""
+
+
+async def refusal_ns(calls: int, rounds: int) -> dict[str, float]:
+    """What a failed call costs the caller: raised by the handler, or refused by an open
+    breaker without calling it. Best of `rounds`, ns per call."""
+    breaker = circuit_breaker(minimum_throughput=2, break_duration_s=1e9)
+    refusing: Call = breaker(failing)
+    quiet = logging.getLogger("cqrs_resilience")
+    level, quiet.level = quiet.level, logging.ERROR  # the opening's WARNING is not news here
+    for _ in range(2):
+        with contextlib.suppress(TransientError):
+            await refusing(None)
+    quiet.level = level
+    assert breaker.state == "open"
+    fns: dict[str, Call] = {
+        "the handler raises (no breaker)": failing,
+        "a no-op wrapper around the raising handler": passthrough(failing),
+        "open circuit_breaker() refuses (handler not called)": refusing,
+    }
+    command = Ping()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                try:  # noqa: SIM105 - suppress() would time its own context manager
+                    await fn(command)
+                except Exception:
+                    pass
+            best[name] = min(best[name], (time.perf_counter_ns() - start) / calls)
+    return best
+
+
+def clock_read_ns(calls: int) -> float:
+    """What one `time.monotonic()` costs here (a few tens of ns on bare metal, more in VMs)."""
+    best = float("inf")
+    for _ in range(7):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            time.monotonic()
+        best = min(best, (time.perf_counter_ns() - start) / calls)
     return best
 
 
@@ -191,7 +260,7 @@ async def main(quick: bool) -> None:
     makers = contenders()
     happy = await per_call_ns({name: make(ok) for name, make in makers.items()}, calls, rounds)
     path = await per_call_ns(
-        {name: make(flaky_handler()) for name, make in makers.items() if name not in NO_RETRY_PATH},
+        {name: make(flaky_handler()) for name, make in makers.items() if name not in NOT_RETRYING},
         retry_calls,
         rounds,
     )
@@ -229,6 +298,21 @@ async def main(quick: bool) -> None:
         f"retry(budget=...): {fmt_ns(happy[BUDGET])} per call, "
         f"{happy[BUDGET] / happy[OURS]:.2f}x plain retry()'s {fmt_ns(happy[OURS])} "
         f"(target <= 1.3x); the deposit itself costs {fmt_ns(happy[BUDGET] - happy[OURS])}."
+    )
+    breaker = happy["cqrs_resilience circuit_breaker() (closed)"] - bare
+    floor = happy["a no-op async wrapper (the floor for any behaviour)"] - bare
+    print(
+        f"circuit_breaker() closed, happy path: {fmt_ns(breaker)} per call (target <= 300 ns), "
+        f"of which {fmt_ns(floor)} is the wrapper itself and {fmt_ns(clock_read_ns(calls))} "
+        "the one clock read that places the outcome in its bucket."
+    )
+    refusal = await refusal_ns(calls, rounds)
+    print("\n| a failing call | per call |\n|---|---:|")
+    for name, ns in refusal.items():
+        print(f"| {name} | {fmt_ns(ns)} |")
+    print(
+        f"\nAn open breaker refuses in {fmt_ns(refusal[name])} (target <= 1 µs), raising "
+        "BrokenCircuitError with retry_after and the opening failure as its cause.\n"
     )
     guard, emit = await emit_ns(calls * 4, rounds)
     print(

@@ -4,7 +4,9 @@ Behaviours are plain higher-order functions (`retry`, `timeout`, `resolve_confli
 `pipeline()`; the handler classes are thin shells generated from the same behaviours.
 """
 
+from ._breaker import CircuitBreaker, circuit_breaker
 from ._budget import RetryBudget
+from ._chaos import FaultInjector, inject_faults
 from ._clock import Clock, FakeClock, SystemClock, is_testing, set_testing
 from ._conflict import (
     FetchBaseState,
@@ -16,6 +18,7 @@ from ._conflict import (
 )
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._errors import (
+    BrokenCircuitError,
     ConcurrencyError,
     ConfigurationError,
     Conflict,
@@ -36,7 +39,14 @@ from ._handlers import (
     RetryableCommandHandler,
     RetryBehaviorMixin,
 )
-from ._hooks import RETRY_BUDGET_EXHAUSTED, HookRegistry, get_hook_registry
+from ._hooks import (
+    CIRCUIT_CLOSED,
+    CIRCUIT_HALF_OPENED,
+    CIRCUIT_OPENED,
+    RETRY_BUDGET_EXHAUSTED,
+    HookRegistry,
+    get_hook_registry,
+)
 from ._idempotency import command_scope, current_command_id
 from ._merge_engine import OnMergeConflict
 from ._merge_registry import MergeStrategyRegistry, UnknownStrategyError
@@ -62,6 +72,11 @@ __version__ = "0.1.0"
 __all__ = [
     "Aggregate",
     "Behavior",
+    "BrokenCircuitError",
+    "CIRCUIT_CLOSED",
+    "CIRCUIT_HALF_OPENED",
+    "CIRCUIT_OPENED",
+    "CircuitBreaker",
     "Clock",
     "Command",
     "CommandResponse",
@@ -78,6 +93,7 @@ __all__ = [
     "DeepMergeStrategy",
     "ExponentialBackoffPolicy",
     "FakeClock",
+    "FaultInjector",
     "FaultyRepository",
     "FetchBaseState",
     "FetchLatestState",
@@ -116,9 +132,11 @@ __all__ = [
     "UpdateCommand",
     "VersionPrunedError",
     "__version__",
+    "circuit_breaker",
     "command_scope",
     "current_command_id",
     "get_hook_registry",
+    "inject_faults",
     "is_testing",
     "pipeline",
     "resolve_conflicts",

@@ -3,6 +3,7 @@
 Exception
  ├── ConcurrencyError              two writers raced on one aggregate (conflict resolution's job)
  ├── TransientError                worth retrying: the same call may succeed a moment later
+ ├── BrokenCircuitError            an open circuit breaker refused the call; not retried by default
  ├── MergeConflictError            a merge met changes it may not reconcile; lists every Conflict
  ├── ValueError
  │    └── ConfigurationError       a policy or config field out of range, named in the message
@@ -20,7 +21,7 @@ The store errors live here, not in `stores/`, because `InMemoryRepository` raise
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -68,6 +69,36 @@ class TransientError(Exception):
             raise ConfigurationError(f"retry_after must be >= 0 seconds, got {retry_after}")
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BrokenCircuitError(Exception):
+    """An open circuit breaker refused the call without running it.
+
+    `retry_after` is the seconds left before the breaker lets a trial call through. Not a
+    `TransientError`: retrying at once only meets the open circuit again, so `retry()` leaves
+    it alone unless asked (`on=BrokenCircuitError`, when it waits at least `retry_after`). The
+    failure that opened the circuit is chained as `__cause__`.
+    """
+
+    # No __init__ at run time: BaseException keeps the arguments in `args`, and a Python
+    # __init__ would double the cost of refusing a call. The message is formatted when read.
+    if TYPE_CHECKING:
+
+        def __init__(self, retry_after: float, message: str | None = None) -> None: ...
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until the breaker lets a trial call through."""
+        return float(self.args[0]) if self.args else 0.0
+
+    @property
+    def message(self) -> str | None:
+        return self.args[1] if len(self.args) > 1 else None
+
+    def __str__(self) -> str:
+        if self.message is not None:
+            return self.message
+        return f"the circuit is open; a trial call is allowed in {self.retry_after:.3f} s"
 
 
 class Conflict(msgspec.Struct, frozen=True):

@@ -26,6 +26,9 @@ RETRY_BUDGET_EXHAUSTED = "handler.retry.budget_exhausted"
 CONFLICT_DETECTED = "handler.conflict.detected"
 CONFLICT_RESOLVED = "handler.conflict.resolved"
 CONFLICT_FAILED = "handler.conflict.failed"
+CIRCUIT_OPENED = "handler.circuit.opened"
+CIRCUIT_HALF_OPENED = "handler.circuit.half_opened"
+CIRCUIT_CLOSED = "handler.circuit.closed"
 
 EVENTS = (
     RETRY_SCHEDULED,
@@ -34,6 +37,9 @@ EVENTS = (
     CONFLICT_DETECTED,
     CONFLICT_RESOLVED,
     CONFLICT_FAILED,
+    CIRCUIT_OPENED,
+    CIRCUIT_HALF_OPENED,
+    CIRCUIT_CLOSED,
 )
 
 

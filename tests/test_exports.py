@@ -5,6 +5,10 @@ from __future__ import annotations
 import cqrs_resilience
 
 CONTRACT = {
+    "BrokenCircuitError",
+    "CIRCUIT_CLOSED",
+    "CIRCUIT_HALF_OPENED",
+    "CIRCUIT_OPENED",
     "Command",
     "CommandResponse",
     "ConcurrencyError",
@@ -20,7 +24,9 @@ CONTRACT = {
     "RetryBehaviorMixin",
     "RetryPolicy",
     "TransientError",
+    "circuit_breaker",
     "get_hook_registry",
+    "inject_faults",
     "pipeline",
     "retry",
 }

@@ -1,0 +1,137 @@
+"""`inject_faults()`: a chaos behaviour, to see in tests and drills what the others do.
+
+It fails calls at random (before they run, so nothing happens) and slows every call down. The
+faults come from one seeded `random.Random` per behaviour, so a seeded run fails the same
+calls in the same order each time. `FaultyRepository` injects at the store instead, where a
+fault can also strike after a write committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import ConfigurationError, TransientError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+FaultError: TypeAlias = type[BaseException] | Callable[[], BaseException]
+"""An exception type (called with no arguments) or a factory making a fresh exception."""
+
+
+class FaultInjector:
+    """The behaviour `inject_faults()` returns; `injected` counts the faults it raised."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        error: FaultError = TransientError,
+        latency_s: float = 0.0,
+        seed: int | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        for name, value in (("rate", rate), ("latency_s", latency_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number, got {value!r}")
+        if not 0 <= rate <= 1:
+            raise ConfigurationError(f"rate must be between 0 and 1, got {rate}")
+        if not 0 <= latency_s < math.inf:
+            raise ConfigurationError(f"latency_s must be a finite number >= 0, got {latency_s}")
+        if not callable(error):
+            raise TypeError(f"error must be an exception type or a factory, got {error!r}")
+        self.rate = float(rate)
+        self.error = error
+        self.latency_s = float(latency_s)
+        self.seed = seed
+        self.clock = clock
+        self.random = random.Random(seed)
+        self.injected = 0
+
+    def __repr__(self) -> str:
+        parts = [repr(self.rate)]
+        if self.error is not TransientError:
+            parts.append(f"error={getattr(self.error, '__qualname__', self.error)}")
+        if self.latency_s:
+            parts.append(f"latency_s={self.latency_s}")
+        if self.seed is not None:
+            parts.append(f"seed={self.seed!r}")
+        return f"inject_faults({', '.join(parts)})"
+
+    def _fault(self) -> BaseException | None:
+        """The exception to raise instead of this call, or None to let it run."""
+        if not self.rate or self.random.random() >= self.rate:
+            return None
+        self.injected += 1
+        exc = self.error()
+        if not isinstance(exc, BaseException):
+            raise TypeError(f"inject_faults(error=...) must make an exception, got {exc!r}")
+        exc.add_note(f"injected by {self!r}")
+        return exc
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        if not callable(fn):
+            raise TypeError(f"inject_faults() wraps a callable, got {fn!r}")
+        if not self.rate and not self.latency_s:
+            return fn  # nothing to inject: the function itself, at no cost
+        latency_s = self.latency_s
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+        ):
+            async_fn = cast(Callable[P, Awaitable[Any]], fn)
+            sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
+
+            @functools.wraps(fn)
+            async def chaotic(*args: P.args, **kwargs: P.kwargs) -> Any:
+                if latency_s:
+                    await sleep(latency_s)
+                fault = self._fault()
+                if fault is not None:
+                    raise fault
+                return await async_fn(*args, **kwargs)
+
+            return chaotic
+
+        # A sync function blocks its caller anyway; its latency blocks too (time.sleep).
+        sleep_sync = (self.clock or SYSTEM_CLOCK).sleep_sync
+
+        @functools.wraps(fn)
+        def chaotic_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            if latency_s:
+                sleep_sync(latency_s)
+            fault = self._fault()
+            if fault is not None:
+                raise fault
+            return fn(*args, **kwargs)
+
+        return chaotic_sync
+
+
+def inject_faults(
+    rate: float,
+    *,
+    error: FaultError = TransientError,
+    latency_s: float = 0.0,
+    seed: int | None = None,
+    clock: Clock | None = None,
+) -> FaultInjector:
+    """Make a fraction `rate` of calls raise `error` instead of running; delay every call.
+
+    `error` is an exception type or a zero-argument factory; each fault is a fresh exception
+    with a note saying it was injected. `latency_s` goes through `clock` (a `FakeClock` in
+    tests); on a sync function it blocks, as the function does. The same `seed` fails the same
+    calls. `rate=0` without latency returns the function unchanged.
+    """
+    return FaultInjector(rate, error=error, latency_s=latency_s, seed=seed, clock=clock)
