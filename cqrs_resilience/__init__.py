@@ -32,12 +32,14 @@ from ._errors import (
 )
 from ._faults import FaultyRepository
 from ._handlers import (
+    CircuitBreakerMixin,
     ConflictCommandHandler,
     ConflictResolutionMixin,
     PipelinedCommandHandler,
     ResilientCommandHandler,
     RetryableCommandHandler,
     RetryBehaviorMixin,
+    TimeoutMixin,
 )
 from ._hooks import (
     CIRCUIT_CLOSED,
@@ -77,6 +79,7 @@ __all__ = [
     "CIRCUIT_HALF_OPENED",
     "CIRCUIT_OPENED",
     "CircuitBreaker",
+    "CircuitBreakerMixin",
     "Clock",
     "Command",
     "CommandResponse",
@@ -125,6 +128,7 @@ __all__ = [
     "SystemClock",
     "ThreeWayMergeStrategy",
     "Timeout",
+    "TimeoutMixin",
     "TimestampLastWinsStrategy",
     "TransientError",
     "Turns",

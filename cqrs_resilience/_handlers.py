@@ -1,8 +1,9 @@
 """Handler classes: a `process()` method wrapped in a pipeline of behaviours.
 
 The classes hold no resilience logic of their own. Each mixin contributes one behaviour
-(`retry`, `resolve_conflicts`) built from the same functions users decorate with, wired to
-the handler's settings and methods; `handle()` runs the composed pipeline.
+(`timeout`, `retry`, `circuit_breaker`, `resolve_conflicts`) built from the same functions
+users decorate with, wired to the handler's settings and methods; `handle()` runs the composed
+pipeline. Mixins listed left to right wrap outermost to innermost.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from ._breaker import CircuitBreaker
+from ._budget import RetryBudget
 from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
 from ._conflict_config import ConflictConfig
 from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
 from ._pipeline import Behavior, pipeline
 from ._policies import RetryPolicy
-from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, RetryOn, retry
+from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, RetryOn, Stop, Wait, retry
+from ._timeout import timeout
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -95,22 +99,47 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         return f"{type(self).__name__}({pipeline(*reversed(self._behaviors))!r})"
 
 
+class TimeoutMixin(PipelinedCommandHandler[R]):
+    """Adds `timeout(timeout_s)` around what it wraps, when `timeout_s` is set.
+
+    Listed first (outermost), it is the command's overall deadline: every `retry` inside
+    honours it and never starts a wait the deadline cannot cover.
+    """
+
+    timeout_s: ClassVar[float | None] = None
+
+    def default_behaviors(self) -> list[Behavior]:
+        behaviors = super().default_behaviors()
+        if self.timeout_s is None:
+            return behaviors
+        return [*behaviors, timeout(self.timeout_s, clock=self.clock)]
+
+
 class RetryBehaviorMixin(PipelinedCommandHandler[R]):
     """Adds `retry` around the handler: transient failures are retried with backoff.
 
     The command's own `retry_policy` (`Retryable`, the mixin's default included) wins over the
-    class's `retry_policy`, bounded by `max_retries_cap` and `max_delay_cap_s`.
+    class's `retry_policy`, bounded by `max_retries_cap` and `max_delay_cap_s`. `retry_budget`
+    (one `RetryBudget`, shared by every instance) limits retries to a share of first attempts;
+    `retry_stop` and `retry_wait` take tenacity's strategies.
     """
 
     retry_policy: ClassVar[RetryPolicy | None] = None
     retry_on: ClassVar[RetryOn | None] = None
+    retry_budget: ClassVar[RetryBudget | None] = None
+    retry_stop: ClassVar[Stop | None] = None
+    retry_wait: ClassVar[Wait | None] = None
     max_retries_cap: ClassVar[int] = MAX_RETRIES_CAP
     max_delay_cap_s: ClassVar[float] = MAX_DELAY_CAP_S
 
     def default_behaviors(self) -> list[Behavior]:
+        cls = type(self)  # read through the class: a function set there stays unbound
         behavior = retry(
             self.retry_policy,
-            on=self.retry_on,
+            on=cls.retry_on,
+            stop=cls.retry_stop,
+            wait=cls.retry_wait,
+            budget=self.retry_budget,
             hooks=self.hooks,
             clock=self.clock,
             max_retries_cap=self.max_retries_cap,
@@ -119,8 +148,25 @@ class RetryBehaviorMixin(PipelinedCommandHandler[R]):
         return [*super().default_behaviors(), behavior]
 
 
-class RetryableCommandHandler(RetryBehaviorMixin[R]):
-    """A handler whose `process` is retried on transient failures."""
+class CircuitBreakerMixin(PipelinedCommandHandler[R]):
+    """Adds the class's `breaker` (a `circuit_breaker()`), when set.
+
+    A class attribute, so every instance (handlers built per request included) shares the one
+    circuit. Inside `retry`, a refused call is not retried (`BrokenCircuitError`).
+    """
+
+    breaker: ClassVar[CircuitBreaker | None] = None
+
+    def default_behaviors(self) -> list[Behavior]:
+        behaviors = super().default_behaviors()
+        return behaviors if self.breaker is None else [*behaviors, self.breaker]
+
+
+class RetryableCommandHandler(TimeoutMixin[R], RetryBehaviorMixin[R], CircuitBreakerMixin[R]):
+    """A handler whose `process` is retried on transient failures.
+
+    Optionally `timeout_s` (outermost) and a `breaker` (inside the retries).
+    """
 
 
 class ConflictResolutionMixin(PipelinedCommandHandler[R]):
@@ -172,9 +218,13 @@ class ConflictCommandHandler(ConflictResolutionMixin[R]):
     """A handler whose optimistic-concurrency conflicts are resolved by policy."""
 
 
-class ResilientCommandHandler(RetryBehaviorMixin[R], ConflictResolutionMixin[R]):
+class ResilientCommandHandler(
+    TimeoutMixin[R], RetryBehaviorMixin[R], CircuitBreakerMixin[R], ConflictResolutionMixin[R]
+):
     """Both: `retry` outside `resolve_conflicts` outside `process`.
 
     A transient failure retries the whole command, conflict resolution included; a conflict
-    is resolved without spending the retry budget.
+    is resolved without spending the retry budget. Set `timeout_s` for an overall deadline
+    (outermost) and `breaker` for a circuit breaker between the retries and the resolution:
+    `timeout → retry → circuit_breaker → resolve_conflicts → process`.
     """

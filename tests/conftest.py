@@ -31,6 +31,9 @@ def events(hooks: HookRegistry) -> list[tuple[str, dict[str, object]]]:
         "handler.retry.budget_exhausted",
         "handler.conflict.detected",
         "handler.conflict.resolved",
+        "handler.circuit.opened",
+        "handler.circuit.half_opened",
+        "handler.circuit.closed",
         "handler.conflict.failed",
     ):
         hooks.subscribe(name, lambda ctx, name=name: seen.append((name, ctx)))
