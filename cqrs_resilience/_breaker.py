@@ -22,7 +22,6 @@ lost increment under threads costs less than a lock on every call.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import threading
 import time
@@ -41,6 +40,7 @@ from ._hooks import (
     get_hook_registry,
     logger,
 )
+from ._pipeline import is_async
 from ._retry import RetryOn, _predicate, command_of
 
 P = ParamSpec("P")
@@ -184,9 +184,7 @@ class CircuitBreaker:
         handler_type = describe_handler(fn)
         is_failure = self._is_failure
         now = self._now
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-        ):
+        if is_async(fn):
             async_fn = cast(Callable[P, Awaitable[Any]], fn)
 
             @functools.wraps(fn)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import math
 import random
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, TransientError
+from ._pipeline import is_async
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -87,9 +87,7 @@ class FaultInjector:
         if not self.rate and not self.latency_s:
             return fn  # nothing to inject: the function itself, at no cost
         latency_s = self.latency_s
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-        ):
+        if is_async(fn):
             async_fn = cast(Callable[P, Awaitable[Any]], fn)
             sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar
@@ -11,6 +12,14 @@ T = TypeVar("T")
 
 Behavior: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
 """A behaviour takes a handler and returns one that does more around it."""
+
+
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling `fn` gives a coroutine: an async function, or an object whose
+    `__call__` is one. Behaviours pick their async or sync wrapper by it."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
 
 
 def _describe(behavior: Behavior) -> str:

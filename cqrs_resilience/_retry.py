@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
@@ -47,6 +46,7 @@ from ._idempotency import (
     enter,
     is_command,
 )
+from ._pipeline import is_async
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 
 P = ParamSpec("P")
@@ -244,9 +244,7 @@ class Retry:
         deposit = self.budget.deposit if self.budget is not None else None
         # tenacity's strategies may count time from the first attempt: read the clock for them.
         now = self._now if self.stop is not None or self.wait is not None else None
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
-        ):
+        if is_async(fn):
             async_fn = cast(Callable[P, Awaitable[Any]], fn)
 
             @functools.wraps(fn)

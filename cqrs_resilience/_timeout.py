@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import math
 import time
 from collections import deque
@@ -31,6 +30,7 @@ from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._deadline import DEADLINE, tighten
 from ._errors import ConfigurationError
 from ._hooks import describe_handler
+from ._pipeline import is_async
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -155,10 +155,7 @@ class Timeout:
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
         if not callable(fn):
             raise TypeError(f"timeout() wraps an async function, got {fn!r}")
-        if not (
-            inspect.iscoroutinefunction(fn)
-            or inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
-        ):
+        if not is_async(fn):
             raise TypeError(
                 f"timeout() wraps async functions only: a sync call cannot be cancelled "
                 f"(got {describe_handler(fn)})"
