@@ -57,6 +57,15 @@ class Turns:
             lock = locks[key] = asyncio.Lock()
         return lock
 
+    def held(self, key: Any) -> bool:
+        """Whether someone on this event loop holds (or waits for) the turn for `key`."""
+        locks = self._loops.get(asyncio.get_running_loop())
+        try:
+            lock = locks.get(key) if locks is not None else None
+        except TypeError:
+            return False
+        return lock is not None and lock.locked()
+
     def __repr__(self) -> str:
         held = sum(len(locks) for locks in self._loops.values())
         return f"Turns({held} key(s) in use)"

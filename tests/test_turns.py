@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import multiprocessing
 import time
 from collections import Counter
@@ -15,12 +16,14 @@ from cqrs_resilience import (
     ConcurrencyError,
     ConflictConfig,
     ConflictResolutionPolicy,
+    FakeClock,
     HookRegistry,
     InMemoryRepository,
     Turns,
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
+from cqrs_resilience.stores._sqlite import CONTESTED_S
 
 PROCESSES = 4
 WRITERS = 50  # per process: 200 writers on one aggregate
@@ -154,11 +157,38 @@ async def test_stores_raise_conflicts_that_carry_their_turns():
     assert pickle.loads(pickle.dumps(info.value)).turns is None
 
 
-async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
-    """During a round's turn the repository's other callers wait; the round's own calls run,
-    and what it wrote is committed when the turn ends."""
+async def contest(store: SQLiteRepository[DemoOrder], path: Any, aggregate_id: str) -> None:
+    """A round on `aggregate_id` loses to another process (another repository on the file)."""
+    async with SQLiteRepository(path, DemoOrder) as elsewhere, store.turn(aggregate_id):
+        [read] = await store.retrieve([aggregate_id])
+        await elsewhere.persist(read)  # the other process writes between read and write
+        with pytest.raises(ConcurrencyError):
+            await store.persist(read)
+
+
+async def test_a_sqlite_round_runs_unlocked_and_first_attempts_yield_to_it(tmp_path):
+    """Uncontested, a round holds only this process's turn: other aggregates' writes go on,
+    and a first attempt on the round's aggregate yields (a conflict at once, no write)."""
     async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
         created = await store.persist(DemoOrder(id="o"))
+        async with store.turn("o"):
+            assert (await store.persist(DemoOrder(id="p"))).version == 1  # not held up
+            outside = contextvars.Context()  # another task's first attempt, not the round's
+            with pytest.raises(ConcurrencyError) as info:
+                await asyncio.create_task(store.persist(created), context=outside)
+            assert "yields" in " ".join(info.value.__notes__)
+            [read] = await store.retrieve(["o"])
+            assert (await store.persist(read)).version == 2  # the round's own write
+        assert [o.version for o in await store.retrieve(["o", "p"])] == [2, 1]
+
+
+async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
+    """Once a round lost to another process, the aggregate's rounds take the writer lock:
+    the repository's other callers wait, the round's own calls run, and what it wrote is
+    committed when the turn ends."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        await store.persist(DemoOrder(id="o"))
+        await contest(store, tmp_path / "db", "o")
         go, other_done = asyncio.Event(), asyncio.Event()
 
         async def other() -> None:  # started outside the turn: not part of the round
@@ -174,13 +204,28 @@ async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
             await store.persist(read)
             assert not other_done.is_set()
         await task
-        assert [o.version for o in await store.retrieve(["o", "p"])] == [created.version + 1, 1]
+        assert [o.version for o in await store.retrieve(["o", "p"])] == [read.version + 1, 1]
+
+
+async def test_a_contested_aggregate_goes_back_to_unlocked_rounds(tmp_path):
+    """CONTESTED_S after its last lost round, an aggregate's rounds run unlocked again."""
+    clock = FakeClock()
+    async with SQLiteRepository(tmp_path / "db", DemoOrder, clock=clock) as store:
+        await store.persist(DemoOrder(id="o"))
+        await contest(store, tmp_path / "db", "o")
+        assert store._contested_now("o")
+        clock.advance(CONTESTED_S)
+        assert not store._contested_now("o")
 
 
 async def test_a_sqlite_turn_that_fails_writes_nothing(tmp_path):
-    """A round that raises after writing rolls its writes back with its turn."""
+    """A locked round (the aggregate is contested) that raises after writing rolls its
+    writes back with its turn."""
     async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
         created = await store.persist(DemoOrder(id="o"))
+
+        await contest(store, tmp_path / "db", "o")
+        [created] = await store.retrieve(["o"])
 
         async def failing_round() -> None:
             async with store.turn("o"):

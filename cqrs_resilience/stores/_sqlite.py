@@ -10,12 +10,15 @@ Each repository owns two connections, each on its own worker thread, so the even
 blocks on disk or locks and no connection is used from two threads: one writes, the other
 reads (in WAL mode readers see the last commit and never wait for a writer).
 
-Resolution turns use SQLite's own writer lock: `turn()` opens a `BEGIN IMMEDIATE` transaction
-that the round's reads and writes run in (the round is that task and the tasks it starts), so
-no other writer, in any process, can slip in between the round reading the latest state and
-writing the merge. The round's reads and writes go through the writing connection, so it
-reads its own writes; other writes on this repository wait for the round, other reads do not;
-other processes' writers wait on the lock as they would for any write.
+Resolution turns (`turn()`) are adaptive. A round first takes this process's turn for the
+aggregate only: its reads and merge run while other aggregates' writes go on, and a first
+attempt on the same aggregate yields to it (a `ConcurrencyError` at once, so it becomes a round
+and takes its turn) instead of racing it. Within one process that round cannot lose. When it
+loses anyway (another process wrote the aggregate meanwhile), the aggregate counts as contested
+for `CONTESTED_S`, and its rounds take SQLite's own writer lock too: a `BEGIN IMMEDIATE`
+transaction that the round's reads and writes run in, so no writer in any process can slip in
+between the round reading the latest state and writing the merge. Other writes on this
+repository then wait for the round, other reads do not.
 """
 
 from __future__ import annotations
@@ -45,8 +48,15 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 _SCHEMA = _sql.schema("BLOB", " WITHOUT ROWID")
+# The (repository, aggregate id) of the unlocked resolution turn this task is in, if any.
+_OPEN_TURN: ContextVar[tuple[Any, str] | None] = ContextVar(
+    "cqrs_resilience.sqlite_open_turn", default=None
+)
 _SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
-# The repository whose resolution turn this task (and the tasks it starts) is in, if any.
+CONTESTED_S = 5.0
+"""How long an aggregate whose round lost to another process keeps taking the writer lock."""
+
+# The repository whose locked resolution turn this task (and the tasks it starts) is in.
 _IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
     "cqrs_resilience.sqlite_turn", default=None
 )
@@ -94,7 +104,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self._read_connection: sqlite3.Connection | None = None  # on the reader thread only
         self._ready = False
         self._closed = False
-        self._gate: asyncio.Lock | None = None  # held by an open resolution turn
+        self._gate: asyncio.Lock | None = None  # held by a locked resolution turn
+        self._contested: dict[str, float] = {}  # aggregate id -> when a round last lost
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
@@ -138,17 +149,35 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
+            open_turn = _OPEN_TURN.get()
+            round_ = open_turn is not None and open_turn == (self, aggregate.id)
+            if (
+                not round_
+                and _IN_TURN.get() is not self
+                and PROCESS_TURNS.held((id(self), aggregate.id))
+            ):
+                return Outcome("conflict", aggregate.version)  # yield to the round in progress
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
-            return await self._run(doing, self._persist, args, aggregate.id, recorded)
+            outcome = await self._run(doing, self._persist, args, aggregate.id, recorded)
+            if round_ and outcome.kind == "conflict":  # lost to another process
+                self._contested[aggregate.id] = self.clock.monotonic()
+            return outcome
 
         return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
 
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
-        """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then
-        SQLite's writer lock, which the round's reads and writes run under; committed when
-        the block ends, rolled back when it raises."""
+        """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, and for
+        a contested aggregate SQLite's writer lock as well, which the round's reads and writes
+        then run under (committed when the block ends, rolled back when it raises)."""
         async with PROCESS_TURNS.turn((id(self), aggregate_id)):
+            if not self._contested_now(aggregate_id):
+                opened = _OPEN_TURN.set((self, aggregate_id))
+                try:
+                    yield
+                finally:
+                    _OPEN_TURN.reset(opened)
+                return
             gate = self._gate_lock()
             async with gate:
                 await self._submit("resolution turn", self._begin_turn)
@@ -161,6 +190,15 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                     raise
                 _IN_TURN.reset(token)
                 await self._submit("resolution turn", self._end_turn, True)
+
+    def _contested_now(self, aggregate_id: Any) -> bool:
+        lost = self._contested.get(aggregate_id)
+        if lost is None:
+            return False
+        if self.clock.monotonic() - lost < CONTESTED_S:
+            return True
+        del self._contested[aggregate_id]
+        return False
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
