@@ -12,7 +12,8 @@ waits for them.
 
 Across processes, the store itself keeps the turns: every `ConcurrencyError` the library's
 stores raise carries the store as `turns`, and a store's `turn()` takes this process's turn
-and then the database's (a PostgreSQL advisory lock, SQLite's writer lock).
+and then the database's (a PostgreSQL advisory lock; SQLite's writer lock, once a round on the
+aggregate lost to another process).
 """
 
 from __future__ import annotations
