@@ -2,11 +2,13 @@
 
 The tool is pytest-examples rather than sybil. pytest-examples runs each block alone, in a
 fresh module namespace, so a block that leans on a name from an earlier block fails here as
-it fails for the reader who pastes only that block; it checks each `#>` comment against what
-the line above it printed, lints the block with ruff (undefined names, unused imports) and
-reports failures at README line numbers. Sybil shines at doctest-style pages whose blocks
-share one namespace, which is exactly what this README must not rely on. (`ruff format`
-formats the blocks in place; `ruff format --check .` keeps them so.)
+it fails for the reader who pastes only that block; it checks the output comments under each
+`print()` against what it printed, lints the block with ruff (undefined names, unused
+imports) and reports failures at README line numbers. Sybil shines at doctest-style pages
+whose blocks share one namespace, which is exactly what this README must not rely on.
+`ruff format` formats the blocks in place and writes pytest-examples' `#> output` comments as
+`# > output`, so that is the form read here; `pytest tests/test_readme.py --update-examples`
+rewrites them from what the blocks print (review the diff: it is the documentation).
 
 No block opts in or out. What a block contains says how it runs:
 
