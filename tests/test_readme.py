@@ -85,7 +85,8 @@ def test_readme_block(
 ) -> None:
     """The block passes ruff, runs to the end, prints what its `#>` comments say, and logs no
     traceback (a hook that raises is swallowed, so only the log would show it)."""
-    eval_example.set_config(line_length=100, target_version="py311")
+    # pytest-examples types target_version without "py311", which it handles.
+    eval_example.set_config(line_length=100, target_version="py311")  # type: ignore[arg-type]
     # `ruff format` writes pytest-examples' `#> output` comments as `# > output`: read those.
     monkeypatch.setattr(pytest_examples.run_code, "comment_prefix", OUTPUT)
     monkeypatch.setattr(pytest_examples.run_code, "comment_prefix_re", OUTPUT_RE)
