@@ -193,7 +193,7 @@ def execute(
         except CycleFound:
             raise run.input_cycle() from None
         if run.conflicts:
-            raise MergeConflictError(run.conflicts)
+            raise _conflict_error(run.conflicts, key)
         return dict(merged) if merged is current else merged  # the top level is always new
 
     for limit in LIMITS:
@@ -206,6 +206,25 @@ def execute(
         except _SharedSubtree:
             break
     return attempt(1, share=True)
+
+
+LIST_IDENTITY_HINT: Final = (
+    "lists of dicts merge item by item only with list_identity_key=... (the field that "
+    "identifies an item, e.g. 'id'); without it each list is one value"
+)
+
+
+def _conflict_error(conflicts: list[Conflict], key: str | None) -> MergeConflictError:
+    """The error for `conflicts`, with a hint when a list of dicts conflicted whole for want
+    of a `list_identity_key` (built on the error path only)."""
+    error = MergeConflictError(conflicts)
+    if key is None and any(_holds_dicts(c.current) and _holds_dicts(c.incoming) for c in conflicts):
+        error = MergeConflictError(conflicts, f"{error}; {LIST_IDENTITY_HINT}")
+    return error
+
+
+def _holds_dicts(value: Any) -> bool:
+    return isinstance(value, list) and any(isinstance(item, dict) for item in value)
 
 
 def identities(items: list[Any], key: str) -> tuple[list[Any], dict[Any, int], int]:

@@ -164,6 +164,23 @@ def test_three_way_items_without_identity_are_added_and_removed_as_a_set() -> No
     assert merged == {"l": [{"id": 1, "x": 1}, "both", "cur", "inc"]}
 
 
+def test_three_way_conflict_on_lists_of_dicts_hints_at_list_identity_key() -> None:
+    """Lists of dicts changed on both sides without a list_identity_key: the error says how
+    to merge them item by item; with the key they merge, and other conflicts get no hint."""
+    base = {"items": [{"id": 1, "qty": 1}]}
+    current = {"items": [{"id": 1, "qty": 2}]}
+    incoming = {"items": [{"id": 1, "qty": 1}, {"id": 2, "qty": 1}]}
+    with pytest.raises(MergeConflictError, match=r"list_identity_key=\.\.\.") as caught:
+        three_way_merge(base, current, incoming)
+    assert [c.path for c in caught.value.conflicts] == [("items",)]
+    assert str(caught.value).startswith("1 conflicting change(s) at: items; lists of dicts")
+    merged = three_way_merge(base, current, incoming, list_identity_key="id")
+    assert merged == {"items": [{"id": 1, "qty": 2}, {"id": 2, "qty": 1}]}
+    with pytest.raises(MergeConflictError) as plain:
+        three_way_merge({"tags": ["a"]}, {"tags": ["b"]}, {"tags": ["c"]})
+    assert "list_identity_key" not in str(plain.value)
+
+
 def test_three_way_takes_a_one_sided_list_change_whole() -> None:
     """If only one side touched an identity-keyed list, that side's list (and order) wins."""
     base = {"items": [{"id": 1}, {"id": 2}]}
