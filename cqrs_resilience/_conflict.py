@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import msgspec
@@ -128,7 +128,7 @@ class ResolveConflicts:
         config = f"config={self.config!r}" if self.config is not None else ""
         return f"resolve_conflicts({config})"
 
-    def __call__(self, handler: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    def __call__(self, handler: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         if not callable(handler):
             raise TypeError(f"resolve_conflicts() wraps a callable, got {handler!r}")
         handler_type = describe_handler(handler)

@@ -23,7 +23,7 @@ import functools
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
@@ -152,7 +152,7 @@ class Timeout:
         self._queue = _Expiries(loop, self._timer_clock)
         return self._queue
 
-    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         if not callable(fn):
             raise TypeError(f"timeout() wraps an async function, got {fn!r}")
         if not is_async(fn):

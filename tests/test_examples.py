@@ -29,3 +29,9 @@ def test_retry_example(capsys: pytest.CaptureFixture[str]) -> None:
     assert "retry 1/4 of SendEmail" in out
     assert "gave up after 5 attempts" in out
     assert "sent to ada@example.com" in out
+
+
+def test_typed_pipeline_example(capsys: pytest.CaptureFixture[str]) -> None:
+    """The typed example runs; CI's `mypy --strict examples` checks its types."""
+    runpy.run_path(str(EXAMPLES / "typed_pipeline.py"), run_name="__main__")
+    assert capsys.readouterr().out == "price: The price of `quantity` items. -> total 28.5\n"
