@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import msgspec
 
+from . import _telemetry
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._errors import ConcurrencyError, MergeConflictError, VersionPrunedError
 from ._hooks import (
@@ -35,8 +36,10 @@ from ._hooks import (
     CONFLICT_FAILED,
     CONFLICT_RESOLVED,
     HookRegistry,
+    announce,
     describe_handler,
     get_hook_registry,
+    observed,
 )
 from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._merge_registry import MergeStrategyRegistry
@@ -142,6 +145,10 @@ class ResolveConflicts:
                 scope, token = enter((command,))
             changes = scope.changes if scope is not None else 0
             try:
+                if _telemetry.MEASURE is not None:
+                    return await self._measured(
+                        handler_type, one_arg, command, (scope, changes), token is not None
+                    )
                 try:
                     return await one_arg(command)
                 except ConcurrencyError as exc:
@@ -154,6 +161,31 @@ class ResolveConflicts:
                     CURRENT.reset(token)
 
         return resolving  # type: ignore[return-value]
+
+    async def _measured(
+        self,
+        handler_type: str,
+        handler: Callable[[Any], Awaitable[T]],
+        command: Any,
+        scope: tuple[Scope | None, int],
+        opened: bool,
+    ) -> T:
+        """An instrumented call: every call of `handler` (the first, each round) is an
+        attempt, and a call that opened the command's scope is the handled command."""
+        measure = _telemetry.MEASURE  # None again if instrumentation ended since the caller read it
+        if measure is not None:
+            handler = _telemetry.timed(measure, handler_type, command, handler)
+
+        async def run() -> T:
+            try:
+                return await handler(command)
+            except ConcurrencyError as exc:
+                conflict = exc
+            return await self._resolve(handler_type, handler, command, conflict, scope)
+
+        if measure is None or not opened:
+            return await run()
+        return await _telemetry.run_command(measure, handler_type, command, run)
 
     # The conflict path: everything below runs only after a ConcurrencyError.
 
@@ -198,6 +230,7 @@ class ResolveConflicts:
 
     def _context(
         self,
+        event: str,
         handler_type: str,
         command: Any,
         config: ConflictConfig,
@@ -205,6 +238,7 @@ class ResolveConflicts:
         error: BaseException,
     ) -> dict[str, Any]:
         return {
+            "event": event,
             "handler.type": handler_type,
             "command.type": type(command).__name__,
             "attempt": attempt,
@@ -229,8 +263,9 @@ class ResolveConflicts:
         hooks = self.hooks or get_hook_registry()
 
         async def emit(event: str, attempt: int, exc: BaseException) -> None:
-            if hooks.wants(event):
-                await hooks.emit(event, self._context(handler_type, original, config, attempt, exc))
+            if observed(hooks, event):
+                context = self._context(event, handler_type, original, config, attempt, exc)
+                await announce(hooks, event, context)
 
         await emit(CONFLICT_DETECTED, 1, error)
         if config.policy is ConflictResolutionPolicy.FIRST_WINS:

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from . import _telemetry
 from ._breaker import CircuitBreaker
 from ._budget import RetryBudget
 from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
@@ -88,9 +89,17 @@ class PipelinedCommandHandler(ABC, Generic[R]):
 
         The command's idempotency scope is opened here, once, for every behaviour inside.
         """
-        _, token = enter((command,))
+        scope, token = enter((command,))
         try:
-            return await self.get_pipeline()(command)
+            measure = _telemetry.MEASURE
+            # Instrumented, a command not already being handled (by an outer handle() or
+            # retry()) is one handled command.
+            if measure is None or (token is None and scope is not None):
+                return await self.get_pipeline()(command)
+            pipeline = self.get_pipeline()
+            return await _telemetry.run_command(
+                measure, type(self).__name__, command, lambda: pipeline(command)
+            )
         finally:
             if token is not None:
                 CURRENT.reset(token)

@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import tenacity
 
+from . import _telemetry
 from ._budget import RetryBudget
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._deadline import time_left
@@ -35,8 +36,11 @@ from ._hooks import (
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
     HookRegistry,
+    announce,
+    announce_sync,
     describe_handler,
     get_hook_registry,
+    observed,
 )
 from ._idempotency import (
     CURRENT,
@@ -258,6 +262,12 @@ class Retry:
                     deposit()
                 started = now() if now is not None else 0.0
                 try:
+                    if _telemetry.MEASURE is not None:
+                        call = (async_fn, args, kwargs)
+                        opened = token is not None
+                        return await self._measured_async(
+                            handler_type, call, (scope, changes), started, opened
+                        )
                     try:
                         return await async_fn(*args, **kwargs)
                     except Exception as exc:
@@ -284,6 +294,12 @@ class Retry:
                 deposit()
             started = now() if now is not None else 0.0
             try:
+                if _telemetry.MEASURE is not None:
+                    call = (fn, args, kwargs)
+                    opened = token is not None
+                    return self._measured_sync(
+                        handler_type, call, (scope, changes), started, opened
+                    )
                 try:
                     return fn(*args, **kwargs)
                 except Exception as exc:
@@ -297,6 +313,65 @@ class Retry:
                     CURRENT.reset(token)
 
         return retrying_sync
+
+    # Instrumented calls (`_telemetry.MEASURE` set): every call of `fn` is an attempt, and a
+    # call that opened the command's scope is the handled command.
+
+    async def _measured_async(
+        self,
+        handler_type: str,
+        call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+        started: float,
+        opened: bool,
+    ) -> Any:
+        measure = _telemetry.MEASURE  # None again if instrumentation ended since the caller read it
+        fn, args, kwargs = call
+        command = command_of(args)
+        if measure is not None:
+            fn = _telemetry.timed(measure, handler_type, command, fn)
+
+        async def run() -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._should_retry(exc):
+                    raise
+                failure = exc
+            return await self._retry_async(
+                handler_type, (fn, args, kwargs), failure, scope, started
+            )
+
+        if measure is None or not opened:
+            return await run()
+        return await _telemetry.run_command(measure, handler_type, command, run)
+
+    def _measured_sync(
+        self,
+        handler_type: str,
+        call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+        started: float,
+        opened: bool,
+    ) -> Any:
+        measure = _telemetry.MEASURE
+        fn, args, kwargs = call
+        command = command_of(args)
+        if measure is not None:
+            fn = _telemetry.timed_sync(measure, handler_type, command, fn)
+
+        def run() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._should_retry(exc):
+                    raise
+                failure = exc
+            return self._retry_sync(handler_type, (fn, args, kwargs), failure, scope, started)
+
+        if measure is None or not opened:
+            return run()
+        return _telemetry.run_command_sync(measure, handler_type, command, run)
 
     # The retry path: everything below runs only after a retryable failure.
 
@@ -372,9 +447,10 @@ class Retry:
         return delay
 
     def _context(
-        self, handler_type: str, run: _Attempts, exc: Exception, delay: float | None
+        self, event: str, handler_type: str, run: _Attempts, exc: Exception, delay: float | None
     ) -> dict[str, Any]:
         return {
+            "event": event,
             "handler.type": handler_type,
             "command.type": type(run.command).__name__ if run.command is not None else None,
             # The k-th retry is about to happen (scheduled), or k retries were made (exhausted).
@@ -402,12 +478,13 @@ class Retry:
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
-                if hooks.wants(delay):
-                    await hooks.emit(delay, self._context(handler_type, run, exc, None))
+                if observed(hooks, delay):
+                    await announce(hooks, delay, self._context(delay, handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
-            if hooks.wants(RETRY_SCHEDULED):
-                await hooks.emit(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
+            if observed(hooks, RETRY_SCHEDULED):
+                context = self._context(RETRY_SCHEDULED, handler_type, run, exc, delay)
+                await announce(hooks, RETRY_SCHEDULED, context)
             if delay > 0 or not is_testing():
                 await sleep(delay)
                 run.state.idle_for += delay
@@ -436,12 +513,13 @@ class Retry:
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
-                if hooks.wants(delay):
-                    hooks.emit_sync(delay, self._context(handler_type, run, exc, None))
+                if observed(hooks, delay):
+                    announce_sync(hooks, delay, self._context(delay, handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
-            if hooks.wants(RETRY_SCHEDULED):
-                hooks.emit_sync(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
+            if observed(hooks, RETRY_SCHEDULED):
+                context = self._context(RETRY_SCHEDULED, handler_type, run, exc, delay)
+                announce_sync(hooks, RETRY_SCHEDULED, context)
             if delay > 0:
                 clock.sleep_sync(delay)
                 run.state.idle_for += delay

@@ -8,7 +8,21 @@ from typing import Any
 
 import pytest
 
-from cqrs_resilience import HookRegistry, get_hook_registry
+from cqrs_resilience import FakeClock, HookRegistry, get_hook_registry
+from cqrs_resilience._hooks import EVENTS
+from tests.observability import every_event
+
+EVENT_CONSTANTS = (
+    "RETRY_SCHEDULED",
+    "RETRY_EXHAUSTED",
+    "RETRY_BUDGET_EXHAUSTED",
+    "CONFLICT_DETECTED",
+    "CONFLICT_RESOLVED",
+    "CONFLICT_FAILED",
+    "CIRCUIT_OPENED",
+    "CIRCUIT_HALF_OPENED",
+    "CIRCUIT_CLOSED",
+)
 
 
 async def test_glob_patterns_select_events(hooks: HookRegistry) -> None:
@@ -131,3 +145,23 @@ async def test_global_registry_receives_events_from_behaviours_by_default() -> N
     finally:
         unsubscribe()
     assert seen == [1]
+
+
+async def test_every_event_names_itself_in_its_context(
+    clock: FakeClock, hooks: HookRegistry, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Each of the nine events is emitted, and its context's `event` is its name."""
+    await every_event(clock, hooks)
+    assert {name for name, _ in events} == set(EVENTS)
+    for name, context in events:
+        assert context["event"] == name
+
+
+def test_event_names_are_exported() -> None:
+    """The top-level constants are the event names, one per event."""
+    import cqrs_resilience
+
+    exported = {getattr(cqrs_resilience, name) for name in EVENT_CONSTANTS}
+    assert exported == set(EVENTS)
+    assert cqrs_resilience.RETRY_SCHEDULED == "handler.retry.scheduled"
+    assert cqrs_resilience.CONFLICT_FAILED == "handler.conflict.failed"
