@@ -145,9 +145,9 @@ class ResolveConflicts:
                 scope, token = enter((command,))
             changes = scope.changes if scope is not None else 0
             try:
-                if _telemetry.MEASURE is not None:
-                    return await self._measured(
-                        handler_type, one_arg, command, (scope, changes), token is not None
+                if token is not None and (measure := _telemetry.MEASURE) is not None:
+                    return await self._handled(
+                        handler_type, one_arg, command, (scope, changes), measure
                     )
                 try:
                     return await one_arg(command)
@@ -162,30 +162,26 @@ class ResolveConflicts:
 
         return resolving  # type: ignore[return-value]
 
-    async def _measured(
+    async def _handled(
         self,
         handler_type: str,
         handler: Callable[[Any], Awaitable[T]],
         command: Any,
         scope: tuple[Scope | None, int],
-        opened: bool,
+        measure: _telemetry.Measure,
     ) -> T:
-        """An instrumented call: every call of `handler` (the first, each round) is an
-        attempt, and a call that opened the command's scope is the handled command."""
-        measure = _telemetry.MEASURE  # None again if instrumentation ended since the caller read it
-        if measure is not None:
-            handler = _telemetry.timed(measure, handler_type, command, handler)
-
-        async def run() -> T:
+        """Instrumented, the call that opened its command's scope handles it."""
+        record = _telemetry.begin(measure, handler_type, command, scope[0])
+        try:
             try:
-                return await handler(command)
+                result = await handler(command)
             except ConcurrencyError as exc:
-                conflict = exc
-            return await self._resolve(handler_type, handler, command, conflict, scope)
-
-        if measure is None or not opened:
-            return await run()
-        return await _telemetry.run_command(measure, handler_type, command, run)
+                result = await self._resolve(handler_type, handler, command, exc, scope)
+        except BaseException as exc:
+            _telemetry.end(record, scope[0], exc)
+            raise
+        _telemetry.end(record, scope[0], None)
+        return result
 
     # The conflict path: everything below runs only after a ConcurrencyError.
 
@@ -261,6 +257,9 @@ class ResolveConflicts:
     ) -> T:
         config = self._config(original)
         hooks = self.hooks or get_hook_registry()
+        record = _telemetry.record_of(scope[0], original)
+        if record is not None:
+            record.attempt_failed(error)
 
         async def emit(event: str, attempt: int, exc: BaseException) -> None:
             if observed(hooks, event):
@@ -301,6 +300,8 @@ class ResolveConflicts:
                     await emit(CONFLICT_FAILED, round_, merge_error)
                     raise
                 command = _keep_identity(self.update_command(original, merged), original)
+                if record is not None:
+                    record.attempt_started()
                 try:
                     if attempt_needs_own_counts(*scope):
                         with attempt(*scope):
@@ -309,6 +310,8 @@ class ResolveConflicts:
                         result = await handler(command)
                 except ConcurrencyError as exc:
                     error = exc
+                    if record is not None:
+                        record.attempt_failed(error)
                     if round_ < config.max_attempts:
                         await emit(CONFLICT_DETECTED, round_ + 1, error)
                     continue

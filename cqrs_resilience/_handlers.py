@@ -96,10 +96,14 @@ class PipelinedCommandHandler(ABC, Generic[R]):
             # retry()) is one handled command.
             if measure is None or (token is None and scope is not None):
                 return await self.get_pipeline()(command)
-            pipeline = self.get_pipeline()
-            return await _telemetry.run_command(
-                measure, type(self).__name__, command, lambda: pipeline(command)
-            )
+            record = _telemetry.begin(measure, type(self).__name__, command, scope)
+            try:
+                result = await self.get_pipeline()(command)
+            except BaseException as exc:
+                _telemetry.end(record, scope, exc)
+                raise
+            _telemetry.end(record, scope, None)
+            return result
         finally:
             if token is not None:
                 CURRENT.reset(token)

@@ -185,14 +185,19 @@ class HookRegistry:
 
 
 def describe_handler(fn: Callable[..., Any]) -> str:
-    """The name hooks report: the handler class for bound methods, else the function."""
+    """The name hooks report: the handler class for bound methods, else the function (or the
+    callable object's class) innermost in the `__wrapped__` chain."""
     target: Any = fn
-    while target is not None:
+    while True:
         owner = getattr(target, "__self__", None)
         if owner is not None and not isinstance(owner, types.ModuleType):
             return type(owner).__name__
-        target = getattr(target, "__wrapped__", None)
-    return str(getattr(fn, "__qualname__", type(fn).__name__))
+        inner = getattr(target, "__wrapped__", None)
+        if inner is None:
+            break
+        target = inner
+    # The innermost: a function by its name, a callable object by its class.
+    return str(getattr(target, "__qualname__", type(target).__name__))
 
 
 _global = HookRegistry()

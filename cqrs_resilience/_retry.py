@@ -262,11 +262,11 @@ class Retry:
                     deposit()
                 started = now() if now is not None else 0.0
                 try:
-                    if _telemetry.MEASURE is not None:
+                    # Instrumented, the call that opened its command's scope handles it.
+                    if token is not None and (measure := _telemetry.MEASURE) is not None:
                         call = (async_fn, args, kwargs)
-                        opened = token is not None
-                        return await self._measured_async(
-                            handler_type, call, (scope, changes), started, opened
+                        return await self._handled_async(
+                            handler_type, call, (scope, changes), started, measure
                         )
                     try:
                         return await async_fn(*args, **kwargs)
@@ -294,11 +294,10 @@ class Retry:
                 deposit()
             started = now() if now is not None else 0.0
             try:
-                if _telemetry.MEASURE is not None:
+                if token is not None and (measure := _telemetry.MEASURE) is not None:
                     call = (fn, args, kwargs)
-                    opened = token is not None
-                    return self._measured_sync(
-                        handler_type, call, (scope, changes), started, opened
+                    return self._handled_sync(
+                        handler_type, call, (scope, changes), started, measure
                     )
                 try:
                     return fn(*args, **kwargs)
@@ -314,64 +313,53 @@ class Retry:
 
         return retrying_sync
 
-    # Instrumented calls (`_telemetry.MEASURE` set): every call of `fn` is an attempt, and a
-    # call that opened the command's scope is the handled command.
+    # Instrumented, a call that opened its command's scope is a handled command.
 
-    async def _measured_async(
+    async def _handled_async(
         self,
         handler_type: str,
         call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
         scope: tuple[Scope | None, int],
         started: float,
-        opened: bool,
+        measure: _telemetry.Measure,
     ) -> Any:
-        measure = _telemetry.MEASURE  # None again if instrumentation ended since the caller read it
         fn, args, kwargs = call
-        command = command_of(args)
-        if measure is not None:
-            fn = _telemetry.timed(measure, handler_type, command, fn)
-
-        async def run() -> Any:
+        record = _telemetry.begin(measure, handler_type, command_of(args), scope[0])
+        try:
             try:
-                return await fn(*args, **kwargs)
+                result = await fn(*args, **kwargs)
             except Exception as exc:
                 if not self._should_retry(exc):
                     raise
-                failure = exc
-            return await self._retry_async(
-                handler_type, (fn, args, kwargs), failure, scope, started
-            )
+                result = await self._retry_async(handler_type, call, exc, scope, started)
+        except BaseException as exc:
+            _telemetry.end(record, scope[0], exc)
+            raise
+        _telemetry.end(record, scope[0], None)
+        return result
 
-        if measure is None or not opened:
-            return await run()
-        return await _telemetry.run_command(measure, handler_type, command, run)
-
-    def _measured_sync(
+    def _handled_sync(
         self,
         handler_type: str,
         call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
         scope: tuple[Scope | None, int],
         started: float,
-        opened: bool,
+        measure: _telemetry.Measure,
     ) -> Any:
-        measure = _telemetry.MEASURE
         fn, args, kwargs = call
-        command = command_of(args)
-        if measure is not None:
-            fn = _telemetry.timed_sync(measure, handler_type, command, fn)
-
-        def run() -> Any:
+        record = _telemetry.begin(measure, handler_type, command_of(args), scope[0])
+        try:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
             except Exception as exc:
                 if not self._should_retry(exc):
                     raise
-                failure = exc
-            return self._retry_sync(handler_type, (fn, args, kwargs), failure, scope, started)
-
-        if measure is None or not opened:
-            return run()
-        return _telemetry.run_command_sync(measure, handler_type, command, run)
+                result = self._retry_sync(handler_type, call, exc, scope, started)
+        except BaseException as exc:
+            _telemetry.end(record, scope[0], exc)
+            raise
+        _telemetry.end(record, scope[0], None)
+        return result
 
     # The retry path: everything below runs only after a retryable failure.
 
@@ -475,6 +463,9 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
+        record = _telemetry.record_of(run.scope, run.command)
+        if record is not None:
+            record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
@@ -488,6 +479,8 @@ class Retry:
             if delay > 0 or not is_testing():
                 await sleep(delay)
                 run.state.idle_for += delay
+            if record is not None:
+                record.attempt_started()
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return await fn(*args, **kwargs)
@@ -497,6 +490,8 @@ class Retry:
                 if not self._should_retry(new):
                     raise
                 exc = new
+                if record is not None:
+                    record.attempt_failed(exc)
 
     def _retry_sync(
         self,
@@ -510,6 +505,9 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK
+        record = _telemetry.record_of(run.scope, run.command)
+        if record is not None:
+            record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
@@ -523,6 +521,8 @@ class Retry:
             if delay > 0:
                 clock.sleep_sync(delay)
                 run.state.idle_for += delay
+            if record is not None:
+                record.attempt_started()
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return fn(*args, **kwargs)
@@ -532,6 +532,8 @@ class Retry:
                 if not self._should_retry(new):
                     raise
                 exc = new
+                if record is not None:
+                    record.attempt_failed(exc)
 
 
 @overload

@@ -3,46 +3,57 @@
 The core depends on no telemetry library. It knows two slots, both empty unless something
 (`cqrs_resilience.otel.instrument()`, the `hook_events` pytest fixture) fills them:
 
-- `MEASURE`: one `Measure`, told when a handled command starts and ends and when each attempt
-  starts and ends. `handle()`, `retry()` and `resolve_conflicts()` read it once per call;
-  while it is None they run exactly as without this module, so the uninstrumented happy path
-  pays one global read per behaviour.
+- `MEASURE`: one `Measure`, told when a handled command starts; the `CommandRecord` it returns
+  is told when an attempt fails and when another starts, and when the command ends. While it
+  is None everything runs as without this module: `handle()` pays one global read, and a
+  behaviour inside it nothing at all.
 - `EVENT_SINKS`: callables that receive every event the behaviours announce, `(name,
   context)`, whatever `HookRegistry` the behaviour reports to. Read only on the paths that
   emit events (a retry, a conflict, a circuit changing state), never on the happy path.
 
 A handled command is a call of `PipelinedCommandHandler.handle()`, or of the outermost
-`retry()` / `resolve_conflicts()` that opens the command's idempotency scope (a function-style
-pipeline). An attempt is one call a `retry()` or `resolve_conflicts()` makes to what it wraps;
-the `Measure` decides which of nested attempts to record.
+`retry()` / `resolve_conflicts()` around a function taking a command: the call that opens the
+command's idempotency scope. Its record hangs on that scope, where the behaviours inside find it.
+
+An attempt is one run of the innermost handler. The first starts with the command; an attempt
+ends when a behaviour catches its failure to handle it (a retry, a conflict round) and the next
+starts when that behaviour calls again; the last ends with the command. So with
+`retry → resolve_conflicts → process`, each run of `process` is one attempt, and the backoff
+sleeps and conflict merges between them belong to no attempt. No attempt is measured on the
+happy path: the one attempt is the command, timed by the same two clock reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from ._idempotency import Scope
 
 EventSink = Callable[[str, dict[str, Any]], None]
-"""Receives `(event name, hook context)` for every announced event; must not raise."""
+"""Receives `(event name, hook context)` for every announced event; should not raise."""
 
 
-class Finish(Protocol):
-    """Ends what a `Measure` started: with the error that ended it, or None on success."""
+class CommandRecord(Protocol):
+    """One handled command, as the instrumentation follows it."""
 
-    def __call__(self, error: BaseException | None, /) -> None: ...
+    def attempt_failed(self, error: BaseException, /) -> None:
+        """A behaviour caught this failure of the current attempt (to retry it, or give up)."""
+
+    def attempt_started(self) -> None:
+        """A behaviour calls its handler again: the next attempt starts."""
+
+    def finish(self, error: BaseException | None, /) -> None:
+        """The command ended: with this error, or None on success."""
 
 
 class Measure(Protocol):
-    """What instrumentation implements to time commands and attempts."""
+    """What instrumentation implements to follow commands and their attempts."""
 
-    def command(self, handler_type: str, command: Any) -> Finish:
-        """A handled command starts; call the result when it ends."""
-        ...
-
-    def attempt(self, handler_type: str, command: Any) -> Finish:
-        """An attempt at `command` starts; call the result when it ends."""
+    def command(self, handler_type: str, command: Any, *, attempts: bool) -> CommandRecord:
+        """A handled command starts. `attempts` is False when the behaviours cannot report
+        its attempts (a handler's argument with no `command_id`: it has no scope)."""
         ...
 
 
@@ -76,66 +87,34 @@ def add_event_sink(sink: EventSink) -> Callable[[], None]:
     return remove
 
 
-# What the behaviours call on their instrumented path (only while MEASURE is set).
+# What the behaviours call.
 
 
-async def run_command(
-    measure: Measure, handler_type: str, command: Any, call: Callable[[], Awaitable[T]]
-) -> T:
-    """Run `call()` as one handled command."""
-    finish = measure.command(handler_type, command)
-    try:
-        result = await call()
-    except BaseException as exc:
-        finish(exc)
-        raise
-    finish(None)
-    return result
+def begin(measure: Measure, handler_type: str, command: Any, scope: Scope | None) -> CommandRecord:
+    """A handled command starts; its record hangs on `scope`, the one it opened."""
+    record = measure.command(handler_type, command, attempts=scope is not None)
+    if scope is not None:
+        scope.telemetry = record
+    return record
 
 
-def run_command_sync(measure: Measure, handler_type: str, command: Any, call: Callable[[], T]) -> T:
-    """`run_command` for sync functions."""
-    finish = measure.command(handler_type, command)
-    try:
-        result = call()
-    except BaseException as exc:
-        finish(exc)
-        raise
-    finish(None)
-    return result
+def end(record: CommandRecord, scope: Scope | None, error: BaseException | None) -> None:
+    """The handled command `begin` started ended, with `error` or None."""
+    if scope is not None:
+        scope.telemetry = None
+    record.finish(error)
 
 
-def timed(
-    measure: Measure, handler_type: str, command: Any, fn: Callable[..., Awaitable[T]]
-) -> Callable[..., Awaitable[T]]:
-    """`fn`, each call of it measured as one attempt at `command`."""
-
-    async def attempt(*args: Any, **kwargs: Any) -> T:
-        finish = measure.attempt(handler_type, command)
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as exc:
-            finish(exc)
-            raise
-        finish(None)
-        return result
-
-    return attempt
-
-
-def timed_sync(
-    measure: Measure, handler_type: str, command: Any, fn: Callable[..., T]
-) -> Callable[..., T]:
-    """`timed` for sync functions."""
-
-    def attempt(*args: Any, **kwargs: Any) -> T:
-        finish = measure.attempt(handler_type, command)
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            finish(exc)
-            raise
-        finish(None)
-        return result
-
-    return attempt
+def record_of(scope: Scope | None, command: Any) -> CommandRecord | None:
+    """The record of the handled command a behaviour's call is about, if it is one: the
+    scope's command, or a rebuild of it (same `command_id`). A retry deeper inside, around a
+    call about something else, has none. Called on the retry and conflict paths only."""
+    if scope is None:
+        return None
+    root = scope.root or scope
+    record: CommandRecord | None = root.telemetry
+    if record is None:
+        return None
+    if command is root.command or getattr(command, "command_id", None) == root.command_id:
+        return record
+    return None
