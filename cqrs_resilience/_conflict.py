@@ -171,16 +171,18 @@ class ResolveConflicts:
         measure: _telemetry.Measure,
     ) -> T:
         """Instrumented, the call that opened its command's scope handles it."""
-        record = _telemetry.begin(measure, handler_type, command, scope[0])
+        record = measure.command(handler_type, command, attempts=True)
+        if scope[0] is not None:  # always: this call opened it
+            scope[0].telemetry = record
         try:
             try:
                 result = await handler(command)
             except ConcurrencyError as exc:
                 result = await self._resolve(handler_type, handler, command, exc, scope)
         except BaseException as exc:
-            _telemetry.end(record, scope[0], exc)
+            record.finish(exc)
             raise
-        _telemetry.end(record, scope[0], None)
+        record.finish(None)
         return result
 
     # The conflict path: everything below runs only after a ConcurrencyError.

@@ -92,17 +92,22 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         scope, token = enter((command,))
         try:
             measure = _telemetry.MEASURE
-            # Instrumented, a command not already being handled (by an outer handle() or
-            # retry()) is one handled command.
-            if measure is None or (token is None and scope is not None):
+            # Instrumented, one handled command, unless an outer handle() or retry() handles
+            # this command already.
+            if measure is None or (scope is not None and (scope.root or scope).telemetry):
                 return await self.get_pipeline()(command)
-            record = _telemetry.begin(measure, type(self).__name__, command, scope)
+            record = measure.command(type(self).__name__, command, attempts=scope is not None)
+            if scope is not None:
+                scope.telemetry = record  # where the behaviours inside report attempts
             try:
                 result = await self.get_pipeline()(command)
             except BaseException as exc:
-                _telemetry.end(record, scope, exc)
+                record.finish(exc)
                 raise
-            _telemetry.end(record, scope, None)
+            finally:
+                if scope is not None:
+                    scope.telemetry = None  # a scope of the caller's may outlive the command
+            record.finish(None)
             return result
         finally:
             if token is not None:

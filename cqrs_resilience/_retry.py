@@ -324,7 +324,11 @@ class Retry:
         measure: _telemetry.Measure,
     ) -> Any:
         fn, args, kwargs = call
-        record = _telemetry.begin(measure, handler_type, command_of(args), scope[0])
+        opened = scope[0]
+        command = opened.command if opened is not None else command_of(args)
+        record = measure.command(handler_type, command, attempts=True)
+        if opened is not None:  # always: this call opened it
+            opened.telemetry = record
         try:
             try:
                 result = await fn(*args, **kwargs)
@@ -333,9 +337,9 @@ class Retry:
                     raise
                 result = await self._retry_async(handler_type, call, exc, scope, started)
         except BaseException as exc:
-            _telemetry.end(record, scope[0], exc)
+            record.finish(exc)
             raise
-        _telemetry.end(record, scope[0], None)
+        record.finish(None)
         return result
 
     def _handled_sync(
@@ -347,7 +351,11 @@ class Retry:
         measure: _telemetry.Measure,
     ) -> Any:
         fn, args, kwargs = call
-        record = _telemetry.begin(measure, handler_type, command_of(args), scope[0])
+        opened = scope[0]
+        command = opened.command if opened is not None else command_of(args)
+        record = measure.command(handler_type, command, attempts=True)
+        if opened is not None:  # always: this call opened it
+            opened.telemetry = record
         try:
             try:
                 result = fn(*args, **kwargs)
@@ -356,9 +364,9 @@ class Retry:
                     raise
                 result = self._retry_sync(handler_type, call, exc, scope, started)
         except BaseException as exc:
-            _telemetry.end(record, scope[0], exc)
+            record.finish(exc)
             raise
-        _telemetry.end(record, scope[0], None)
+        record.finish(None)
         return result
 
     # The retry path: everything below runs only after a retryable failure.

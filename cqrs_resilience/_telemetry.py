@@ -11,9 +11,10 @@ The core depends on no telemetry library. It knows two slots, both empty unless 
   context)`, whatever `HookRegistry` the behaviour reports to. Read only on the paths that
   emit events (a retry, a conflict, a circuit changing state), never on the happy path.
 
-A handled command is a call of `PipelinedCommandHandler.handle()`, or of the outermost
-`retry()` / `resolve_conflicts()` around a function taking a command: the call that opens the
-command's idempotency scope. Its record hangs on that scope, where the behaviours inside find it.
+A handled command is a call of `PipelinedCommandHandler.handle()` for a command not already
+being handled, or of the outermost `retry()` / `resolve_conflicts()` around a function taking
+a command: the call that opens the command's idempotency scope. Its record hangs on that scope
+(`Scope.telemetry`), where the behaviours inside find it.
 
 An attempt is one run of the innermost handler. The first starts with the command; an attempt
 ends when a behaviour catches its failure to handle it (a retry, a conflict round) and the next
@@ -87,22 +88,7 @@ def add_event_sink(sink: EventSink) -> Callable[[], None]:
     return remove
 
 
-# What the behaviours call.
-
-
-def begin(measure: Measure, handler_type: str, command: Any, scope: Scope | None) -> CommandRecord:
-    """A handled command starts; its record hangs on `scope`, the one it opened."""
-    record = measure.command(handler_type, command, attempts=scope is not None)
-    if scope is not None:
-        scope.telemetry = record
-    return record
-
-
-def end(record: CommandRecord, scope: Scope | None, error: BaseException | None) -> None:
-    """The handled command `begin` started ended, with `error` or None."""
-    if scope is not None:
-        scope.telemetry = None
-    record.finish(error)
+# What the behaviours call on the retry and conflict paths.
 
 
 def record_of(scope: Scope | None, command: Any) -> CommandRecord | None:

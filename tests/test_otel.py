@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry import trace
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -32,6 +33,7 @@ from cqrs_resilience import (
     TransientError,
     _telemetry,
     circuit_breaker,
+    command_scope,
     pipeline,
     resolve_conflicts,
     retry,
@@ -383,3 +385,28 @@ async def test_cancellation_ends_the_span_as_an_error(
     assert span.status.status_code is StatusCode.ERROR
     [(attributes, _)] = telemetry.points(cqrs_otel.COMMAND_DURATION)
     assert attributes["exception.type"] == "asyncio.exceptions.CancelledError"
+
+
+async def test_a_command_handled_twice_over_is_one_command(
+    telemetry: Telemetry, clock: FakeClock
+) -> None:
+    """retry() around handle() handles the command once: one span, one duration; handle()
+    inside a command_scope() of the caller's is still a handled command."""
+    handler = SaveHandler(Flaky(), clock=clock)
+    await retry(ONE_RETRY, clock=clock)(handler.handle)(Save())
+    assert len(telemetry.spans()) == 1
+    command = Save()
+    with command_scope(command):
+        await handler.handle(command)
+        await handler.handle(command)
+    assert len(telemetry.spans()) == 3
+
+
+async def test_no_op_providers_record_nothing_and_break_nothing(clock: FakeClock) -> None:
+    """The API's no-op providers: commands and events run as usual."""
+    undo = cqrs_otel.instrument(NoOpMeterProvider(), NoOpTracerProvider())
+    try:
+        handler = SaveHandler(Flaky(TransientError("blip"), ConcurrencyError()), clock=clock)
+        assert (await handler.handle(Save())).result == "ok"
+    finally:
+        undo()
