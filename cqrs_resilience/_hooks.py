@@ -68,10 +68,10 @@ circuit at WARNING, a circuit probing or recovering at INFO."""
 _MESSAGES: dict[str, str] = {
     RETRY_SCHEDULED: "%(handler.type)s (%(command.type)s): retry %(attempt)s of "
     "%(max_retries)s in %(delay_ms).0f ms after %(error)r",
-    RETRY_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up after %(attempt)s "
-    "retries: %(error)r",
+    RETRY_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up, %(attempt)s of "
+    "%(max_retries)s retries made: %(error)r",
     RETRY_BUDGET_EXHAUSTED: "%(handler.type)s (%(command.type)s): the retry budget is spent, "
-    "no retry after %(attempt)s: %(error)r",
+    "%(attempt)s retries made: %(error)r",
     CONFLICT_DETECTED: "%(handler.type)s (%(command.type)s): conflict %(attempt)s of "
     "%(max_retries)s (%(policy)s): %(error)r",
     CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved in round "

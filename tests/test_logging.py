@@ -101,7 +101,7 @@ async def test_messages_say_who_what_and_why(
         "Flaky (Save): retry 1 of 1 in 250 ms after ConnectionError('reset by peer')"
     )
     assert exhausted.getMessage() == (
-        "Flaky (Save): gave up after 1 retries: ConnectionError('reset by peer')"
+        "Flaky (Save): gave up, 1 of 1 retries made: ConnectionError('reset by peer')"
     )
     assert exhausted.args["error"] is error  # type: ignore[call-overload,index]
 
