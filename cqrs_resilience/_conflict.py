@@ -259,9 +259,11 @@ class ResolveConflicts:
     ) -> T:
         config = self._config(original)
         hooks = self.hooks or get_hook_registry()
-        record = _telemetry.record_of(scope[0], original)
-        if record is not None:
-            record.attempt_failed(error)
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(scope[0], original)
+            if record is not None:
+                record.attempt_failed(error)
 
         async def emit(event: str, attempt: int, exc: BaseException) -> None:
             if observed(hooks, event):

@@ -214,11 +214,10 @@ def get_hook_registry() -> HookRegistry:
 def observed(hooks: HookRegistry, event: str) -> bool:
     """Whether announcing `event` reaches anyone (a subscriber, a telemetry sink, the log):
     check before building a context."""
-    return (
-        hooks.wants(event)
-        or bool(_telemetry.EVENT_SINKS)
-        or logger.isEnabledFor(LEVELS.get(event, logging.DEBUG))
-    )
+    found = hooks._by_event.get(event)  # wants(), inlined: this runs on every retry
+    if found or _telemetry.EVENT_SINKS or (found is None and hooks.wants(event)):
+        return True
+    return logger.isEnabledFor(LEVELS[event])
 
 
 def _log_and_sink(event: str, context: HookContext) -> None:

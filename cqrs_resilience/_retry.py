@@ -471,9 +471,11 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
-        record = _telemetry.record_of(run.scope, run.command)
-        if record is not None:
-            record.attempt_failed(exc)
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(run.scope, run.command)
+            if record is not None:
+                record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
@@ -513,9 +515,11 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK
-        record = _telemetry.record_of(run.scope, run.command)
-        if record is not None:
-            record.attempt_failed(exc)
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(run.scope, run.command)
+            if record is not None:
+                record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
