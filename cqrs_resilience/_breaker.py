@@ -36,9 +36,11 @@ from ._hooks import (
     CIRCUIT_HALF_OPENED,
     CIRCUIT_OPENED,
     HookRegistry,
+    announce,
+    announce_sync,
     describe_handler,
     get_hook_registry,
-    logger,
+    observed,
 )
 from ._pipeline import is_async
 from ._retry import RetryOn, _predicate, command_of
@@ -158,11 +160,11 @@ class CircuitBreaker:
             was = self._state
             self._close()
         if was is not CLOSED:
-            logger.info("circuit closed by reset()")
             hooks = self._hooks or get_hook_registry()
-            if hooks.wants(CIRCUIT_CLOSED):
+            if observed(hooks, CIRCUIT_CLOSED):
                 # handler.type None: no call closed it.
-                hooks.emit_sync(CIRCUIT_CLOSED, self._context(CIRCUIT_CLOSED, None, None, None, ()))
+                context = self._context(CIRCUIT_CLOSED, None, None, None, ())
+                announce_sync(hooks, CIRCUIT_CLOSED, context)
 
     def __repr__(self) -> str:
         on = f", on={self.on!r}" if self.on is not None else ""
@@ -372,7 +374,7 @@ class CircuitBreaker:
         self._last_failure = None
         self._clear_window()
 
-    # Announcing: a log line for an opened circuit, and the hooks, only when someone listens.
+    # Announcing (to the log, the telemetry and the hooks), only when someone listens.
 
     def _context(
         self,
@@ -398,12 +400,8 @@ class CircuitBreaker:
         self, change: _Change, handler_type: str, args: tuple[Any, ...], exc: Exception | None
     ) -> tuple[HookRegistry, dict[str, Any]] | None:
         event = change[0]
-        if event == CIRCUIT_OPENED:
-            logger.warning(
-                "circuit opened for %s s by %s: %r", self.break_duration_s, handler_type, exc
-            )
         hooks = self._hooks or get_hook_registry()
-        if not hooks.wants(event):
+        if not observed(hooks, event):
             return None
         error = exc if event == CIRCUIT_OPENED else None
         return hooks, self._context(event, handler_type, change, error, args)
@@ -417,7 +415,7 @@ class CircuitBreaker:
     ) -> None:
         found = self._prepare(change, handler_type, args, exc)
         if found is not None:
-            await found[0].emit(change[0], found[1])
+            await announce(found[0], change[0], found[1])
 
     def _announce_sync(
         self,
@@ -428,7 +426,7 @@ class CircuitBreaker:
     ) -> None:
         found = self._prepare(change, handler_type, args, exc)
         if found is not None:
-            found[0].emit_sync(change[0], found[1])
+            announce_sync(found[0], change[0], found[1])
 
 
 def circuit_breaker(

@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import msgspec
 
+from . import _telemetry
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._errors import ConcurrencyError, MergeConflictError, VersionPrunedError
 from ._hooks import (
@@ -35,8 +36,10 @@ from ._hooks import (
     CONFLICT_FAILED,
     CONFLICT_RESOLVED,
     HookRegistry,
+    announce,
     describe_handler,
     get_hook_registry,
+    observed,
 )
 from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._merge_registry import MergeStrategyRegistry
@@ -142,6 +145,10 @@ class ResolveConflicts:
                 scope, token = enter((command,))
             changes = scope.changes if scope is not None else 0
             try:
+                if token is not None and (measure := _telemetry.MEASURE) is not None:
+                    return await self._handled(
+                        handler_type, one_arg, command, (scope, changes), measure
+                    )
                 try:
                     return await one_arg(command)
                 except ConcurrencyError as exc:
@@ -154,6 +161,29 @@ class ResolveConflicts:
                     CURRENT.reset(token)
 
         return resolving  # type: ignore[return-value]
+
+    async def _handled(
+        self,
+        handler_type: str,
+        handler: Callable[[Any], Awaitable[T]],
+        command: Any,
+        scope: tuple[Scope | None, int],
+        measure: _telemetry.Measure,
+    ) -> T:
+        """Instrumented, the call that opened its command's scope handles it."""
+        record = measure.command(handler_type, command, attempts=True)
+        if scope[0] is not None:  # always: this call opened it
+            scope[0].telemetry = record
+        try:
+            try:
+                result = await handler(command)
+            except ConcurrencyError as exc:
+                result = await self._resolve(handler_type, handler, command, exc, scope)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return result
 
     # The conflict path: everything below runs only after a ConcurrencyError.
 
@@ -198,6 +228,7 @@ class ResolveConflicts:
 
     def _context(
         self,
+        event: str,
         handler_type: str,
         command: Any,
         config: ConflictConfig,
@@ -205,6 +236,7 @@ class ResolveConflicts:
         error: BaseException,
     ) -> dict[str, Any]:
         return {
+            "event": event,
             "handler.type": handler_type,
             "command.type": type(command).__name__,
             "attempt": attempt,
@@ -227,10 +259,16 @@ class ResolveConflicts:
     ) -> T:
         config = self._config(original)
         hooks = self.hooks or get_hook_registry()
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(scope[0], original)
+            if record is not None:
+                record.attempt_failed(error)
 
         async def emit(event: str, attempt: int, exc: BaseException) -> None:
-            if hooks.wants(event):
-                await hooks.emit(event, self._context(handler_type, original, config, attempt, exc))
+            if observed(hooks, event):
+                context = self._context(event, handler_type, original, config, attempt, exc)
+                await announce(hooks, event, context)
 
         await emit(CONFLICT_DETECTED, 1, error)
         if config.policy is ConflictResolutionPolicy.FIRST_WINS:
@@ -266,6 +304,8 @@ class ResolveConflicts:
                     await emit(CONFLICT_FAILED, round_, merge_error)
                     raise
                 command = _keep_identity(self.update_command(original, merged), original)
+                if record is not None:
+                    record.attempt_started()
                 try:
                     if attempt_needs_own_counts(*scope):
                         with attempt(*scope):
@@ -274,6 +314,8 @@ class ResolveConflicts:
                         result = await handler(command)
                 except ConcurrencyError as exc:
                     error = exc
+                    if record is not None:
+                        record.attempt_failed(error)
                     if round_ < config.max_attempts:
                         await emit(CONFLICT_DETECTED, round_ + 1, error)
                     continue

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from . import _telemetry
 from ._breaker import CircuitBreaker
 from ._budget import RetryBudget
 from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
@@ -88,9 +89,26 @@ class PipelinedCommandHandler(ABC, Generic[R]):
 
         The command's idempotency scope is opened here, once, for every behaviour inside.
         """
-        _, token = enter((command,))
+        scope, token = enter((command,))
         try:
-            return await self.get_pipeline()(command)
+            measure = _telemetry.MEASURE
+            # Instrumented, one handled command, unless an outer handle() or retry() handles
+            # this command already.
+            if measure is None or (scope is not None and (scope.root or scope).telemetry):
+                return await self.get_pipeline()(command)
+            record = measure.command(type(self).__name__, command, attempts=scope is not None)
+            if scope is not None:
+                scope.telemetry = record  # where the behaviours inside report attempts
+            try:
+                result = await self.get_pipeline()(command)
+            except BaseException as exc:
+                record.finish(exc)
+                raise
+            finally:
+                if scope is not None:
+                    scope.telemetry = None  # a scope of the caller's may outlive the command
+            record.finish(None)
+            return result
         finally:
             if token is not None:
                 CURRENT.reset(token)

@@ -1,7 +1,10 @@
-"""Observability hooks: subscribe callables to events by shell-style glob.
+"""Observability hooks: subscribe callables to events by shell-style glob; announcing events.
 
-Emitting is on the retry and conflict paths, so the check for "does anyone listen?" is one
-dict lookup: callers ask `wants(event)` before they build a context dict.
+A behaviour announces an event to three audiences: the log (logger `"cqrs_resilience"`, at the
+event's level in `LEVELS`), the telemetry seam's event sinks (`_telemetry`), and the
+subscribers of its `HookRegistry`. Events happen only off the happy path (a retry, a conflict,
+a circuit changing state), and even there a behaviour asks `observed(hooks, event)` (a dict
+lookup, a tuple check and `logger.isEnabledFor`) before it builds a context or a message.
 """
 
 from __future__ import annotations
@@ -14,7 +17,12 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
+from . import _telemetry
+
 logger = logging.getLogger("cqrs_resilience")
+# The application decides where logs go; without this, Python's last-resort handler would
+# print our warnings to stderr.
+logger.addHandler(logging.NullHandler())
 
 HookContext: TypeAlias = dict[str, Any]
 Hook: TypeAlias = Callable[[HookContext], Awaitable[None] | None]
@@ -41,6 +49,40 @@ EVENTS = (
     CIRCUIT_HALF_OPENED,
     CIRCUIT_CLOSED,
 )
+
+LEVELS: dict[str, int] = {
+    RETRY_SCHEDULED: logging.DEBUG,
+    RETRY_EXHAUSTED: logging.WARNING,
+    RETRY_BUDGET_EXHAUSTED: logging.WARNING,
+    CONFLICT_DETECTED: logging.DEBUG,
+    CONFLICT_RESOLVED: logging.DEBUG,
+    CONFLICT_FAILED: logging.WARNING,
+    CIRCUIT_OPENED: logging.WARNING,
+    CIRCUIT_HALF_OPENED: logging.INFO,
+    CIRCUIT_CLOSED: logging.INFO,
+}
+"""The level each event is logged at: routine handling at DEBUG, giving up and an opened
+circuit at WARNING, a circuit probing or recovering at INFO."""
+
+# Formatted by logging itself, from the context as the record's args, only when emitted.
+_MESSAGES: dict[str, str] = {
+    RETRY_SCHEDULED: "%(handler.type)s (%(command.type)s): retry %(attempt)s of "
+    "%(max_retries)s in %(delay_ms).0f ms after %(error)r",
+    RETRY_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up, %(attempt)s of "
+    "%(max_retries)s retries made: %(error)r",
+    RETRY_BUDGET_EXHAUSTED: "%(handler.type)s (%(command.type)s): the retry budget is spent, "
+    "%(attempt)s retries made: %(error)r",
+    CONFLICT_DETECTED: "%(handler.type)s (%(command.type)s): conflict %(attempt)s of "
+    "%(max_retries)s (%(policy)s): %(error)r",
+    CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved in round "
+    "%(attempt)s (%(policy)s)",
+    CONFLICT_FAILED: "%(handler.type)s (%(command.type)s): conflict not resolved "
+    "(%(policy)s): %(error)r",
+    CIRCUIT_OPENED: "circuit opened for %(break_duration_s)s s by %(handler.type)s: %(error)r",
+    CIRCUIT_HALF_OPENED: "circuit half-open: %(handler.type)s makes the trial call",
+    CIRCUIT_CLOSED: "circuit closed: %(handler.type)s's trial call succeeded",
+}
+_RESET_MESSAGE = "circuit closed by reset()"
 
 
 class HookRegistry:
@@ -143,14 +185,19 @@ class HookRegistry:
 
 
 def describe_handler(fn: Callable[..., Any]) -> str:
-    """The name hooks report: the handler class for bound methods, else the function."""
+    """The name hooks report: the handler class for bound methods, else the function (or the
+    callable object's class) innermost in the `__wrapped__` chain."""
     target: Any = fn
-    while target is not None:
+    while True:
         owner = getattr(target, "__self__", None)
         if owner is not None and not isinstance(owner, types.ModuleType):
             return type(owner).__name__
-        target = getattr(target, "__wrapped__", None)
-    return str(getattr(fn, "__qualname__", type(fn).__name__))
+        inner = getattr(target, "__wrapped__", None)
+        if inner is None:
+            break
+        target = inner
+    # The innermost: a function by its name, a callable object by its class.
+    return str(getattr(target, "__qualname__", type(target).__name__))
 
 
 _global = HookRegistry()
@@ -159,3 +206,41 @@ _global = HookRegistry()
 def get_hook_registry() -> HookRegistry:
     """The process-wide registry that behaviours use unless given `hooks=`."""
     return _global
+
+
+# Announcing: what the behaviours call, so the log and the telemetry see every event too.
+
+
+def observed(hooks: HookRegistry, event: str) -> bool:
+    """Whether announcing `event` reaches anyone (a subscriber, a telemetry sink, the log):
+    check before building a context."""
+    found = hooks._by_event.get(event)  # wants(), inlined: this runs on every retry
+    if found or _telemetry.EVENT_SINKS or (found is None and hooks.wants(event)):
+        return True
+    return logger.isEnabledFor(LEVELS[event])
+
+
+def _log_and_sink(event: str, context: HookContext) -> None:
+    level = LEVELS.get(event, logging.DEBUG)
+    if logger.isEnabledFor(level):
+        message = _MESSAGES.get(event, "%(event)s")
+        if event == CIRCUIT_CLOSED and context.get("handler.type") is None:
+            message = _RESET_MESSAGE
+        logger.log(level, message, context)
+    for sink in _telemetry.EVENT_SINKS:
+        try:
+            sink(event, context)
+        except Exception:
+            logger.warning("event sink %r for %s raised; ignored", sink, event, exc_info=True)
+
+
+async def announce(hooks: HookRegistry, event: str, context: HookContext) -> None:
+    """Log `event`, hand it to the telemetry sinks, then to `hooks`' subscribers."""
+    _log_and_sink(event, context)
+    await hooks.emit(event, context)
+
+
+def announce_sync(hooks: HookRegistry, event: str, context: HookContext) -> None:
+    """`announce` from sync code."""
+    _log_and_sink(event, context)
+    hooks.emit_sync(event, context)

@@ -42,6 +42,7 @@ class Scope(msgspec.Struct, gc=False):
     log: list[tuple[str, int]] | None = None  # (key, previous count), to rebuild snapshots
     changes: int = 0  # len(log): a snapshot of the counts costs one attribute read
     digest: bytes | None = None
+    telemetry: Any = None  # the instrumentation's record of this command (`_telemetry`)
 
     def fingerprint(self) -> bytes:
         """A digest of the original command's encoding (b"" when only an id was given)."""

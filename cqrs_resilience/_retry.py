@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import tenacity
 
+from . import _telemetry
 from ._budget import RetryBudget
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._deadline import time_left
@@ -35,8 +36,11 @@ from ._hooks import (
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
     HookRegistry,
+    announce,
+    announce_sync,
     describe_handler,
     get_hook_registry,
+    observed,
 )
 from ._idempotency import (
     CURRENT,
@@ -260,6 +264,12 @@ class Retry:
                     deposit()
                 started = now() if now is not None else 0.0
                 try:
+                    # Instrumented, the call that opened its command's scope handles it.
+                    if token is not None and (measure := _telemetry.MEASURE) is not None:
+                        call = (async_fn, args, kwargs)
+                        return await self._handled_async(
+                            handler_type, call, (scope, changes), started, measure
+                        )
                     try:
                         return await async_fn(*args, **kwargs)
                     except Exception as exc:
@@ -286,6 +296,11 @@ class Retry:
                 deposit()
             started = now() if now is not None else 0.0
             try:
+                if token is not None and (measure := _telemetry.MEASURE) is not None:
+                    call = (fn, args, kwargs)
+                    return self._handled_sync(
+                        handler_type, call, (scope, changes), started, measure
+                    )
                 try:
                     return fn(*args, **kwargs)
                 except Exception as exc:
@@ -299,6 +314,62 @@ class Retry:
                     CURRENT.reset(token)
 
         return retrying_sync
+
+    # Instrumented, a call that opened its command's scope is a handled command.
+
+    async def _handled_async(
+        self,
+        handler_type: str,
+        call: tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+        started: float,
+        measure: _telemetry.Measure,
+    ) -> Any:
+        fn, args, kwargs = call
+        opened = scope[0]
+        command = opened.command if opened is not None else command_of(args)
+        record = measure.command(handler_type, command, attempts=True)
+        if opened is not None:  # always: this call opened it
+            opened.telemetry = record
+        try:
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._should_retry(exc):
+                    raise
+                result = await self._retry_async(handler_type, call, exc, scope, started)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return result
+
+    def _handled_sync(
+        self,
+        handler_type: str,
+        call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
+        scope: tuple[Scope | None, int],
+        started: float,
+        measure: _telemetry.Measure,
+    ) -> Any:
+        fn, args, kwargs = call
+        opened = scope[0]
+        command = opened.command if opened is not None else command_of(args)
+        record = measure.command(handler_type, command, attempts=True)
+        if opened is not None:  # always: this call opened it
+            opened.telemetry = record
+        try:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._should_retry(exc):
+                    raise
+                result = self._retry_sync(handler_type, call, exc, scope, started)
+        except BaseException as exc:
+            record.finish(exc)
+            raise
+        record.finish(None)
+        return result
 
     # The retry path: everything below runs only after a retryable failure.
 
@@ -374,9 +445,10 @@ class Retry:
         return delay
 
     def _context(
-        self, handler_type: str, run: _Attempts, exc: Exception, delay: float | None
+        self, event: str, handler_type: str, run: _Attempts, exc: Exception, delay: float | None
     ) -> dict[str, Any]:
         return {
+            "event": event,
             "handler.type": handler_type,
             "command.type": type(run.command).__name__ if run.command is not None else None,
             # The k-th retry is about to happen (scheduled), or k retries were made (exhausted).
@@ -401,18 +473,26 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(run.scope, run.command)
+            if record is not None:
+                record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
-                if hooks.wants(delay):
-                    await hooks.emit(delay, self._context(handler_type, run, exc, None))
+                if observed(hooks, delay):
+                    await announce(hooks, delay, self._context(delay, handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
-            if hooks.wants(RETRY_SCHEDULED):
-                await hooks.emit(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
+            if observed(hooks, RETRY_SCHEDULED):
+                context = self._context(RETRY_SCHEDULED, handler_type, run, exc, delay)
+                await announce(hooks, RETRY_SCHEDULED, context)
             if delay > 0 or not is_testing():
                 await sleep(delay)
                 run.state.idle_for += delay
+            if record is not None:
+                record.attempt_started()
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return await fn(*args, **kwargs)
@@ -422,6 +502,8 @@ class Retry:
                 if not self._should_retry(new):
                     raise
                 exc = new
+                if record is not None:
+                    record.attempt_failed(exc)
 
     def _retry_sync(
         self,
@@ -435,18 +517,26 @@ class Retry:
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK
+        record = None
+        if _telemetry.MEASURE is not None:
+            record = _telemetry.record_of(run.scope, run.command)
+            if record is not None:
+                record.attempt_failed(exc)
         while True:
             delay = self._delay(run, exc)
             if isinstance(delay, str):
-                if hooks.wants(delay):
-                    hooks.emit_sync(delay, self._context(handler_type, run, exc, None))
+                if observed(hooks, delay):
+                    announce_sync(hooks, delay, self._context(delay, handler_type, run, exc, None))
                 raise exc
             run.state.prepare_for_next_attempt()
-            if hooks.wants(RETRY_SCHEDULED):
-                hooks.emit_sync(RETRY_SCHEDULED, self._context(handler_type, run, exc, delay))
+            if observed(hooks, RETRY_SCHEDULED):
+                context = self._context(RETRY_SCHEDULED, handler_type, run, exc, delay)
+                announce_sync(hooks, RETRY_SCHEDULED, context)
             if delay > 0:
                 clock.sleep_sync(delay)
                 run.state.idle_for += delay
+            if record is not None:
+                record.attempt_started()
             try:
                 if not attempt_needs_own_counts(run.scope, run.changes):
                     return fn(*args, **kwargs)
@@ -456,6 +546,8 @@ class Retry:
                 if not self._should_retry(new):
                     raise
                 exc = new
+                if record is not None:
+                    record.attempt_failed(exc)
 
 
 @overload

@@ -6,7 +6,7 @@ import pytest
 
 from cqrs_resilience import FakeClock, HookRegistry
 
-pytest_plugins = ["tests.conftest_stores"]
+pytest_plugins = ["tests.conftest_stores", "pytester"]
 
 
 @pytest.fixture

@@ -8,7 +8,28 @@ from typing import Any
 
 import pytest
 
-from cqrs_resilience import HookRegistry, get_hook_registry
+from cqrs_resilience import (
+    RETRY_EXHAUSTED,
+    RETRY_SCHEDULED,
+    FakeClock,
+    HookRegistry,
+    get_hook_registry,
+)
+from cqrs_resilience._hooks import EVENTS
+from cqrs_resilience.pytest_plugin import HookEvents
+from tests.observability import every_event
+
+EVENT_CONSTANTS = (
+    "RETRY_SCHEDULED",
+    "RETRY_EXHAUSTED",
+    "RETRY_BUDGET_EXHAUSTED",
+    "CONFLICT_DETECTED",
+    "CONFLICT_RESOLVED",
+    "CONFLICT_FAILED",
+    "CIRCUIT_OPENED",
+    "CIRCUIT_HALF_OPENED",
+    "CIRCUIT_CLOSED",
+)
 
 
 async def test_glob_patterns_select_events(hooks: HookRegistry) -> None:
@@ -131,3 +152,57 @@ async def test_global_registry_receives_events_from_behaviours_by_default() -> N
     finally:
         unsubscribe()
     assert seen == [1]
+
+
+async def test_every_event_names_itself_in_its_context(
+    clock: FakeClock, hooks: HookRegistry, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Each of the nine events is emitted, and its context's `event` is its name."""
+    await every_event(clock, hooks)
+    assert {name for name, _ in events} == set(EVENTS)
+    for name, context in events:
+        assert context["event"] == name
+
+
+def test_event_names_are_exported() -> None:
+    """The top-level constants are the event names, one per event."""
+    import cqrs_resilience
+
+    exported = {getattr(cqrs_resilience, name) for name in EVENT_CONSTANTS}
+    assert exported == set(EVENTS)
+    assert cqrs_resilience.RETRY_SCHEDULED == "handler.retry.scheduled"
+    assert cqrs_resilience.CONFLICT_FAILED == "handler.conflict.failed"
+
+
+async def test_shipped_hook_events_fixture_sees_every_registry(
+    hook_events: HookEvents, fake_clock: FakeClock
+) -> None:
+    """hook_events records the events of the global registry and of private ones alike."""
+    await every_event(fake_clock, HookRegistry())  # a private registry
+    assert set(hook_events.names()) == set(EVENTS)
+    assert hook_events.names()[:2] == [RETRY_SCHEDULED, RETRY_EXHAUSTED]
+    assert hook_events.contexts("handler.retry.scheduled")[0]["delay_ms"] == 250
+    assert all(context["event"] == name for name, context in hook_events)
+    count = len(hook_events)
+    hook_events.clear()
+    await every_event(fake_clock)  # the global registry
+    assert len(hook_events) == count
+    assert hook_events[0][0] == RETRY_SCHEDULED
+    assert repr(hook_events).startswith("HookEvents(['handler.retry.scheduled'")
+
+
+def test_hook_events_fixture_stops_recording_after_the_test(pytester: pytest.Pytester) -> None:
+    """The fixture is registered by the plugin and removes its sink when the test ends."""
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        """
+        from cqrs_resilience import _telemetry
+
+        def test_uses_it(hook_events):
+            assert hook_events in _telemetry.EVENT_SINKS
+
+        def test_after():
+            assert _telemetry.EVENT_SINKS == ()
+        """
+    )
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)

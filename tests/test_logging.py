@@ -1,0 +1,181 @@
+"""Logging: the "cqrs_resilience" logger, each event at its level, and no work when disabled."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cqrs_resilience import (
+    CIRCUIT_CLOSED,
+    CIRCUIT_HALF_OPENED,
+    CIRCUIT_OPENED,
+    CONFLICT_DETECTED,
+    CONFLICT_FAILED,
+    CONFLICT_RESOLVED,
+    RETRY_BUDGET_EXHAUSTED,
+    RETRY_EXHAUSTED,
+    RETRY_SCHEDULED,
+    FakeClock,
+    HookRegistry,
+    TransientError,
+    circuit_breaker,
+    retry,
+)
+from tests.observability import ONE_RETRY, Flaky, Save, SaveHandler, every_event
+
+LOGGER = "cqrs_resilience"
+
+
+@pytest.fixture
+def logger() -> Iterator[logging.Logger]:
+    """The library's logger, its level restored after the test."""
+    found = logging.getLogger(LOGGER)
+    level = found.level
+    yield found
+    found.setLevel(level)
+
+
+@pytest.fixture
+def log_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the `logging.Logger` methods the library calls, in order."""
+    calls: list[str] = []
+    for name in ("isEnabledFor", "_log", "makeRecord"):
+        original = getattr(logging.Logger, name)
+
+        def counting(
+            self: logging.Logger, *args: Any, _o: Any = original, _n: str = name, **kwargs: Any
+        ) -> Any:
+            if self.name == LOGGER:
+                calls.append(_n)
+            return _o(self, *args, **kwargs)
+
+        monkeypatch.setattr(logging.Logger, name, counting)
+    return calls
+
+
+def test_the_library_adds_only_a_null_handler() -> None:
+    """The application decides where logs go: the package's logger has a NullHandler only."""
+    handlers = logging.getLogger(LOGGER).handlers
+    assert handlers and all(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+async def test_each_event_is_logged_at_its_level(
+    clock: FakeClock, hooks: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Routine handling at DEBUG; giving up and an opened circuit at WARNING; probing and
+    recovering at INFO."""
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        await every_event(clock, hooks)
+    levels: dict[str, set[int]] = {}
+    for record in caplog.records:
+        context: Any = record.args
+        levels.setdefault(context["event"], set()).add(record.levelno)
+    assert levels == {
+        RETRY_SCHEDULED: {logging.DEBUG},
+        RETRY_EXHAUSTED: {logging.WARNING},
+        RETRY_BUDGET_EXHAUSTED: {logging.WARNING},
+        CONFLICT_DETECTED: {logging.DEBUG},
+        CONFLICT_RESOLVED: {logging.DEBUG},
+        CONFLICT_FAILED: {logging.WARNING},
+        CIRCUIT_OPENED: {logging.WARNING},
+        CIRCUIT_HALF_OPENED: {logging.INFO},
+        CIRCUIT_CLOSED: {logging.INFO},
+    }
+    assert all(record.name == LOGGER for record in caplog.records)
+
+
+async def test_messages_say_who_what_and_why(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry's log line names the handler, the command, the retry, the delay and the error;
+    the record's args are the hook context, for structured formatters."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    error = ConnectionError("reset by peer")
+    with pytest.raises(ConnectionError):
+        await retry(ONE_RETRY, clock=clock)(Flaky(error, error))(Save())
+    scheduled, exhausted = caplog.records
+    assert scheduled.getMessage() == (
+        "Flaky (Save): retry 1 of 1 in 250 ms after ConnectionError('reset by peer')"
+    )
+    assert exhausted.getMessage() == (
+        "Flaky (Save): gave up, 1 of 1 retries made: ConnectionError('reset by peer')"
+    )
+    assert exhausted.args["error"] is error  # type: ignore[call-overload,index]
+
+
+async def test_warnings_only_by_default_level(
+    clock: FakeClock, hooks: HookRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At WARNING, the DEBUG and INFO events leave no record."""
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        await every_event(clock, hooks)
+    assert {record.levelno for record in caplog.records} == {logging.WARNING}
+    assert len(caplog.records) == 4
+
+
+async def test_reset_is_logged_at_info(caplog: pytest.LogCaptureFixture, clock: FakeClock) -> None:
+    """Closing a circuit by hand says so."""
+    breaker = circuit_breaker(minimum_throughput=2, clock=clock, hooks=HookRegistry())
+    guarded = breaker(Flaky(TransientError("down"), TransientError("down")))
+    for _ in range(2):
+        with pytest.raises(TransientError):
+            await guarded(Save())
+    assert breaker.state == "open"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        breaker.reset()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "circuit closed by reset()")
+    ]
+
+
+async def test_nothing_is_formatted_when_the_logger_is_disabled(
+    clock: FakeClock, logger: logging.Logger, log_calls: list[str]
+) -> None:
+    """With the logger off, events only ask `isEnabledFor`: no record is made or formatted."""
+    logger.setLevel(logging.CRITICAL)
+    await every_event(clock, HookRegistry())
+    assert log_calls and set(log_calls) == {"isEnabledFor"}
+
+
+async def test_the_happy_path_does_no_log_work(
+    clock: FakeClock, logger: logging.Logger, log_calls: list[str]
+) -> None:
+    """Commands that succeed at once touch the logger not at all, even with DEBUG on."""
+    logger.setLevel(logging.DEBUG)
+    handler = SaveHandler(Flaky(), clock=clock)
+    for _ in range(3):
+        await handler.handle(Save())
+        await retry(ONE_RETRY, clock=clock)(Flaky())(Save())
+    assert log_calls == []
+
+
+async def test_a_quiet_event_builds_no_context(
+    clock: FakeClock, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No subscriber, no sink, logger off: a retry builds no hook context at all."""
+    from cqrs_resilience._retry import Retry
+
+    built: list[int] = []
+    original = Retry._context
+
+    def counting(self: Retry, *args: Any) -> dict[str, Any]:
+        built.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(Retry, "_context", counting)
+    logger.setLevel(logging.CRITICAL)
+    with pytest.raises(TransientError):
+        await retry(ONE_RETRY, clock=clock, hooks=HookRegistry())(
+            Flaky(TransientError("a"), TransientError("b"))
+        )(Save())
+    assert built == []
+    logger.setLevel(logging.DEBUG)
+    with pytest.raises(TransientError):
+        await retry(ONE_RETRY, clock=clock, hooks=HookRegistry())(
+            Flaky(TransientError("a"), TransientError("b"))
+        )(Save())
+    assert built == [1, 1]
