@@ -70,7 +70,8 @@ from ._messages import Command, CommandResponse, ConflictResilient, Retryable
 from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
 from ._repository import Aggregate, InMemoryRepository, Repository
-from ._retry import DEFAULT_RETRY_ON, Retry, retry
+from ._retry import Retry, retry
+from ._retry_on import DEFAULT_RETRY_ON
 from ._timeout import Timeout, timeout
 from ._turns import Turns
 

@@ -43,7 +43,7 @@ from ._hooks import (
     observed,
 )
 from ._pipeline import is_async
-from ._retry import RetryOn, _predicate, command_of
+from ._retry_on import RetryOn, command_of, predicate
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -133,7 +133,7 @@ class CircuitBreaker:
         self.break_duration_s = float(break_duration_s)
         self.on = on
         try:
-            self._is_failure = _predicate(on)  # retry()'s own reading of `on`, defaults included
+            self._is_failure = predicate(on)  # retry()'s own reading of `on`, defaults included
         except TypeError as exc:
             raise TypeError(str(exc).replace("retry(", "circuit_breaker(", 1)) from None
         self._hooks = hooks

@@ -21,7 +21,8 @@ from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
 from ._pipeline import Behavior, pipeline
 from ._policies import RetryPolicy
-from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, RetryOn, Stop, Wait, retry
+from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, Stop, Wait, retry
+from ._retry_on import RetryOn
 from ._timeout import timeout
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from . import _telemetry
 from ._budget import RetryBudget
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._deadline import time_left
-from ._errors import ConfigurationError, TransientError
+from ._errors import ConfigurationError
 from ._hooks import (
     RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
@@ -48,27 +48,18 @@ from ._idempotency import (
     attempt,
     attempt_needs_own_counts,
     enter,
-    is_command,
 )
 from ._pipeline import is_async
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
+from ._retry_on import RetryOn, command_of, predicate
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-RetryOn: TypeAlias = (
-    type[Exception]
-    | tuple[type[Exception], ...]
-    | Callable[[BaseException], bool]
-    | tenacity.retry_base
-)
 Stop: TypeAlias = Callable[[tenacity.RetryCallState], bool]
 """A tenacity stop strategy (`stop_after_attempt(5) | stop_after_delay(30)`, ...)."""
 Wait: TypeAlias = Callable[[tenacity.RetryCallState], float]
 """A tenacity wait strategy, in seconds (`wait_random_exponential(max=10)`, ...)."""
-
-DEFAULT_RETRY_ON: tuple[type[Exception], ...] = (TransientError, ConnectionError, TimeoutError)
-"""Retried when `on` is not given. `asyncio.TimeoutError` is `TimeoutError` on 3.11+."""
 
 DEFAULT_POLICY = ExponentialBackoffPolicy()
 _POLICY_TYPES: set[type] = set()
@@ -89,40 +80,6 @@ def check_cap(name: str, value: object, *, seconds: bool = False) -> None:
         )
     if not (0 <= value < math.inf):
         raise ConfigurationError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def _predicate(on: RetryOn | None) -> Callable[[Exception], bool]:
-    """Turn `on` into a test; only `Exception`s ever reach it, so cancellation never retries."""
-    if on is None:
-        on = DEFAULT_RETRY_ON
-    if isinstance(on, tenacity.retry_base):
-        strategy = on  # tenacity's retry_if_exception_type(...) and friends read the outcome
-
-        def tenacity_says(exc: BaseException) -> bool:
-            state = tenacity.RetryCallState(cast(Any, None), None, (), {})
-            state.outcome = tenacity.Future.construct(1, exc, has_exception=True)
-            return bool(strategy(state))
-
-        return tenacity_says
-    if isinstance(on, type) and issubclass(on, BaseException):
-        on = (on,)
-    if isinstance(on, tuple):
-        for kind in on:
-            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
-                raise TypeError(f"retry(on=...) takes exception types, got {kind!r}")
-        kinds = on
-        return lambda exc: isinstance(exc, kinds)
-    if callable(on):
-        return cast(Callable[[Exception], bool], on)
-    raise TypeError(f"retry(on=...) takes exception types or a predicate, got {on!r}")
-
-
-def command_of(args: tuple[Any, ...]) -> Any:
-    """The command a call is about: its first argument, or its second after a `self`."""
-    for arg in args[:2]:
-        if is_command(arg):
-            return arg
-    return args[0] if args else None
 
 
 class _PolicyWait(tenacity.wait.wait_base):
@@ -221,7 +178,7 @@ class Retry:
         self.clock = clock
         self.max_retries_cap = max_retries_cap
         self.max_delay_cap_s = float(max_delay_cap_s)
-        self._should_retry = _predicate(on)
+        self._should_retry = predicate(on)
         self._now = (clock or SYSTEM_CLOCK).monotonic
 
     def __repr__(self) -> str:
