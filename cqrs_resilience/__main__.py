@@ -250,6 +250,7 @@ def _run_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
         processes=args.processes,
         dsn=args.dsn,
         sqlite_path=sqlite_path,
+        sqlite_removed=not args.dsn and args.sqlite is None and not args.keep,
         seed=args.seed,
         max_retries=args.max_retries,
     )

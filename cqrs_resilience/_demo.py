@@ -127,6 +127,7 @@ class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
     processes: int = 1
     dsn: str | None = None
     sqlite_path: str | None = None
+    sqlite_removed: bool = False  # a temporary file, removed when the run ends
     seed: int = 0
     max_retries: int = DEMO_POLICY.max_retries
     run_id: str = ""
@@ -463,7 +464,8 @@ def _sigint_ignored() -> Iterator[None]:
 def format_report(report: Report) -> str:
     """The closing table."""
     stats, options = report.stats, report.options
-    store = "PostgreSQL" if options.dsn else f"SQLite ({options.sqlite_path})"
+    removed = ", removed at exit" if options.sqlite_removed else ""
+    store = "PostgreSQL" if options.dsn else f"SQLite ({options.sqlite_path}{removed})"
     total = options.writers * options.updates
     processes = "process" if options.processes == 1 else "processes"
     rows = [

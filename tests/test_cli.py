@@ -62,12 +62,14 @@ def test_ctrl_c_exits_130_quietly_and_removes_the_temporary_folder(
 
 
 def test_a_run_removes_its_temporary_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without --keep, the temporary SQLite folder is gone when the command returns."""
+    """Without --keep, the temporary SQLite folder is gone when the command returns, as the
+    table says."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cli.main(SMALL) == 0
     assert not list(tmp_path.iterdir())
+    assert "demo.sqlite3, removed at exit)" in capsys.readouterr().out
 
 
 def test_keep_leaves_the_temporary_store_and_says_where(
@@ -77,7 +79,9 @@ def test_keep_leaves_the_temporary_store_and_says_where(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     assert cli.main([*SMALL, "--keep"]) == 0
     (kept,) = tmp_path.glob("cqrs-resilience-demo-*/demo.sqlite3")
-    assert f"kept {kept}" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"kept {kept}" in err
+    assert f"SQLite ({kept})" in out
 
 
 def test_an_sqlite_file_given_stays(tmp_path: Path) -> None:
