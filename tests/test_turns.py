@@ -218,6 +218,17 @@ async def test_a_contested_aggregate_goes_back_to_unlocked_rounds(tmp_path):
         assert not store._contested_now("o")
 
 
+async def test_contested_marks_that_ran_out_do_not_pile_up(tmp_path):
+    """Many aggregates contested once each: the marks that ran out are swept, the fresh kept."""
+    clock = FakeClock()
+    async with SQLiteRepository(tmp_path / "db", DemoOrder, clock=clock) as store:
+        for n in range(3000):
+            store._contest(f"o{n}")
+            clock.advance(0.01)  # 5 s of marks live at a time: 500
+        assert len(store._contested) <= 1024 + 500
+        assert store._contested_now("o2999") and not store._contested_now("o0")
+
+
 async def test_a_sqlite_turn_that_fails_writes_nothing(tmp_path):
     """A locked round (the aggregate is contested) that raises after writing rolls its
     writes back with its turn."""

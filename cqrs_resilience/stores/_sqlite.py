@@ -55,6 +55,7 @@ _OPEN_TURN: ContextVar[tuple[Any, str] | None] = ContextVar(
 _SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
 CONTESTED_S = 5.0
 """How long an aggregate whose round lost to another process keeps taking the writer lock."""
+_CONTESTED_KEPT = 1024  # marks kept before the ones that ran out are swept
 
 # The repository whose locked resolution turn this task (and the tasks it starts) is in.
 _IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
@@ -160,7 +161,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
             outcome = await self._run(doing, self._persist, args, aggregate.id, recorded)
             if round_ and outcome.kind == "conflict":  # lost to another process
-                self._contested[aggregate.id] = self.clock.monotonic()
+                self._contest(aggregate.id)
             return outcome
 
         return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
@@ -190,6 +191,16 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                     raise
                 _IN_TURN.reset(token)
                 await self._submit("resolution turn", self._end_turn, True)
+
+    def _contest(self, aggregate_id: str) -> None:
+        """Mark `aggregate_id` contested; forget the marks that ran out, so many aggregates
+        contested once each do not pile up."""
+        now = self.clock.monotonic()
+        contested = self._contested
+        if len(contested) >= _CONTESTED_KEPT:
+            for stale in [k for k, lost in contested.items() if now - lost >= CONTESTED_S]:
+                del contested[stale]
+        contested[aggregate_id] = now
 
     def _contested_now(self, aggregate_id: Any) -> bool:
         lost = self._contested.get(aggregate_id)
