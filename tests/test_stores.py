@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from cqrs_resilience.stores import (
     StoreError,
 )
 from cqrs_resilience.stores._errors import map_sqlite_error, postgres_errors
+from cqrs_resilience.stores._sqlite import INLINE_READ_BYTES
 
 
 class Account(Aggregate, kw_only=True):
@@ -513,6 +515,68 @@ async def test_sqlite_retrieves_more_ids_than_one_query_binds(sqlite_path):
             await store.persist(Account(id=aggregate_id))
         found = await store.retrieve(list(reversed(ids)))
         assert [a.id for a in found] == list(reversed(ids[::100]))
+
+
+@contextmanager
+def reader_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
+    """Keep the store's reader thread busy until the block ends."""
+    release = threading.Event()
+    store._reader.submit(release.wait, 30)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+async def test_sqlite_small_reads_do_not_wait_for_the_reader_thread(sqlite_path):
+    """Reading one small aggregate runs on the event loop: a busy reader thread (a big read
+    under way, say) does not hold it up, and it sees the last commit."""
+    async with SQLiteRepository(sqlite_path, Account) as store:
+        created = await store.persist(Account(id="a"))
+        updated = await store.persist(bump(created, balance=5), command_id="c1")
+        with reader_thread_blocked(store):
+            found = await asyncio.wait_for(store.retrieve(["a"]), 5)
+            assert found == [updated]
+            assert await asyncio.wait_for(store.retrieve_version("a", 1), 5) == created
+            assert await asyncio.wait_for(store.was_processed("c1", "a"), 5)
+            assert await asyncio.wait_for(store.retrieve(["missing"]), 5) == []
+
+
+async def test_sqlite_big_states_and_many_ids_read_back_whole(sqlite_path):
+    """A state over `INLINE_READ_BYTES`, and several ids at once, are read on the reader
+    thread: complete, equal to what was written, from every version."""
+    big_tags = [f"tag-{n:06d}" for n in range(INLINE_READ_BYTES // 8)]
+    async with SQLiteRepository(sqlite_path, Account) as store:
+        small = await store.persist(Account(id="small"))
+        big = await store.persist(Account(id="big", tags=big_tags))
+        assert len(msgspec.msgpack.encode(big)) > INLINE_READ_BYTES
+        bigger = await store.persist(bump(big, balance=1))
+        with reader_thread_blocked(store):
+            waiting = asyncio.ensure_future(store.retrieve(["big"]))
+            await asyncio.sleep(0)
+            assert not waiting.done()  # the big state waits for the reader thread
+        assert await waiting == [bigger]
+        assert await store.retrieve_version("big", 1) == big
+        assert await store.retrieve(["big", "small"]) == [bigger, small]
+
+
+def test_sqlite_reads_from_another_threads_loop(sqlite_path):
+    """A repository read from event loops on two threads answers on both (the second thread
+    reads through the reader thread: connections stay with their thread)."""
+
+    async def write_and_read() -> Account:
+        store = SQLiteRepository(sqlite_path, Account)
+        created = await store.persist(Account(id="a", balance=3))
+        assert await store.retrieve(["a"]) == [created]
+        found: list[Any] = []
+        other = threading.Thread(target=lambda: found.extend(asyncio.run(store.retrieve(["a"]))))
+        other.start()
+        await asyncio.to_thread(other.join, 30)
+        await store.close()
+        assert found == [created]
+        return created
+
+    assert asyncio.run(write_and_read()).balance == 3
 
 
 async def test_sqlite_bad_path_is_a_configuration_error(tmp_path):
