@@ -68,12 +68,17 @@ async def persist_checked(
     write: WriteFn,
     *,
     turns: Any = None,
+    yields: bool = False,
 ) -> A:
     """The write path every store shares: check the state, key the write, run the store's
     `write(key, encoded, write_key)`, and turn its outcome into a result or an error.
 
     A `ConcurrencyError` carries `turns` (the store), which resolution rounds take turns
-    through."""
+    through. `yields` (a resolution round of this process holds the aggregate) makes it the
+    outcome at once: the round will write a newer version, so encoding and checking a state
+    bound to lose would be wasted; the round that follows checks the state it writes."""
+    if yields:
+        raise _conflict(aggregate, aggregate.version, turns)
     stored, encoded = codec.next_version(aggregate)
     key = codec.key(aggregate.id)
     recorded = write_key(command_id, key, encoded)
@@ -87,15 +92,17 @@ async def persist_checked(
     if outcome.kind == "repeat":
         return codec.decode(outcome.state, aggregate.id, outcome.version)
     write_failed(recorded, key)
+    raise _conflict(aggregate, outcome.version, turns)
+
+
+def _conflict(aggregate: Aggregate, actual: int, turns: Any) -> ConcurrencyError:
     error = ConcurrencyError(
-        aggregate_id=aggregate.id,
-        expected_version=aggregate.version,
-        actual_version=outcome.version,
+        aggregate_id=aggregate.id, expected_version=aggregate.version, actual_version=actual
     )
     error.turns = turns
-    if outcome.version == aggregate.version:
+    if actual == aggregate.version:
         error.add_note("a conflict-resolution round holds this aggregate; this write yields to it")
-    raise error
+    return error
 
 
 class InMemoryRepository(Repository[A]):

@@ -182,6 +182,29 @@ async def test_a_sqlite_round_runs_unlocked_and_first_attempts_yield_to_it(tmp_p
         assert [o.version for o in await store.retrieve(["o", "p"])] == [2, 1]
 
 
+async def test_a_first_attempt_yields_to_a_round_of_this_process_and_records_nothing(
+    durable_target,
+):
+    """On either database, a first attempt on an aggregate whose round this process holds is
+    a conflict at once at the version it read; nothing of it is recorded, so the same command
+    writes once the round is over."""
+    kind, target = durable_target
+    async with open_store(kind, target) as store:
+        created = await store.persist(DemoOrder(id="o"))
+        async with store.turn("o"):
+            outside = contextvars.Context()  # another task's first attempt, not the round's
+            with pytest.raises(ConcurrencyError) as info:
+                first = store.persist(created, command_id="first")
+                await asyncio.create_task(first, context=outside)
+            assert info.value.actual_version == created.version
+            assert "yields" in " ".join(info.value.__notes__)
+            [read] = await store.retrieve(["o"])
+            assert (await store.persist(read)).version == 2  # the round's own write
+        assert not await store.was_processed("first", "o")
+        [latest] = await store.retrieve(["o"])
+        assert (await store.persist(latest, command_id="first")).version == 3
+
+
 async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
     """Once a round lost to another process, the aggregate's rounds take the writer lock:
     the repository's other callers wait, the round's own calls run, and what it wrote is

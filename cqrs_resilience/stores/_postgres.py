@@ -264,7 +264,14 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             async with self._cursor(doing) as cur:
                 return await self._write(cur, key, aggregate, encoded, recorded)
 
-        return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
+        # A first attempt yields to a round of this process on the same aggregate (a round
+        # elsewhere is found by the write's try-lock).
+        yields = (id(self), self._codec.key(aggregate.id)) not in _HELD.get() and (
+            PROCESS_TURNS.held((id(self), aggregate.id))
+        )
+        return await persist_checked(
+            self._codec, aggregate, command_id, write, turns=self, yields=yields
+        )
 
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:

@@ -163,23 +163,25 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
+        open_turn = _OPEN_TURN.get()
+        round_ = open_turn is not None and open_turn == (self, aggregate.id)
+        # A first attempt yields to a round of this process on the same aggregate.
+        yields = (
+            not round_
+            and _IN_TURN.get() is not self
+            and PROCESS_TURNS.held((id(self), aggregate.id))
+        )
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
-            open_turn = _OPEN_TURN.get()
-            round_ = open_turn is not None and open_turn == (self, aggregate.id)
-            if (
-                not round_
-                and _IN_TURN.get() is not self
-                and PROCESS_TURNS.held((id(self), aggregate.id))
-            ):
-                return Outcome("conflict", aggregate.version)  # yield to the round in progress
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
             outcome = await self._run(doing, self._persist, args, aggregate.id, recorded)
             if round_ and outcome.kind == "conflict":  # lost to another process
                 self._contest(aggregate.id)
             return outcome
 
-        return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
+        return await persist_checked(
+            self._codec, aggregate, command_id, write, turns=self, yields=yields
+        )
 
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
