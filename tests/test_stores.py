@@ -528,6 +528,91 @@ def reader_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
         release.set()
 
 
+@contextmanager
+def writer_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
+    """Keep the store's writer thread busy until the block ends: writes queue up meanwhile."""
+    release = threading.Event()
+    store._executor.submit(release.wait, 30)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+async def _settled(*calls: Any) -> list[Any]:
+    """Each call's result or the exception it raised, in order."""
+    return await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_sqlite_writes_queued_together_commit_together_each_with_its_outcome(
+    sqlite_path,
+):
+    """Writes that queue while the writer is busy commit in one transaction, and each gets
+    its own outcome: stored, a conflict with a write before it in the same commit, a repeat,
+    or a refused key reuse that rolls back only itself."""
+    async with SQLiteRepository(sqlite_path, Account) as store:
+        a = await store.persist(Account(id="a"), command_id="make-a")
+        with writer_thread_blocked(store):
+            calls = [
+                store.persist(bump(a, balance=1), command_id="c1"),
+                store.persist(bump(a, balance=2), command_id="c2"),  # same version as c1
+                store.persist(Account(id="b", balance=3), command_id="c3"),
+                store.persist(Account(id="a", balance=4), command_id="make-a"),  # reused id
+                store.persist(Account(id="a"), command_id="make-a"),  # a resend
+                store.persist(Account(id="d", balance=5)),
+            ]
+            settled = asyncio.ensure_future(_settled(*calls))
+            await asyncio.sleep(0)
+            assert not settled.done()
+        c1, c2, c3, reused, resent, d = await settled
+        assert c1 == bump(a, balance=1, version=2)
+        assert isinstance(c2, ConcurrencyError) and c2.actual_version == 2
+        assert c3 == Account(id="b", version=1, balance=3)
+        assert isinstance(reused, IdempotencyKeyReuseError)
+        assert resent == a
+        assert d == Account(id="d", version=1, balance=5)
+        assert await store.retrieve(["a", "b", "d"]) == [c1, c3, d]
+        assert not await store.was_processed("c2", "a")
+
+
+async def test_sqlite_writes_queued_together_fail_together_on_a_database_error(sqlite_path):
+    """When the commit they share cannot happen (the file is locked past busy_timeout), every
+    queued write gets a TransientError and none is stored; each can simply be retried."""
+    async with SQLiteRepository(sqlite_path, Account, busy_timeout=0.05) as store:
+        blocker = sqlite3.connect(sqlite_path, isolation_level=None)
+        try:
+            with writer_thread_blocked(store):
+                blocker.execute("BEGIN IMMEDIATE")
+                calls = [store.persist(Account(id=i), command_id=f"c-{i}") for i in "abc"]
+                settled = asyncio.ensure_future(_settled(*calls))
+                await asyncio.sleep(0)
+            outcomes = await settled
+        finally:
+            blocker.close()
+        assert all(isinstance(o, TransientError) for o in outcomes), outcomes
+        assert await store.retrieve(["a", "b", "c"]) == []
+        for i in "abc":
+            assert not await store.was_processed(f"c-{i}", i)
+            assert (await store.persist(Account(id=i), command_id=f"c-{i}")).version == 1
+
+
+async def test_sqlite_a_cancelled_writer_leaves_the_others_in_its_commit(sqlite_path):
+    """Cancelling one queued write cancels its wait at once; the writes queued with it still
+    commit, and its own resend gets the first outcome if it had been written."""
+    async with SQLiteRepository(sqlite_path, Account) as store:
+        with writer_thread_blocked(store):
+            kept = asyncio.ensure_future(store.persist(Account(id="a"), command_id="keep"))
+            dropped = asyncio.ensure_future(store.persist(Account(id="b"), command_id="drop"))
+            await asyncio.sleep(0)
+            dropped.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await dropped
+        assert (await kept).version == 1
+        resent = await store.persist(Account(id="b"), command_id="drop")
+        assert resent == Account(id="b", version=1)
+        assert await store.retrieve(["a", "b"]) == [await kept, resent]
+
+
 async def test_sqlite_small_reads_do_not_wait_for_the_reader_thread(sqlite_path):
     """Reading one small aggregate runs on the event loop: a busy reader thread (a big read
     under way, say) does not hold it up, and it sees the last commit."""

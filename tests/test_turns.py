@@ -193,8 +193,8 @@ async def test_a_first_attempt_yields_to_a_round_of_this_process_and_records_not
         created = await store.persist(DemoOrder(id="o"))
         async with store.turn("o"):
             outside = contextvars.Context()  # another task's first attempt, not the round's
+            first = store.persist(created, command_id="first")
             with pytest.raises(ConcurrencyError) as info:
-                first = store.persist(created, command_id="first")
                 await asyncio.create_task(first, context=outside)
             assert info.value.actual_version == created.version
             assert "yields" in " ".join(info.value.__notes__)

@@ -33,9 +33,9 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
 from contextvars import ContextVar
-from typing import Any, TypeVar, TypeVarTuple
+from typing import Any, NamedTuple, TypeVar, TypeVarTuple
 
 from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
@@ -120,6 +120,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self._ready = False
         self._closed = False
         self._gate: asyncio.Lock | None = None  # held by a locked resolution turn
+        self._queued: list[_Queued] = []  # writes waiting for the writer thread's next commit
+        self._queued_lock = threading.Lock()
         self._contested: dict[str, float] = {}  # aggregate id -> when a round last lost
 
     async def open(self) -> None:
@@ -174,7 +176,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
-            outcome = await self._run(doing, self._persist, args, aggregate.id, recorded)
+            outcome = await self._write(doing, args, aggregate.id, recorded)
             if round_ and outcome.kind == "conflict":  # lost to another process
                 self._contest(aggregate.id)
             return outcome
@@ -244,6 +246,27 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return await self._submit(doing, fn, *args)
         async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
             future = self._executor_job(doing, fn, *args)
+        with sqlite_errors(f"SQLite {self.path}: {doing}"):
+            return await future
+
+    async def _write(
+        self, doing: str, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
+    ) -> Outcome:
+        """One persist's transaction. Persists queued while the writer thread is busy are
+        committed together when it gets to them (group commit: one lock and one sync for all),
+        each in a savepoint of its own, and each told its outcome only once they committed."""
+        if _IN_TURN.get() is self:
+            return await self._submit(doing, self._persist, args, aggregate_id, recorded)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
+            if self._closed:
+                raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
+            with self._queued_lock:
+                self._queued.append(_Queued(args, aggregate_id, recorded, future))
+                first = len(self._queued) == 1
+            if first:  # else the commit already queued takes this write too
+                self._executor.submit(self._commit_queued, loop)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
 
@@ -419,6 +442,32 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._prune(conn, args)
             return Outcome("stored", args["expected"] + 1)
 
+    def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write every queued persist in one transaction; tell each its outcome on `loop`.
+
+        A write that fails on its own (a reused idempotency key) is rolled back to its
+        savepoint and fails alone; a database error fails them all, and nothing is written."""
+        with self._queued_lock:
+            queued, self._queued = self._queued, []
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn = self._connect()
+            if len(queued) == 1:
+                one = queued[0]
+                results.append(_outcome_of(self._persist, one.args, one.aggregate_id, one.key))
+            else:
+                with _transaction(conn):
+                    for write in queued:
+                        results.append(
+                            _outcome_of(self._persist, write.args, write.aggregate_id, write.key)
+                        )
+                        if isinstance(results[-1][1], sqlite3.Error):
+                            raise results[-1][1]
+        except BaseException as exc:  # nothing committed: every write fails with the error
+            results = [(False, exc)] * len(queued)
+        with suppress(RuntimeError):  # a closed loop: nobody waits for these outcomes
+            loop.call_soon_threadsafe(_deliver, queued, results)
+
     def _prune(self, conn: sqlite3.Connection, args: dict[str, Any]) -> None:
         """Drop what retention no longer keeps, in the writing transaction."""
         oldest = self.retention.oldest_kept(args["expected"] + 1)
@@ -429,6 +478,38 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             batch = {"cutoff": cutoff, "batch": PRUNE_BATCH}
             conn.execute(_sql.PRUNE_WRITES, batch)
             conn.execute(_sql.PRUNE_COMMANDS, batch)
+
+
+class _Queued(NamedTuple):
+    """A persist waiting for the writer thread's next commit."""
+
+    args: dict[str, Any]
+    aggregate_id: str
+    key: WriteKey | None
+    future: asyncio.Future[Outcome]
+
+
+def _outcome_of(
+    persist: Callable[[dict[str, Any], str, WriteKey | None], Outcome],
+    args: dict[str, Any],
+    aggregate_id: str,
+    key: WriteKey | None,
+) -> tuple[bool, Any]:
+    try:
+        return True, persist(args, aggregate_id, key)
+    except Exception as exc:
+        return False, exc
+
+
+def _deliver(queued: list[_Queued], results: list[tuple[bool, Any]]) -> None:
+    """Hand each waiting persist its outcome (on the event loop)."""
+    for write, (ok, value) in zip(queued, results, strict=True):
+        if write.future.done():  # its caller was cancelled
+            continue
+        if ok:
+            write.future.set_result(value)
+        else:
+            write.future.set_exception(value)
 
 
 class _Elsewhere(Exception):
