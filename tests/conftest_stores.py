@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,25 @@ async def durable_store(durable_target: tuple[str, str]) -> AsyncIterator[Durabl
     yield store
     for repository in store.opened:
         await repository.close()
+
+
+@contextmanager
+def writer_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
+    """Keep the store's writer thread busy until the block ends: writes queue up meanwhile."""
+    release = threading.Event()
+    store._executor.submit(release.wait, 30)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+@contextmanager
+def reader_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
+    """Keep the store's reader thread busy until the block ends."""
+    release = threading.Event()
+    store._reader.submit(release.wait, 30)
+    try:
+        yield
+    finally:
+        release.set()

@@ -40,6 +40,7 @@ from cqrs_resilience.stores import (
 )
 from cqrs_resilience.stores._errors import map_sqlite_error, postgres_errors
 from cqrs_resilience.stores._sqlite import INLINE_READ_BYTES
+from tests.conftest_stores import reader_thread_blocked, writer_thread_blocked
 
 
 class Account(Aggregate, kw_only=True):
@@ -515,28 +516,6 @@ async def test_sqlite_retrieves_more_ids_than_one_query_binds(sqlite_path):
             await store.persist(Account(id=aggregate_id))
         found = await store.retrieve(list(reversed(ids)))
         assert [a.id for a in found] == list(reversed(ids[::100]))
-
-
-@contextmanager
-def reader_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
-    """Keep the store's reader thread busy until the block ends."""
-    release = threading.Event()
-    store._reader.submit(release.wait, 30)
-    try:
-        yield
-    finally:
-        release.set()
-
-
-@contextmanager
-def writer_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
-    """Keep the store's writer thread busy until the block ends: writes queue up meanwhile."""
-    release = threading.Event()
-    store._executor.submit(release.wait, 30)
-    try:
-        yield
-    finally:
-        release.set()
 
 
 async def _settled(*calls: Any) -> list[Any]:

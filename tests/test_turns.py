@@ -24,6 +24,7 @@ from cqrs_resilience import (
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
 from cqrs_resilience.stores._sqlite import CONTESTED_S
+from tests.conftest_stores import writer_thread_blocked
 
 PROCESSES = 4
 WRITERS = 50  # per process: 200 writers on one aggregate
@@ -203,6 +204,54 @@ async def test_a_first_attempt_yields_to_a_round_of_this_process_and_records_not
         assert not await store.was_processed("first", "o")
         [latest] = await store.retrieve(["o"])
         assert (await store.persist(latest, command_id="first")).version == 3
+
+
+async def test_a_sqlite_round_waits_for_this_process_writes_under_way(tmp_path):
+    """A round does not read past a write of its aggregate that this process has under way
+    (a first attempt that began before the round): it waits for it, reads what it wrote, and
+    its own write then succeeds instead of losing to it."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        created = await store.persist(DemoOrder(id="o"))
+
+        async def round_() -> DemoOrder:
+            async with store.turn("o"):
+                [read] = await store.retrieve(["o"])
+                return await store.persist(read)
+
+        with writer_thread_blocked(store):
+            first = asyncio.ensure_future(store.persist(created))  # under way, not committed
+            await asyncio.sleep(0)
+            resolving = asyncio.ensure_future(round_())
+            await asyncio.sleep(0)
+            assert not resolving.done()
+        assert (await first).version == 2
+        assert (await resolving).version == 3
+
+
+async def test_a_sqlite_round_cancelled_while_waiting_leaves_the_next_one_working(tmp_path):
+    """Cancelling a round that waits for a write under way cancels it at once, and the next
+    round on the aggregate still waits for that write and then writes."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        created = await store.persist(DemoOrder(id="o"))
+
+        async def round_() -> DemoOrder:
+            async with store.turn("o"):
+                [read] = await store.retrieve(["o"])
+                return await store.persist(read)
+
+        with writer_thread_blocked(store):
+            first = asyncio.ensure_future(store.persist(created))
+            await asyncio.sleep(0)
+            cancelled = asyncio.ensure_future(round_())
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            resolving = asyncio.ensure_future(round_())
+            await asyncio.sleep(0)
+            assert not resolving.done()
+        assert (await first).version == 2
+        assert (await resolving).version == 3
 
 
 async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):

@@ -17,8 +17,9 @@ or a database busy for any reason, is read on the reader thread instead.
 Resolution turns (`turn()`) are adaptive. A round first takes this process's turn for the
 aggregate only: its reads and merge run while other aggregates' writes go on, and a first
 attempt on the same aggregate yields to it (a `ConcurrencyError` at once, so it becomes a round
-and takes its turn) instead of racing it. Within one process that round cannot lose. When it
-loses anyway (another process wrote the aggregate meanwhile), the aggregate counts as contested
+and takes its turn) instead of racing it. The round first waits for this process's writes of
+the aggregate that were already under way, so it reads what they wrote instead of losing to
+them: within one process a round cannot lose. When it loses anyway (another process wrote the aggregate meanwhile), the aggregate counts as contested
 for `CONTESTED_S`, and its rounds take SQLite's own writer lock too: a `BEGIN IMMEDIATE`
 transaction that the round's reads and writes run in, so no writer in any process can slip in
 between the round reading the latest state and writing the merge. Other writes on this
@@ -123,6 +124,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self._queued: list[_Queued] = []  # writes waiting for the writer thread's next commit
         self._queued_lock = threading.Lock()
         self._contested: dict[str, float] = {}  # aggregate id -> when a round last lost
+        self._writing: dict[str, int] = {}  # aggregate id -> its writes under way here
+        self._settling: dict[str, asyncio.Future[None]] = {}  # a round waiting for them
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
@@ -176,7 +179,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
-            outcome = await self._write(doing, args, aggregate.id, recorded)
+            with self._under_way(aggregate.id):
+                outcome = await self._write(doing, args, aggregate.id, recorded)
             if round_ and outcome.kind == "conflict":  # lost to another process
                 self._contest(aggregate.id)
             return outcome
@@ -191,6 +195,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         a contested aggregate SQLite's writer lock as well, which the round's reads and writes
         then run under (committed when the block ends, rolled back when it raises)."""
         async with PROCESS_TURNS.turn((id(self), aggregate_id)):
+            await self._settled(aggregate_id)
             if not self._contested_now(aggregate_id):
                 opened = _OPEN_TURN.set((self, aggregate_id))
                 try:
@@ -210,6 +215,33 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                     raise
                 _IN_TURN.reset(token)
                 await self._submit("resolution turn", self._end_turn, True)
+
+    @contextmanager
+    def _under_way(self, aggregate_id: str) -> Iterator[None]:
+        """Count a write of `aggregate_id` while it is under way (see `_settled`)."""
+        writing = self._writing
+        writing[aggregate_id] = writing.get(aggregate_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = writing[aggregate_id] - 1
+            if left:
+                writing[aggregate_id] = left
+            else:
+                del writing[aggregate_id]
+                waiter = self._settling.pop(aggregate_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+    async def _settled(self, aggregate_id: Any) -> None:
+        """Wait until this repository's writes of `aggregate_id` that began before the round
+        took its turn have ended (first attempts begun since yield to the round), so the
+        round reads the state they left instead of losing to them."""
+        while aggregate_id in self._writing:
+            waiter = self._settling.get(aggregate_id)
+            if waiter is None or waiter.done():  # done: a round waiting before was cancelled
+                waiter = self._settling[aggregate_id] = asyncio.get_running_loop().create_future()
+            await waiter
 
     def _contest(self, aggregate_id: str) -> None:
         """Mark `aggregate_id` contested; forget the marks that ran out, so many aggregates
