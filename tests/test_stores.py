@@ -575,6 +575,44 @@ async def test_sqlite_writes_queued_together_fail_together_on_a_database_error(s
             assert (await store.persist(Account(id=i), command_id=f"c-{i}")).version == 1
 
 
+def test_sqlite_writes_from_two_threads_loops_commit_together(sqlite_path):
+    """Writes from event loops on two threads that land in one commit each get their outcome
+    on their own loop."""
+    store = SQLiteRepository(sqlite_path, Account)
+    asyncio.run(store.open())
+    found: dict[str, Any] = {}
+    both_queued = threading.Barrier(3, timeout=30)
+
+    def writer(name: str) -> None:
+        async def write() -> Account:
+            persisting = asyncio.ensure_future(store.persist(Account(id=name)))
+            await asyncio.sleep(0)  # queued behind the blocked writer thread
+            both_queued.wait()
+            return await persisting  # woken by its own loop, or never
+
+        found[name] = asyncio.run(write())
+
+    with writer_thread_blocked(store):
+        threads = [
+            threading.Thread(target=writer, args=(name,), daemon=True) for name in ("a", "b")
+        ]
+        for thread in threads:
+            thread.start()
+        both_queued.wait()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a writer was never told its outcome"
+    assert found == {"a": Account(id="a", version=1), "b": Account(id="b", version=1)}
+
+    async def read_and_close() -> list[Account]:
+        try:
+            return await store.retrieve(["a", "b"])
+        finally:
+            await store.close()
+
+    assert asyncio.run(read_and_close()) == [found["a"], found["b"]]
+
+
 async def test_sqlite_a_cancelled_writer_leaves_the_others_in_its_commit(sqlite_path):
     """Cancelling one queued write cancels its wait at once; the writes queued with it still
     commit, and its own resend gets the first outcome if it had been written."""

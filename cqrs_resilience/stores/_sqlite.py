@@ -11,19 +11,21 @@ waits for a lock and no connection is used from two threads: one writes, the oth
 WAL mode readers see the last commit and never wait for a writer). A read of one aggregate
 whose state is at most `INLINE_READ_BYTES` runs on the event loop itself, on a third,
 read-only connection that never waits: it is an index probe and a small row, cheaper than the
-two thread switches it saves (about a fifth of an optimistic command's time); a bigger state,
-or a database busy for any reason, is read on the reader thread instead.
+two thread switches it saves; a bigger state, several ids, or a database busy for any reason,
+is read on the reader thread instead. Writes that queue while the writer thread is busy commit
+together (group commit: see `_write`).
 
 Resolution turns (`turn()`) are adaptive. A round first takes this process's turn for the
 aggregate only: its reads and merge run while other aggregates' writes go on, and a first
 attempt on the same aggregate yields to it (a `ConcurrencyError` at once, so it becomes a round
 and takes its turn) instead of racing it. The round first waits for this process's writes of
 the aggregate that were already under way, so it reads what they wrote instead of losing to
-them: within one process a round cannot lose. When it loses anyway (another process wrote the aggregate meanwhile), the aggregate counts as contested
-for `CONTESTED_S`, and its rounds take SQLite's own writer lock too: a `BEGIN IMMEDIATE`
-transaction that the round's reads and writes run in, so no writer in any process can slip in
-between the round reading the latest state and writing the merge. Other writes on this
-repository then wait for the round, other reads do not.
+them: within one process a round cannot lose. When it loses anyway (another process wrote the
+aggregate meanwhile), the aggregate counts as contested for `CONTESTED_S`, and its rounds take
+SQLite's own writer lock too: a `BEGIN IMMEDIATE` transaction that the round's reads and writes
+run in, so no writer in any process can slip in between the round reading the latest state and
+writing the merge. Other writes on this repository then wait for the round, other reads do
+not.
 """
 
 from __future__ import annotations
@@ -289,8 +291,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         each in a savepoint of its own, and each told its outcome only once they committed."""
         if _IN_TURN.get() is self:
             return await self._submit(doing, self._persist, args, aggregate_id, recorded)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outcome] = loop.create_future()
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
             if self._closed:
                 raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
@@ -298,7 +299,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 self._queued.append(_Queued(args, aggregate_id, recorded, future))
                 first = len(self._queued) == 1
             if first:  # else the commit already queued takes this write too
-                self._executor.submit(self._commit_queued, loop)
+                self._executor.submit(self._commit_queued)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
 
@@ -474,8 +475,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._prune(conn, args)
             return Outcome("stored", args["expected"] + 1)
 
-    def _commit_queued(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Write every queued persist in one transaction; tell each its outcome on `loop`.
+    def _commit_queued(self) -> None:
+        """Write every queued persist in one transaction; tell each its outcome on its loop.
 
         A write that fails on its own (a reused idempotency key) is rolled back to its
         savepoint and fails alone; a database error fails them all, and nothing is written."""
@@ -497,8 +498,12 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                             raise results[-1][1]
         except BaseException as exc:  # nothing committed: every write fails with the error
             results = [(False, exc)] * len(queued)
-        with suppress(RuntimeError):  # a closed loop: nobody waits for these outcomes
-            loop.call_soon_threadsafe(_deliver, queued, results)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, tuple[bool, Any]]]] = {}
+        for write, result in zip(queued, results, strict=True):
+            by_loop.setdefault(write.future.get_loop(), []).append((write, result))
+        for loop, outcomes in by_loop.items():
+            with suppress(RuntimeError):  # a closed loop: nobody waits for these outcomes
+                loop.call_soon_threadsafe(_deliver, outcomes)
 
     def _prune(self, conn: sqlite3.Connection, args: dict[str, Any]) -> None:
         """Drop what retention no longer keeps, in the writing transaction."""
@@ -533,9 +538,9 @@ def _outcome_of(
         return False, exc
 
 
-def _deliver(queued: list[_Queued], results: list[tuple[bool, Any]]) -> None:
-    """Hand each waiting persist its outcome (on the event loop)."""
-    for write, (ok, value) in zip(queued, results, strict=True):
+def _deliver(outcomes: list[tuple[_Queued, tuple[bool, Any]]]) -> None:
+    """Hand each waiting persist its outcome (on its event loop)."""
+    for write, (ok, value) in outcomes:
         if write.future.done():  # its caller was cancelled
             continue
         if ok:
