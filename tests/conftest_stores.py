@@ -11,7 +11,8 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from concurrent.futures import Executor
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,22 +166,20 @@ async def durable_store(durable_target: tuple[str, str]) -> AsyncIterator[Durabl
 
 
 @contextmanager
-def writer_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
-    """Keep the store's writer thread busy until the block ends: writes queue up meanwhile."""
+def thread_blocked(worker: Executor) -> Iterator[None]:
+    """Keep a store's worker thread (`store._executor` writes, `store._reader` reads) busy
+    until the block ends: its jobs queue up meanwhile."""
     release = threading.Event()
-    store._executor.submit(release.wait, 30)
+    worker.submit(release.wait, 30)
     try:
         yield
     finally:
         release.set()
 
 
-@contextmanager
-def reader_thread_blocked(store: SQLiteRepository[Any]) -> Iterator[None]:
-    """Keep the store's reader thread busy until the block ends."""
-    release = threading.Event()
-    store._reader.submit(release.wait, 30)
-    try:
-        yield
-    finally:
-        release.set()
+def writer_thread_blocked(store: SQLiteRepository[Any]) -> AbstractContextManager[None]:
+    return thread_blocked(store._executor)
+
+
+def reader_thread_blocked(store: SQLiteRepository[Any]) -> AbstractContextManager[None]:
+    return thread_blocked(store._reader)

@@ -206,6 +206,13 @@ async def test_a_first_attempt_yields_to_a_round_of_this_process_and_records_not
         assert (await store.persist(latest, command_id="first")).version == 3
 
 
+async def a_round(store: SQLiteRepository[DemoOrder], aggregate_id: str) -> DemoOrder:
+    """A resolution round that reads the aggregate in its turn and writes it back."""
+    async with store.turn(aggregate_id):
+        [read] = await store.retrieve([aggregate_id])
+        return await store.persist(read)
+
+
 async def test_a_sqlite_round_waits_for_this_process_writes_under_way(tmp_path):
     """A round does not read past a write of its aggregate that this process has under way
     (a first attempt that began before the round): it waits for it, reads what it wrote, and
@@ -213,15 +220,10 @@ async def test_a_sqlite_round_waits_for_this_process_writes_under_way(tmp_path):
     async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
         created = await store.persist(DemoOrder(id="o"))
 
-        async def round_() -> DemoOrder:
-            async with store.turn("o"):
-                [read] = await store.retrieve(["o"])
-                return await store.persist(read)
-
         with writer_thread_blocked(store):
             first = asyncio.ensure_future(store.persist(created))  # under way, not committed
             await asyncio.sleep(0)
-            resolving = asyncio.ensure_future(round_())
+            resolving = asyncio.ensure_future(a_round(store, "o"))
             await asyncio.sleep(0)
             assert not resolving.done()
         assert (await first).version == 2
@@ -234,20 +236,15 @@ async def test_a_sqlite_round_cancelled_while_waiting_leaves_the_next_one_workin
     async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
         created = await store.persist(DemoOrder(id="o"))
 
-        async def round_() -> DemoOrder:
-            async with store.turn("o"):
-                [read] = await store.retrieve(["o"])
-                return await store.persist(read)
-
         with writer_thread_blocked(store):
             first = asyncio.ensure_future(store.persist(created))
             await asyncio.sleep(0)
-            cancelled = asyncio.ensure_future(round_())
+            cancelled = asyncio.ensure_future(a_round(store, "o"))
             await asyncio.sleep(0)
             cancelled.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
-            resolving = asyncio.ensure_future(round_())
+            resolving = asyncio.ensure_future(a_round(store, "o"))
             await asyncio.sleep(0)
             assert not resolving.done()
         assert (await first).version == 2
