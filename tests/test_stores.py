@@ -39,7 +39,7 @@ from cqrs_resilience.stores import (
     StoreError,
 )
 from cqrs_resilience.stores._errors import map_sqlite_error, postgres_errors
-from cqrs_resilience.stores._sqlite import INLINE_READ_BYTES
+from cqrs_resilience.stores._sqlite_reads import INLINE_READ_BYTES
 from tests.conftest_stores import reader_thread_blocked, writer_thread_blocked
 
 

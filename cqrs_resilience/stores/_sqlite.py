@@ -13,7 +13,7 @@ whose state is at most `INLINE_READ_BYTES` runs on the event loop itself, on a t
 read-only connection that never waits: it is an index probe and a small row, cheaper than the
 two thread switches it saves; a bigger state, several ids, or a database busy for any reason,
 is read on the reader thread instead. Writes that queue while the writer thread is busy commit
-together (group commit: see `_write`).
+together (group commit: `_sqlite_commit`).
 
 Resolution turns (`turn()`) are adaptive. A round first takes this process's turn for the
 aggregate only: its reads and merge run while other aggregates' writes go on, and a first
@@ -31,14 +31,14 @@ not.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, nullcontext, suppress
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, NamedTuple, TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple
 
 from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
@@ -50,6 +50,16 @@ from .._turns import PROCESS_TURNS
 from . import _sql
 from ._errors import sqlite_errors
 from ._lifecycle import StoreLifecycle
+from ._sqlite_commit import GroupCommit, transaction
+from ._sqlite_reads import (
+    INLINE_READ_BYTES,
+    NO_CAP,
+    Elsewhere,
+    LoopReader,
+    latest,
+    one_version,
+    was_processed,
+)
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -63,15 +73,6 @@ _SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
 CONTESTED_S = 5.0
 """How long an aggregate whose round lost to another process keeps taking the writer lock."""
 _CONTESTED_KEPT = 1024  # marks kept before the ones that ran out are swept
-INLINE_READ_BYTES = 64 * 1024
-"""The largest state read on the event loop; bigger ones are read on the reader thread."""
-_NO_CAP = 2**62
-# Reads that leave a state out (NULL) when it is bigger than :cap, without loading it.
-_LATEST_CAPPED = """SELECT version, CASE WHEN length(state) <= :cap THEN state END
-    FROM aggregate_versions WHERE aggregate_id = :id ORDER BY version DESC LIMIT 1"""
-_ONE_VERSION_CAPPED = """SELECT CASE WHEN length(state) <= :cap THEN state END
-    FROM aggregate_versions WHERE aggregate_id = :id AND version = :version"""
-
 # The repository whose locked resolution turn this task (and the tasks it starts) is in.
 _IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
     "cqrs_resilience.sqlite_turn", default=None
@@ -118,13 +119,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self._connection: sqlite3.Connection | None = None  # used on the worker thread only
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite-read")
         self._read_connection: sqlite3.Connection | None = None  # on the reader thread only
-        self._loop_connection: sqlite3.Connection | None = None  # on `_loop_thread` only
-        self._loop_thread: int | None = None
+        self._loop_reader = LoopReader(self.path)
         self._ready = False
         self._closed = False
         self._gate: asyncio.Lock | None = None  # held by a locked resolution turn
-        self._queued: list[_Queued] = []  # writes waiting for the writer thread's next commit
-        self._queued_lock = threading.Lock()
+        self._commits: GroupCommit[Outcome] = GroupCommit(self._executor, self._connect)
         self._contested: dict[str, float] = {}  # aggregate id -> when a round last lost
         self._writing: dict[str, int] = {}  # aggregate id -> its writes under way here
         self._settling: dict[str, asyncio.Future[None]] = {}  # a round waiting for them
@@ -142,7 +141,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         loop = asyncio.get_running_loop()
         try:
             with sqlite_errors(f"SQLite {self.path}: close"):
-                self._disconnect_loop_reader()
+                self._loop_reader.close()
                 await loop.run_in_executor(self._reader, self._disconnect_reader)
                 await loop.run_in_executor(self._executor, self._disconnect)
         finally:
@@ -153,7 +152,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         storable = self._codec.storable_id
         wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         doing = f"retrieve of {len(wanted)} aggregate(s)"
-        rows = await self._read(doing, self._latest, [key for _, key in wanted], inline=True)
+        rows = await self._read(doing, latest, [key for _, key in wanted], inline=True)
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
@@ -161,7 +160,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
-        state, oldest = await self._read(doing, self._one_version, key, version, inline=True)
+        state, oldest = await self._read(doing, one_version, key, version, inline=True)
         if state is not None:
             return self._codec.decode(state, aggregate_id, version)
         if oldest is not None:
@@ -268,7 +267,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         key = self._codec.key(aggregate_id)
-        return await self._read(doing, self._was_processed, command_id, key, inline=True)
+        return await self._read(doing, was_processed, command_id, key, inline=True)
 
     # --- on the event loop ----------------------------------------------------------------
 
@@ -291,15 +290,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         each in a savepoint of its own, and each told its outcome only once they committed."""
         if _IN_TURN.get() is self:
             return await self._submit(doing, self._persist, args, aggregate_id, recorded)
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
             if self._closed:
                 raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
-            with self._queued_lock:
-                self._queued.append(_Queued(args, aggregate_id, recorded, future))
-                first = len(self._queued) == 1
-            if first:  # else the commit already queued takes this write too
-                self._executor.submit(self._commit_queued)
+            write = functools.partial(self._persist, args, aggregate_id, recorded)
+            future = self._commits.add(write)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
 
@@ -314,7 +309,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         the writing one (in the turn's transaction, so the round reads its own writes).
 
         With `inline`, first on the event loop's own connection with `cap` =
-        `INLINE_READ_BYTES`: `fn` raises `_Elsewhere` for a bigger state, and a busy database
+        `INLINE_READ_BYTES`: `fn` raises `Elsewhere` for a bigger state, and a busy database
         raises too; either way the read runs again on the reader thread, with no cap."""
         if _IN_TURN.get() is self:
             return await self._submit(doing, self._on_writer, fn, *args)
@@ -323,11 +318,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         if self._closed:
             raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
         if inline:
-            conn = self._loop_reader()
+            conn = self._loop_reader.connection()
             if conn is not None:
                 try:
                     return fn(conn, *args, INLINE_READ_BYTES)
-                except (_Elsewhere, sqlite3.Error):
+                except (Elsewhere, sqlite3.Error):
                     pass  # the reader thread reads it, and maps any error it meets again
         future = asyncio.get_running_loop().run_in_executor(self._reader, self._on_reader, fn, args)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
@@ -363,7 +358,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             ).fetchone()[0]
             if present < len(_SCHEMA_NAMES):
                 # Only a store that lacks its tables takes the write lock to create them.
-                with _transaction(conn):
+                with transaction(conn):
                     for statement in _SCHEMA:
                         conn.execute(statement)
         except BaseException:
@@ -387,61 +382,10 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
             self._read_connection = conn
-        return fn(self._read_connection, *args, _NO_CAP)
+        return fn(self._read_connection, *args, NO_CAP)
 
     def _on_writer(self, fn: Callable[[sqlite3.Connection, *Ts, int], T], *args: *Ts) -> T:
-        return fn(self._connect(), *args, _NO_CAP)
-
-    def _loop_reader(self) -> sqlite3.Connection | None:
-        """The event loop's read-only connection, which never waits for a lock; None on any
-        thread but the first that asked (connections stay with one thread)."""
-        if self._loop_connection is not None:
-            return self._loop_connection if threading.get_ident() == self._loop_thread else None
-        if self._loop_thread is not None:
-            return None
-        self._loop_thread = threading.get_ident()
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA query_only = ON")
-        except sqlite3.Error:
-            return None  # the reader thread reads, as before
-        self._loop_connection = conn
-        return conn
-
-    def _disconnect_loop_reader(self) -> None:
-        conn, self._loop_connection = self._loop_connection, None
-        if conn is not None:
-            conn.close()
-
-    def _latest(
-        self, conn: sqlite3.Connection, keys: list[str], cap: int
-    ) -> dict[str, tuple[int, bytes]]:
-        """The latest (version, state) of each stored key among `keys`: an index probe each."""
-        unique = list(dict.fromkeys(keys))
-        if len(unique) > 1 and cap != _NO_CAP:
-            raise _Elsewhere  # a snapshot of several: in a transaction, on a thread
-        found: dict[str, tuple[int, bytes]] = {}
-        # Several queries read one snapshot only inside a transaction.
-        with _transaction(conn, "BEGIN") if len(unique) > 1 else nullcontext():
-            for key in unique:
-                row = conn.execute(_LATEST_CAPPED, {"id": key, "cap": cap}).fetchone()
-                if row is not None:
-                    found[key] = (row[0], _within_cap(row[1]))
-        return found
-
-    def _one_version(
-        self, conn: sqlite3.Connection, key: str, version: int, cap: int
-    ) -> tuple[object, int | None]:
-        """The state at `version`, or (None, the oldest version kept) if it was pruned."""
-        args = {"id": key, "version": version, "cap": cap}
-        row = conn.execute(_ONE_VERSION_CAPPED, args).fetchone()
-        if row is not None:
-            return _within_cap(row[0]), None
-        oldest, latest = conn.execute(_sql.VERSION_RANGE, args).fetchone()
-        pruned = oldest is not None and 0 < version < oldest and version <= latest
-        return None, oldest if pruned else None
+        return fn(self._connect(), *args, NO_CAP)
 
     def _begin_turn(self) -> None:
         self._connect().execute("BEGIN IMMEDIATE")
@@ -451,15 +395,11 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         if conn.in_transaction:
             conn.execute("COMMIT" if commit else "ROLLBACK")
 
-    def _was_processed(self, conn: sqlite3.Connection, command_id: str, key: str, cap: int) -> bool:
-        args = {"command_id": command_id, "id": key}
-        return conn.execute(_sql.WAS_PROCESSED, args).fetchone() is not None
-
     def _persist(
         self, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
     ) -> Outcome:
         conn = self._connect()
-        with _transaction(conn):
+        with transaction(conn):
             if recorded is not None:
                 command, first, version, state = conn.execute(_sql.LOOKUP_WRITE, args).fetchone()
                 if is_repeat(recorded, aggregate_id, command, first):
@@ -475,36 +415,6 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._prune(conn, args)
             return Outcome("stored", args["expected"] + 1)
 
-    def _commit_queued(self) -> None:
-        """Write every queued persist in one transaction; tell each its outcome on its loop.
-
-        A write that fails on its own (a reused idempotency key) is rolled back to its
-        savepoint and fails alone; a database error fails them all, and nothing is written."""
-        with self._queued_lock:
-            queued, self._queued = self._queued, []
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn = self._connect()
-            if len(queued) == 1:
-                one = queued[0]
-                results.append(_outcome_of(self._persist, one.args, one.aggregate_id, one.key))
-            else:
-                with _transaction(conn):
-                    for write in queued:
-                        results.append(
-                            _outcome_of(self._persist, write.args, write.aggregate_id, write.key)
-                        )
-                        if isinstance(results[-1][1], sqlite3.Error):
-                            raise results[-1][1]
-        except BaseException as exc:  # nothing committed: every write fails with the error
-            results = [(False, exc)] * len(queued)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Queued, tuple[bool, Any]]]] = {}
-        for write, result in zip(queued, results, strict=True):
-            by_loop.setdefault(write.future.get_loop(), []).append((write, result))
-        for loop, outcomes in by_loop.items():
-            with suppress(RuntimeError):  # a closed loop: nobody waits for these outcomes
-                loop.call_soon_threadsafe(_deliver, outcomes)
-
     def _prune(self, conn: sqlite3.Connection, args: dict[str, Any]) -> None:
         """Drop what retention no longer keeps, in the writing transaction."""
         oldest = self.retention.oldest_kept(args["expected"] + 1)
@@ -515,71 +425,3 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             batch = {"cutoff": cutoff, "batch": PRUNE_BATCH}
             conn.execute(_sql.PRUNE_WRITES, batch)
             conn.execute(_sql.PRUNE_COMMANDS, batch)
-
-
-class _Queued(NamedTuple):
-    """A persist waiting for the writer thread's next commit."""
-
-    args: dict[str, Any]
-    aggregate_id: str
-    key: WriteKey | None
-    future: asyncio.Future[Outcome]
-
-
-def _outcome_of(
-    persist: Callable[[dict[str, Any], str, WriteKey | None], Outcome],
-    args: dict[str, Any],
-    aggregate_id: str,
-    key: WriteKey | None,
-) -> tuple[bool, Any]:
-    try:
-        return True, persist(args, aggregate_id, key)
-    except Exception as exc:
-        return False, exc
-
-
-def _deliver(outcomes: list[tuple[_Queued, tuple[bool, Any]]]) -> None:
-    """Hand each waiting persist its outcome (on its event loop)."""
-    for write, (ok, value) in outcomes:
-        if write.future.done():  # its caller was cancelled
-            continue
-        if ok:
-            write.future.set_result(value)
-        else:
-            write.future.set_exception(value)
-
-
-class _Elsewhere(Exception):
-    """An inline read that must run on the reader thread instead (a state over the cap)."""
-
-
-def _within_cap(state: bytes | None) -> bytes:
-    """A state a capped read returned; None (left out for its size) reads elsewhere."""
-    if state is None:
-        raise _Elsewhere
-    return state
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
-    """Commit when the block completes, roll back when it raises: nothing half-written.
-
-    Inside a resolution turn's transaction it is a savepoint, committed with the turn.
-    """
-    if conn.in_transaction:
-        conn.execute("SAVEPOINT cqrs_write")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK TO cqrs_write")
-            raise
-        finally:
-            conn.execute("RELEASE cqrs_write")
-        return
-    conn.execute(begin)
-    try:
-        yield
-        conn.execute("COMMIT")
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")

@@ -1,0 +1,105 @@
+"""What a SQLite store reads, on any of its connections, and the event loop's own connection.
+
+Reads run on the reader thread, on the writer's (inside a resolution turn, to see the turn's
+own writes), or on the event loop itself: a read of one aggregate whose state is at most
+`INLINE_READ_BYTES` is an index probe and a small row, cheaper than the two thread switches it
+saves. On the loop a read passes `cap=INLINE_READ_BYTES` and gets `Elsewhere` for a bigger
+state (whose bytes it never loads); elsewhere it passes `NO_CAP`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import nullcontext
+
+from . import _sql
+from ._sqlite_commit import transaction
+
+INLINE_READ_BYTES = 64 * 1024
+"""The largest state read on the event loop; bigger ones are read on the reader thread."""
+NO_CAP = 2**62
+
+# Reads that leave a state out (NULL) when it is bigger than :cap, without loading it.
+_LATEST_CAPPED = """SELECT version, CASE WHEN length(state) <= :cap THEN state END
+    FROM aggregate_versions WHERE aggregate_id = :id ORDER BY version DESC LIMIT 1"""
+_ONE_VERSION_CAPPED = """SELECT CASE WHEN length(state) <= :cap THEN state END
+    FROM aggregate_versions WHERE aggregate_id = :id AND version = :version"""
+
+
+class Elsewhere(Exception):
+    """A read the event loop leaves to the reader thread (a state over the cap, several ids)."""
+
+
+def latest(conn: sqlite3.Connection, keys: list[str], cap: int) -> dict[str, tuple[int, bytes]]:
+    """The latest (version, state) of each stored key among `keys`: an index probe each."""
+    unique = list(dict.fromkeys(keys))
+    if len(unique) > 1 and cap != NO_CAP:
+        raise Elsewhere  # a snapshot of several: in a transaction, on a thread
+    found: dict[str, tuple[int, bytes]] = {}
+    # Several queries read one snapshot only inside a transaction.
+    with transaction(conn, "BEGIN") if len(unique) > 1 else nullcontext():
+        for key in unique:
+            row = conn.execute(_LATEST_CAPPED, {"id": key, "cap": cap}).fetchone()
+            if row is not None:
+                found[key] = (row[0], _within_cap(row[1]))
+    return found
+
+
+def one_version(
+    conn: sqlite3.Connection, key: str, version: int, cap: int
+) -> tuple[object, int | None]:
+    """The state at `version`, or (None, the oldest version kept) if it was pruned."""
+    args = {"id": key, "version": version, "cap": cap}
+    row = conn.execute(_ONE_VERSION_CAPPED, args).fetchone()
+    if row is not None:
+        return _within_cap(row[0]), None
+    oldest, newest = conn.execute(_sql.VERSION_RANGE, args).fetchone()
+    pruned = oldest is not None and 0 < version < oldest and version <= newest
+    return None, oldest if pruned else None
+
+
+def was_processed(conn: sqlite3.Connection, command_id: str, key: str, cap: int) -> bool:
+    """Whether `command_id` wrote the aggregate stored under `key`."""
+    args = {"command_id": command_id, "id": key}
+    return conn.execute(_sql.WAS_PROCESSED, args).fetchone() is not None
+
+
+def _within_cap(state: bytes | None) -> bytes:
+    """A state a capped read returned; None (left out for its size) reads elsewhere."""
+    if state is None:
+        raise Elsewhere
+    return state
+
+
+class LoopReader:
+    """The event loop's read-only connection to `path`, which never waits for a lock.
+
+    It belongs to the first thread that asks; on any other `connection()` is None (and the
+    caller reads on the reader thread), as when it could not be opened."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._thread: int | None = None
+
+    def connection(self) -> sqlite3.Connection | None:
+        if self._conn is not None:
+            return self._conn if threading.get_ident() == self._thread else None
+        if self._thread is not None:
+            return None
+        self._thread = threading.get_ident()
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA query_only = ON")
+        except sqlite3.Error:
+            return None
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
