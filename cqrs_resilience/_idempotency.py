@@ -43,6 +43,7 @@ class Scope(msgspec.Struct, gc=False):
     changes: int = 0  # len(log): a snapshot of the counts costs one attribute read
     digest: bytes | None = None
     telemetry: Any = None  # the instrumentation's record of this command (`_telemetry`)
+    turn_rank: int | None = None  # its place in turn queues: when it first asked for a turn
 
     def fingerprint(self) -> bytes:
         """A digest of the original command's encoding (b"" when only an id was given)."""

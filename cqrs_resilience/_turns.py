@@ -7,8 +7,13 @@ database still arbitrates.
 
 The turns are the process's, not a behaviour's: a handler built per request (as dependency
 injection frameworks do) still takes turns with every other handler of the process. Locks are
-per event loop (an asyncio lock belongs to one loop) and live only while someone holds or
+per event loop (their waiters are futures of one loop) and live only while someone holds or
 waits for them.
+
+Waiters go in the order their *commands* first asked for a turn, not the order they arrived:
+a command whose round failed (another round lost, a transient error retried) comes back ahead
+of the commands that arrived after it first did. Otherwise every such failure sent it to the
+back of a queue of all the aggregate's writers, again and again, and set the tail latency.
 
 Across processes, the store itself keeps the turns: every `ConcurrencyError` the library's
 stores raise carries the store as `turns`, and a store's `turn()` takes this process's turn
@@ -20,9 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import weakref
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
+
+from ._idempotency import CURRENT
 
 
 class TakesTurns(Protocol):
@@ -38,7 +47,7 @@ class Turns:
 
     def __init__(self) -> None:
         self._loops: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, weakref.WeakValueDictionary[Any, asyncio.Lock]
+            asyncio.AbstractEventLoop, weakref.WeakValueDictionary[Any, _Turn]
         ] = weakref.WeakKeyDictionary()
 
     def turn(self, key: Any) -> AbstractAsyncContextManager[Any]:
@@ -47,29 +56,94 @@ class Turns:
         if key is None:
             return contextlib.nullcontext()
         loop = asyncio.get_running_loop()
-        locks = self._loops.get(loop)
-        if locks is None:
-            locks = self._loops[loop] = weakref.WeakValueDictionary()
+        turns = self._loops.get(loop)
+        if turns is None:
+            turns = self._loops[loop] = weakref.WeakValueDictionary()
         try:
-            lock = locks.get(key)
+            turn = turns.get(key)
         except TypeError:
             return contextlib.nullcontext()
-        if lock is None:
-            lock = locks[key] = asyncio.Lock()
-        return lock
+        if turn is None:
+            turn = turns[key] = _Turn()
+        return _Holding(turn, _rank())
 
     def held(self, key: Any) -> bool:
         """Whether someone on this event loop holds (or waits for) the turn for `key`."""
-        locks = self._loops.get(asyncio.get_running_loop())
+        turns = self._loops.get(asyncio.get_running_loop())
         try:
-            lock = locks.get(key) if locks is not None else None
+            turn = turns.get(key) if turns is not None else None
         except TypeError:
             return False
-        return lock is not None and lock.locked()
+        return turn is not None and turn.held
 
     def __repr__(self) -> str:
-        held = sum(len(locks) for locks in self._loops.values())
+        held = sum(len(turns) for turns in self._loops.values())
         return f"Turns({held} key(s) in use)"
+
+
+_ARRIVALS = itertools.count()
+
+
+def _rank() -> int:
+    """The current command's place in turn queues: when it first asked for a turn (a call
+    outside any command ranks as it arrives)."""
+    scope = CURRENT.get()
+    if scope is None:
+        return next(_ARRIVALS)
+    root = scope.root or scope
+    if root.turn_rank is None:
+        root.turn_rank = next(_ARRIVALS)
+    return root.turn_rank
+
+
+class _Turn:
+    """One key's turn: held by one task at a time; waiters go by rank, then arrival. A
+    release hands the turn straight to the next waiter, so a newcomer never slips in."""
+
+    __slots__ = ("__weakref__", "_waiters", "held")
+
+    def __init__(self) -> None:
+        self.held = False
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
+
+    async def acquire(self, rank: int) -> None:
+        if not self.held:
+            self.held = True
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, next(_ARRIVALS), future))
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # handed the turn as it was cancelled: pass it on
+            else:
+                future.cancel()  # skipped when it comes up
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+                return
+        self.held = False
+
+
+class _Holding:
+    """`async with` one key's turn, at the current command's rank."""
+
+    __slots__ = ("_rank", "_turn")
+
+    def __init__(self, turn: _Turn, rank: int) -> None:
+        self._turn = turn
+        self._rank = rank
+
+    async def __aenter__(self) -> None:
+        await self._turn.acquire(self._rank)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._turn.release()
 
 
 PROCESS_TURNS = Turns()

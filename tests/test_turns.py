@@ -20,6 +20,7 @@ from cqrs_resilience import (
     HookRegistry,
     InMemoryRepository,
     Turns,
+    command_scope,
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
@@ -131,6 +132,76 @@ async def test_a_turn_is_exclusive_per_key_and_free_across_keys():
     release.set()
     await asyncio.gather(first, second)
     assert order == ["first in", "b", "first out", "second in", "second out"]
+
+
+async def test_a_command_that_asked_for_a_turn_before_goes_ahead_of_later_ones():
+    """Waiters go in the order their commands first asked for a turn: a command coming back
+    for another round (its last one failed) is not sent behind the commands that arrived
+    after it; commands asking for the first time go in arrival order."""
+    turns = Turns()
+    order: list[str] = []
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn("k"):
+            inside.set()
+            await release.wait()
+
+    async def take(name: str) -> None:
+        async with turns.turn("k"):
+            order.append(name)
+
+    with command_scope("returning"):
+        async with turns.turn("k"):  # its first round, which (say) failed
+            pass
+        returning = contextvars.copy_context()
+    holder = asyncio.create_task(hold())
+    await inside.wait()
+    waiting = []
+    for name in ("new-1", "new-2"):
+        with command_scope(name):
+            waiting.append(asyncio.create_task(take(name)))
+        await asyncio.sleep(0)
+    waiting.append(asyncio.create_task(take("returning"), context=returning))
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(holder, *waiting)
+    assert order == ["returning", "new-1", "new-2"]
+    assert not turns.held("k")
+
+
+async def test_a_waiter_cancelled_before_or_after_its_turn_came_passes_it_on():
+    """A waiter cancelled while waiting is skipped; one cancelled just as the turn was handed
+    to it passes the turn on. Nobody is left holding it."""
+    turns = Turns()
+    order: list[str] = []
+    inside, release = asyncio.Event(), asyncio.Event()
+    tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def take(name: str) -> None:
+        async with turns.turn("k"):
+            order.append(name)
+
+    async def hold() -> None:
+        async with turns.turn("k"):
+            order.append("holder")
+            inside.set()
+            await release.wait()
+        tasks["handed"].cancel()  # the turn was just handed to it; it has not run yet
+
+    holder = asyncio.create_task(hold())
+    await inside.wait()
+    for name in ("dropped", "handed", "last"):
+        tasks[name] = asyncio.create_task(take(name))
+    await asyncio.sleep(0)
+    tasks["dropped"].cancel()  # cancelled while waiting
+    release.set()
+    await holder
+    # A turn nobody passes on would leave `last` waiting forever: give up after 10 s.
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks.values(), return_exceptions=True), 10)
+    assert [type(o).__name__ for o in outcomes] == ["CancelledError", "CancelledError", "NoneType"]
+    assert order == ["holder", "last"]
+    assert not turns.held("k")
 
 
 async def test_no_turns_for_none_or_unhashable_keys():
