@@ -68,13 +68,14 @@ class Turns:
         return _Holding(turn, _rank())
 
     def held(self, key: Any) -> bool:
-        """Whether someone on this event loop holds (or waits for) the turn for `key`."""
+        """Whether a task on this event loop is running in the turn for `key` (not while the
+        turn passes from one holder to the next: a first attempt then may go ahead)."""
         turns = self._loops.get(asyncio.get_running_loop())
         try:
             turn = turns.get(key) if turns is not None else None
         except TypeError:
             return False
-        return turn is not None and turn.held
+        return turn is not None and turn.active
 
     def __repr__(self) -> str:
         held = sum(len(turns) for turns in self._loops.values())
@@ -98,17 +99,18 @@ def _rank() -> int:
 
 class _Turn:
     """One key's turn: held by one task at a time; waiters go by rank, then arrival. A
-    release hands the turn straight to the next waiter, so a newcomer never slips in."""
+    release hands the turn straight to the next waiter, so no other round slips in."""
 
-    __slots__ = ("__weakref__", "_waiters", "held")
+    __slots__ = ("__weakref__", "_waiters", "active", "held")
 
     def __init__(self) -> None:
-        self.held = False
+        self.held = False  # someone holds it, or has been handed it
+        self.active = False  # its holder is running, not just handed it
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # a heap
 
     async def acquire(self, rank: int) -> None:
         if not self.held:
-            self.held = True
+            self.held = self.active = True
             return
         future = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (rank, next(_ARRIVALS), future))
@@ -120,8 +122,10 @@ class _Turn:
             else:
                 future.cancel()  # skipped when it comes up
             raise
+        self.active = True
 
     def release(self) -> None:
+        self.active = False
         while self._waiters:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
