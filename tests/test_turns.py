@@ -204,6 +204,34 @@ async def test_a_waiter_cancelled_before_or_after_its_turn_came_passes_it_on():
     assert not turns.held("k")
 
 
+async def test_a_turn_passing_from_one_round_to_the_next_is_not_held():
+    """`held()` (what first attempts yield to) is true while a round runs in the turn, and
+    false in the moment the turn passes to the next round, when a first attempt may go."""
+    turns = Turns()
+    seen: list[tuple[str, bool]] = []
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with turns.turn("k"):
+            inside.set()
+            await release.wait()
+        seen.append(("passing", turns.held("k")))
+
+    async def take() -> None:
+        async with turns.turn("k"):
+            seen.append(("next round", turns.held("k")))
+
+    holder = asyncio.create_task(hold())
+    await inside.wait()
+    taker = asyncio.create_task(take())
+    await asyncio.sleep(0)
+    seen.append(("first round", turns.held("k")))
+    release.set()
+    await asyncio.gather(holder, taker)
+    assert seen == [("first round", True), ("passing", False), ("next round", True)]
+    assert not turns.held("k")
+
+
 async def test_no_turns_for_none_or_unhashable_keys():
     """None and unhashable keys hold no turn: only the database arbitrates them."""
     turns = Turns()
