@@ -116,6 +116,13 @@ class AggregateCodec(Generic[A]):
             raise TypeError(f"aggregate ids are strings, got {aggregate_id!r}")
         return check_id("id", aggregate_id) is None
 
+    def storable_version(self, version: object) -> bool:
+        """Whether a version could be stored (1 to `MAX_VERSION`); one that could not is
+        never found (not an error), a version that is no int is a `TypeError`."""
+        if type(version) is not int:
+            raise TypeError(f"version must be an int, got {version!r}")
+        return 0 < version <= MAX_VERSION
+
     def next_version(self, aggregate: A) -> tuple[A, bytes]:
         """The aggregate as it will be stored (version + 1, read back from its encoding), and
         its encoding; `InvalidStateError` if it is not something this store can read back."""

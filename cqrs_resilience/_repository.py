@@ -142,9 +142,7 @@ class InMemoryRepository(Repository[A]):
         return found
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise TypeError(f"version must be an int, got {version!r}")
-        if not self._codec.storable_id(aggregate_id):
+        if not self._codec.storable_version(version) or not self._codec.storable_id(aggregate_id):
             return None
         state = self._states.get((aggregate_id, version))
         if state is not None:

@@ -133,6 +133,25 @@ async def test_retrieve_version_gives_every_version(make_store):
     assert await store.retrieve_version("missing", 1) is None
 
 
+@pytest.mark.parametrize("version", [True, "1", 1.0, None, [1]])
+async def test_retrieve_version_refuses_a_version_that_is_no_int(make_store, version):
+    """A command's expected_version is untrusted: anything but an int is a TypeError on
+    every store, never a row read under a coerced number."""
+    store = make_store(Account)
+    await store.persist(Account(id="a"))
+    with pytest.raises(TypeError, match="version must be an int"):
+        await store.retrieve_version("a", version)
+
+
+async def test_retrieve_version_of_a_version_no_store_could_hold_is_none(make_store):
+    """Versions beyond the 32-bit column (or absurdly large) are never found, not an
+    overflow from the driver."""
+    store = make_store(Account)
+    await store.persist(Account(id="a"))
+    for version in (2**31 - 1, 2**31, 2**63, 10**30):
+        assert await store.retrieve_version("a", version) is None
+
+
 async def test_repeated_command_returns_the_first_outcome(make_store):
     """The same write under the same command id is stored once; the repeat gets the first result."""
     store = make_store(Account)

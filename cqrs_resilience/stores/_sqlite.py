@@ -156,7 +156,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
-        if not self._codec.storable_id(aggregate_id):
+        if not self._codec.storable_version(version) or not self._codec.storable_id(aggregate_id):
             return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
