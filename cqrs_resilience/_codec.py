@@ -123,14 +123,18 @@ class AggregateCodec(Generic[A]):
             raise TypeError(f"version must be an int, got {version!r}")
         return 0 < version <= MAX_VERSION
 
-    def next_version(self, aggregate: A) -> tuple[A, bytes]:
-        """The aggregate as it will be stored (version + 1, read back from its encoding), and
-        its encoding; `InvalidStateError` if it is not something this store can read back."""
+    def require(self, aggregate: object) -> None:
+        """A `TypeError` unless `aggregate` is of the type this codec stores."""
         if not isinstance(aggregate, self.aggregate_type):
             raise TypeError(
                 f"this repository stores {self.aggregate_type.__name__}, "
                 f"got {type(aggregate).__name__}"
             )
+
+    def next_version(self, aggregate: A) -> tuple[A, bytes]:
+        """The aggregate as it will be stored (version + 1, read back from its encoding), and
+        its encoding; `InvalidStateError` if it is not something this store can read back."""
+        self.require(aggregate)
         aggregate_id, version = aggregate.id, aggregate.version
         problem = check_id("id", aggregate_id)
         if problem is not None:

@@ -400,8 +400,9 @@ async def test_wrong_aggregate_type_is_refused(durable_store):
     class Other(Aggregate, kw_only=True):
         pass
 
-    with pytest.raises(TypeError, match="Account"):
-        await store.persist(Other(id="a"))  # type: ignore[arg-type]
+    for wrong in (Other(id="a"), None, {"id": "a"}, "a"):
+        with pytest.raises(TypeError, match="stores Account"):
+            await store.persist(wrong)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Aggregate"):
         durable_store.open(dict)  # type: ignore[type-var]
 

@@ -259,6 +259,8 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         return self._codec.decode(row[0], aggregate_id, version)
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
+        self._codec.require(aggregate)  # before anything reads its id
+
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
             async with self._cursor(doing) as cur:

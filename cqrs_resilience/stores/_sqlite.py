@@ -168,6 +168,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         return None
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
+        self._codec.require(aggregate)  # before anything reads its id
         doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
         open_turn = _OPEN_TURN.get()
         round_ = open_turn is not None and open_turn == (self, aggregate.id)
