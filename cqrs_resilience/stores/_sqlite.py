@@ -220,7 +220,12 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     @contextmanager
     def _under_way(self, aggregate_id: str) -> Iterator[None]:
-        """Count a write of `aggregate_id` while it is under way (see `_settled`)."""
+        """Count a write of `aggregate_id` while it is under way (see `_settled`).
+
+        It counts while its caller waits: a cancelled caller's write may still land after, and
+        a round then loses to it and locks the aggregate's rounds for a while (slower, never
+        wrong). Counting until the writer thread reports would hang a round on a later event
+        loop when this one closed before the report."""
         writing = self._writing
         writing[aggregate_id] = writing.get(aggregate_id, 0) + 1
         try:
