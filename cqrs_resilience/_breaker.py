@@ -29,8 +29,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Literal, ParamSpec, TypeAlias, TypeVar, cast, overload
 
+from ._checks import setting
 from ._clock import Clock
-from ._errors import BrokenCircuitError, ConfigurationError
+from ._errors import BrokenCircuitError
 from ._hooks import (
     CIRCUIT_CLOSED,
     CIRCUIT_HALF_OPENED,
@@ -59,15 +60,6 @@ BUCKETS = 10
 
 # (event, failure ratio, throughput): what a state change reports to hooks.
 _Change: TypeAlias = tuple[str, float | None, int | None]
-
-
-def _require(
-    name: str, value: object, allowed: str, ok: Callable[[float], bool], *, integer: bool = False
-) -> None:
-    """A wrong setting fails at construction, naming the argument and what it may be."""
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
-        raise ConfigurationError(f"{name} must be {allowed}, got {value!r}")
 
 
 class CircuitBreaker:
@@ -110,18 +102,18 @@ class CircuitBreaker:
         hooks: HookRegistry | None = None,
         clock: Clock | None = None,
     ) -> None:
-        _require("failure_ratio", failure_ratio, "a number in (0, 1]", lambda v: 0 < v <= 1)
-        _require(
+        setting("failure_ratio", failure_ratio, "a number in (0, 1]", lambda v: 0 < v <= 1)
+        setting(
             "minimum_throughput", minimum_throughput, "an int >= 2", lambda v: v >= 2, integer=True
         )
         # Polly's floor: a shorter window has buckets too short to mean anything.
-        _require(
+        setting(
             "sampling_duration_s",
             sampling_duration_s,
             "a finite number of seconds >= 0.5",
             lambda v: 0.5 <= v < math.inf,
         )
-        _require(
+        setting(
             "break_duration_s",
             break_duration_s,
             "a finite number of seconds > 0",

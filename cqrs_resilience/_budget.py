@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 
+from ._checks import setting
 from ._clock import Clock, SystemClock
-from ._errors import ConfigurationError
 
 SLICES = 10
 """The window is this many slices: an entry expires between 0.9 and 1.0 `ttl_s` after it
@@ -29,12 +29,14 @@ was made."""
 
 
 def _number(name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and low <= value <= high):
-        bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
-        raise ConfigurationError(f"{name} must be a finite number {bounds}, got {value}")
-    return float(value)
+    bounds = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+    return setting(
+        name,
+        value,
+        f"a finite number {bounds}",
+        lambda v: low <= v <= high and math.isfinite(v),
+        kind="a number",
+    )
 
 
 class RetryBudget:

@@ -15,8 +15,9 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
+from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock
-from ._errors import ConfigurationError, TransientError
+from ._errors import TransientError
 from ._pipeline import is_async
 
 P = ParamSpec("P")
@@ -38,13 +39,11 @@ class FaultInjector:
         seed: int | None = None,
         clock: Clock | None = None,
     ) -> None:
-        for name, value in (("rate", rate), ("latency_s", latency_s)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigurationError(f"{name} must be a number, got {value!r}")
-        if not 0 <= rate <= 1:
-            raise ConfigurationError(f"rate must be between 0 and 1, got {rate}")
-        if not 0 <= latency_s < math.inf:
-            raise ConfigurationError(f"latency_s must be a finite number >= 0, got {latency_s}")
+        number = "a number"
+        rate = setting("rate", rate, "between 0 and 1", lambda v: 0 <= v <= 1, kind=number)
+        latency_s = setting(
+            "latency_s", latency_s, "a finite number >= 0", lambda v: 0 <= v < math.inf, kind=number
+        )
         if not callable(error):
             raise TypeError(f"error must be an exception type or a factory, got {error!r}")
         self.rate = float(rate)

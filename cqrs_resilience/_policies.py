@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from ._checks import setting
 from ._errors import ConfigurationError
 
 
@@ -33,10 +34,13 @@ def _check_count(name: str, value: object) -> None:
 
 
 def _check_ms(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"{name} must be a number of milliseconds, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ConfigurationError(f"{name} must be a finite number >= 0, got {value}")
+    setting(
+        name,
+        value,
+        "a finite number >= 0",
+        lambda v: 0 <= v < math.inf,
+        kind="a number of milliseconds",
+    )
 
 
 def _jittered(delay: float, jitter: bool) -> float:
@@ -74,12 +78,13 @@ class ExponentialBackoffPolicy(
         _check_count("max_retries", self.max_retries)
         _check_ms("initial_delay_ms", self.initial_delay_ms)
         _check_ms("max_delay_ms", self.max_delay_ms)
-        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, int | float):
-            raise ConfigurationError(f"multiplier must be a number, got {self.multiplier!r}")
-        if not math.isfinite(self.multiplier) or self.multiplier < 1:
-            raise ConfigurationError(
-                f"multiplier must be a finite number >= 1, got {self.multiplier}"
-            )
+        setting(
+            "multiplier",
+            self.multiplier,
+            "a finite number >= 1",
+            lambda v: 1 <= v < math.inf,
+            kind="a number",
+        )
         if self.max_delay_ms < self.initial_delay_ms:
             raise ConfigurationError(
                 f"max_delay_ms ({self.max_delay_ms}) must be >= initial_delay_ms "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from ._checks import setting
 from ._errors import ConfigurationError
 
 DEFAULT_KEEP_VERSIONS = 100
@@ -44,14 +45,12 @@ class Retention:
             raise ConfigurationError(f"keep_versions must be an int or None, got {keep_versions!r}")
         if keep_versions is not None and keep_versions < 1:
             raise ConfigurationError(f"keep_versions must be >= 1, got {keep_versions}")
-        if keep_commands_s is not None and (
-            isinstance(keep_commands_s, bool)
-            or not isinstance(keep_commands_s, int | float)
-            or not 0 < keep_commands_s < math.inf
-        ):
-            raise ConfigurationError(
-                f"keep_commands_s must be a finite number of seconds > 0 or None, "
-                f"got {keep_commands_s!r}"
+        if keep_commands_s is not None:
+            setting(
+                "keep_commands_s",
+                keep_commands_s,
+                "a finite number of seconds > 0 or None",
+                lambda v: 0 < v < math.inf,
             )
         self.keep_versions = keep_versions
         self.keep_commands_s = keep_commands_s

@@ -28,9 +28,9 @@ import tenacity
 
 from . import _telemetry
 from ._budget import RetryBudget
+from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._deadline import time_left
-from ._errors import ConfigurationError
 from ._hooks import (
     RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
@@ -73,13 +73,14 @@ ask for, in seconds, unless the behaviour says otherwise."""
 
 def check_cap(name: str, value: object, *, seconds: bool = False) -> None:
     """Caps are code, but a wrong one must fail at construction, naming the argument."""
-    kinds = (int, float) if seconds else (int,)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigurationError(
-            f"{name} must be {'a number' if seconds else 'an int'}, got {value!r}"
-        )
-    if not (0 <= value < math.inf):
-        raise ConfigurationError(f"{name} must be a finite number >= 0, got {value}")
+    setting(
+        name,
+        value,
+        "a finite number >= 0",
+        lambda v: 0 <= v < math.inf,
+        kind="a number" if seconds else "an int",
+        integer=not seconds,
+    )
 
 
 class _PolicyWait(tenacity.wait.wait_base):

@@ -26,9 +26,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
+from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._deadline import DEADLINE, tighten
-from ._errors import ConfigurationError
 from ._hooks import describe_handler
 from ._pipeline import is_async
 
@@ -122,13 +122,13 @@ class _Expiries:
 
 
 def _check_seconds(seconds: object) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise ConfigurationError(f"timeout(seconds=...) must be a number, got {seconds!r}")
-    if not (0 < seconds < math.inf):
-        raise ConfigurationError(
-            f"timeout(seconds=...) must be a finite number of seconds > 0, got {seconds}"
-        )
-    return float(seconds)
+    return setting(
+        "timeout(seconds=...)",
+        seconds,
+        "a finite number of seconds > 0",
+        lambda v: 0 < v < math.inf,
+        kind="a number",
+    )
 
 
 class Timeout:
