@@ -26,8 +26,8 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, Literal, ParamSpec, TypeAlias, TypeVar, cast, overload
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal, ParamSpec, TypeAlias, TypeVar, cast
 
 from ._checks import setting
 from ._clock import Clock
@@ -43,7 +43,7 @@ from ._hooks import (
     get_hook_registry,
     observed,
 )
-from ._pipeline import is_async
+from ._pipeline import Behaviour, is_async
 from ._retry_on import RetryOn, command_of, predicate
 
 P = ParamSpec("P")
@@ -62,8 +62,10 @@ BUCKETS = 10
 _Change: TypeAlias = tuple[str, float | None, int | None]
 
 
-class CircuitBreaker:
+class CircuitBreaker(Behaviour):
     """The behaviour `circuit_breaker()` returns: one circuit, whatever it is applied to."""
+
+    called = "circuit_breaker()"
 
     __slots__ = (
         "_blocked_until",
@@ -167,16 +169,7 @@ class CircuitBreaker:
             f"break_duration_s={self.break_duration_s}{on}) [{self._state}]"
         )
 
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        if not callable(fn):
-            raise TypeError(f"circuit_breaker() wraps a callable, got {fn!r}")
+    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         handler_type = describe_handler(fn)
         is_failure = self._is_failure
         now = self._now

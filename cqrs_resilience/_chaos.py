@@ -12,13 +12,13 @@ import asyncio
 import functools
 import math
 import random
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import TransientError
-from ._pipeline import is_async
+from ._pipeline import Behaviour, is_async
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -27,8 +27,10 @@ FaultError: TypeAlias = type[BaseException] | Callable[[], BaseException]
 """An exception type (called with no arguments) or a factory making a fresh exception."""
 
 
-class FaultInjector:
+class FaultInjector(Behaviour):
     """The behaviour `inject_faults()` returns; `injected` counts the faults it raised."""
+
+    called = "inject_faults()"
 
     def __init__(
         self,
@@ -75,16 +77,7 @@ class FaultInjector:
         exc.add_note(f"injected by {self!r}")
         return exc
 
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        if not callable(fn):
-            raise TypeError(f"inject_faults() wraps a callable, got {fn!r}")
+    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         if not self.rate and not self.latency_s:
             return fn  # nothing to inject: the function itself, at no cost
         latency_s = self.latency_s

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar, ParamSpec, TypeAlias, TypeVar, overload
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -69,3 +69,28 @@ def pipeline(*behaviors: Behavior) -> Pipeline:
     The result is itself a behaviour and a decorator.
     """
     return Pipeline(*behaviors)
+
+
+class Behaviour:
+    """What every behaviour that wraps sync and async functions alike shares: its typing (an
+    async function stays a coroutine function, so `asyncio.run(decorated())` type-checks; a
+    sync one keeps its signature) and refusing what is not callable. Subclasses implement
+    `_wrap` and name themselves in `called`."""
+
+    __slots__ = ()
+    called: ClassVar[str]  # how users call it: "retry()"
+
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, T]]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        if not callable(fn):
+            raise TypeError(f"{self.called} wraps a callable, got {fn!r}")
+        return self._wrap(fn)
+
+    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        raise NotImplementedError

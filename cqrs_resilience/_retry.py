@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast, overload
 
 import tenacity
@@ -49,7 +49,7 @@ from ._idempotency import (
     attempt_needs_own_counts,
     enter,
 )
-from ._pipeline import is_async
+from ._pipeline import Behaviour, is_async
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 from ._retry_on import RetryOn, command_of, predicate
 
@@ -141,8 +141,10 @@ class _Attempts:
         self.skipped = 0.0  # seconds of waits `set_testing()` skipped
 
 
-class Retry:
+class Retry(Behaviour):
     """The behaviour `retry()` returns; apply it to an async or sync function."""
+
+    called = "retry()"
 
     def __init__(
         self,
@@ -193,16 +195,7 @@ class Retry:
             parts.append(f"max_delay_cap_s={self.max_delay_cap_s}")
         return f"retry({', '.join(parts)})"
 
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, T]]
-    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    @overload
-    def __call__(self, fn: Callable[P, T]) -> Callable[P, T]: ...
-
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        if not callable(fn):
-            raise TypeError(f"retry() wraps a callable, got {fn!r}")
+    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         should_retry = self._should_retry
         handler_type = describe_handler(fn)
         deposit = self.budget.deposit if self.budget is not None else None
