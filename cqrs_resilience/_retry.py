@@ -329,22 +329,24 @@ class Retry(Behaviour):
         call: tuple[Any, tuple[Any, ...], dict[str, Any]],
         scope: tuple[Scope | None, int],
         started: float,
+        failure: Exception,
     ) -> _Attempts:
         command = command_of(call[1])
         policy = getattr(command, "retry_policy", None)
         if policy is not None:
-            # Outside input: bounded by the caps.
+            # Outside input: checked before use (a Protocol isinstance check costs microseconds,
+            # so once per policy type), and bounded by the caps.
+            if type(policy) not in _POLICY_TYPES:
+                if not isinstance(policy, RetryPolicy):
+                    raise TypeError(
+                        f"{type(command).__name__}.retry_policy must be a RetryPolicy, "
+                        f"got {policy!r}"
+                    ) from failure
+                _POLICY_TYPES.add(type(policy))
             max_retries, cap_s = min(policy.max_retries, self.max_retries_cap), self.max_delay_cap_s
         else:
-            policy = self.policy or DEFAULT_POLICY
+            policy = self.policy or DEFAULT_POLICY  # checked when the behaviour was made
             max_retries, cap_s = policy.max_retries, math.inf
-        # A Protocol isinstance check costs microseconds; check each policy type once.
-        if type(policy) not in _POLICY_TYPES:
-            if not isinstance(policy, RetryPolicy):
-                raise TypeError(
-                    f"{type(command).__name__}.retry_policy must be a RetryPolicy, got {policy!r}"
-                )
-            _POLICY_TYPES.add(type(policy))
         # Strategies written in code replace the policy's count or delays, and are trusted.
         if self.stop is None:
             stop: Stop = tenacity.stop_after_attempt(max_retries + 1)
@@ -420,7 +422,7 @@ class Retry(Behaviour):
         scope: tuple[Scope | None, int],
         started: float,
     ) -> Any:
-        run = self._start(call, scope, started)
+        run = self._start(call, scope, started, exc)
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
@@ -464,7 +466,7 @@ class Retry(Behaviour):
         scope: tuple[Scope | None, int],
         started: float,
     ) -> Any:
-        run = self._start(call, scope, started)
+        run = self._start(call, scope, started, exc)
         fn, args, kwargs = call
         hooks = self.hooks or get_hook_registry()
         clock = self.clock or SYSTEM_CLOCK

@@ -218,6 +218,20 @@ async def test_command_policy_wins_over_decorator_policy(clock: FakeClock) -> No
     assert clock.sleeps == [0.007]
 
 
+@pytest.mark.parametrize("policy", [{"max_retries": 3}, "fast", 5])
+async def test_a_command_policy_that_is_no_policy_is_a_type_error(
+    clock: FakeClock, policy: Any
+) -> None:
+    """A command's retry_policy is untrusted: one that is no RetryPolicy is a TypeError naming
+    it, caused by the failure it came to retry, and nothing retried."""
+    flaky = Flaky(10)
+    with pytest.raises(TypeError, match=r"Ping\.retry_policy must be a RetryPolicy") as info:
+        await retry(NO_JITTER, clock=clock)(flaky)(Ping(retry_policy=policy))
+    assert isinstance(info.value.__cause__, TransientError)
+    assert flaky.calls == 1
+    assert clock.sleeps == []
+
+
 async def test_decorator_policy_applies_to_commands_without_one(clock: FakeClock) -> None:
     """Without a command policy the behaviour's policy applies."""
     flaky = Flaky(10)
