@@ -187,12 +187,18 @@ class ResolveConflicts:
 
     # The conflict path: everything below runs only after a ConcurrencyError.
 
-    def _config(self, command: Any) -> ConflictConfig:
-        """The config for `command`: its own, bounded by this behaviour's limits, or ours."""
+    def _config(self, command: Any, failure: ConcurrencyError) -> ConflictConfig:
+        """The config for `command`: its own, bounded by this behaviour's limits, or ours.
+        The command's own is outside input: one that is no `ConflictConfig` is a `TypeError`
+        caused by the conflict it came to resolve."""
         own: ConflictConfig | None = getattr(command, "conflict_config", None)
         trusted = self.config or DEFAULT_CONFIG
         if own is None:
             return trusted
+        if not isinstance(own, ConflictConfig):
+            raise TypeError(
+                f"{type(command).__name__}.conflict_config must be a ConflictConfig, got {own!r}"
+            ) from failure
         protected = own.protected_fields | trusted.protected_fields | ALWAYS_PROTECTED
         max_attempts = min(own.max_attempts, self.max_attempts_cap)
         if protected == own.protected_fields and max_attempts == own.max_attempts:
@@ -257,7 +263,7 @@ class ResolveConflicts:
         error: ConcurrencyError,
         scope: tuple[Scope | None, int],
     ) -> T:
-        config = self._config(original)
+        config = self._config(original, error)
         hooks = self.hooks or get_hook_registry()
         record = None
         if _telemetry.MEASURE is not None:

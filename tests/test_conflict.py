@@ -876,3 +876,23 @@ async def test_turns_can_be_scoped_by_passing_your_own() -> None:
     assert resolve_conflicts(lambda c: None, lambda c: {}, lambda c, s: c).turns is not turns
     async with turns.turn("a1"):
         assert "1 key" in repr(turns)
+
+
+@pytest.mark.parametrize("config", [{"policy": "merge"}, "merge", 5])
+async def test_a_command_config_that_is_no_config_is_a_type_error(config: Any) -> None:
+    """A command's conflict_config is untrusted: one that is no ConflictConfig is a TypeError
+    naming it, caused by the conflict it came to resolve, and nothing is written."""
+    orders = InMemoryRepository(DemoOrder)
+    stale = await orders.persist(DemoOrder(id="o"))
+    latest = await orders.persist(stale)
+    handler = AddLineItemHandler(orders, HookRegistry())
+    command = AddLineItem(
+        order_id="o",
+        expected_version=stale.version,
+        state={"id": "o", "version": stale.version, "items": [{"id": "x"}]},
+        conflict_config=config,
+    )
+    with pytest.raises(TypeError, match=r"AddLineItem\.conflict_config must be") as info:
+        await handler.handle(command)
+    assert isinstance(info.value.__cause__, ConcurrencyError)
+    assert await orders.retrieve(["o"]) == [latest]
