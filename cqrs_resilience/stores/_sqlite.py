@@ -152,7 +152,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         storable = self._codec.storable_id
         wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         doing = f"retrieve of {len(wanted)} aggregate(s)"
-        rows = await self._read(doing, latest, [key for _, key in wanted], inline=True)
+        rows = await self._read(doing, latest, [key for _, key in wanted])
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
@@ -160,7 +160,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return None
         doing = f"retrieve of aggregate {aggregate_id!r} version {version}"
         key = self._codec.key(aggregate_id)
-        state, oldest = await self._read(doing, one_version, key, version, inline=True)
+        state, oldest = await self._read(doing, one_version, key, version)
         if state is not None:
             return self._codec.decode(state, aggregate_id, version)
         if oldest is not None:
@@ -273,7 +273,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         """Whether `command_id` already wrote `aggregate_id`."""
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         key = self._codec.key(aggregate_id)
-        return await self._read(doing, was_processed, command_id, key, inline=True)
+        return await self._read(doing, was_processed, command_id, key)
 
     # --- on the event loop ----------------------------------------------------------------
 
@@ -305,31 +305,24 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             return await future
 
     async def _read(
-        self,
-        doing: str,
-        fn: Callable[[sqlite3.Connection, *Ts, int], T],
-        *args: *Ts,
-        inline: bool = False,
+        self, doing: str, fn: Callable[[sqlite3.Connection, *Ts, int], T], *args: *Ts
     ) -> T:
-        """`fn(connection, *args, cap)` on the reading connection; inside this task's turn, on
-        the writing one (in the turn's transaction, so the round reads its own writes).
-
-        With `inline`, first on the event loop's own connection with `cap` =
-        `INLINE_READ_BYTES`: `fn` raises `Elsewhere` for a bigger state, and a busy database
-        raises too; either way the read runs again on the reader thread, with no cap."""
+        """`fn(connection, *args, cap)`: first on the event loop's own connection, with `cap` =
+        `INLINE_READ_BYTES` (`fn` raises `Elsewhere` for a bigger state, as a busy database
+        raises too), then on the reading connection with no cap. Inside this task's turn, on
+        the writing one (in the turn's transaction, so the round reads its own writes)."""
         if _IN_TURN.get() is self:
             return await self._submit(doing, self._on_writer, fn, *args)
         if not self._ready:
             await self.open()  # the writer creates the tables a reader needs
         if self._closed:
             raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
-        if inline:
-            conn = self._loop_reader.connection()
-            if conn is not None:
-                try:
-                    return fn(conn, *args, INLINE_READ_BYTES)
-                except (Elsewhere, sqlite3.Error):
-                    pass  # the reader thread reads it, and maps any error it meets again
+        conn = self._loop_reader.connection()
+        if conn is not None:
+            try:
+                return fn(conn, *args, INLINE_READ_BYTES)
+            except (Elsewhere, sqlite3.Error):
+                pass  # the reader thread reads it, and maps any error it meets again
         future = asyncio.get_running_loop().run_in_executor(self._reader, self._on_reader, fn, args)
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
