@@ -6,9 +6,10 @@ a round fails only against a first attempt or another process. First attempts ne
 database still arbitrates.
 
 The turns are the process's, not a behaviour's: a handler built per request (as dependency
-injection frameworks do) still takes turns with every other handler of the process. Locks are
-per event loop (their waiters are futures of one loop) and live only while someone holds or
-waits for them.
+injection frameworks do) still takes turns with every other handler of the process. Each event
+loop has turns of its own (their waiters are futures of that loop, touched only from its
+thread); loops on several threads share only the map from loop to turns, under a lock. A
+turn lives only while someone holds or waits for it.
 
 Waiters go in the order their *commands* first asked for a turn, not the order they arrived:
 a command whose round failed (another round lost, a transient error retried) comes back ahead
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import threading
 import weakref
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -49,6 +51,7 @@ class Turns:
         self._loops: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, weakref.WeakValueDictionary[Any, _Turn]
         ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # for `_loops`, which every loop's thread reads
 
     def turn(self, key: Any) -> AbstractAsyncContextManager[Any]:
         """An async context manager holding the turn for `key` (no turns for None or an
@@ -56,9 +59,10 @@ class Turns:
         if key is None:
             return contextlib.nullcontext()
         loop = asyncio.get_running_loop()
-        turns = self._loops.get(loop)
-        if turns is None:
-            turns = self._loops[loop] = weakref.WeakValueDictionary()
+        with self._lock:
+            turns = self._loops.get(loop)
+            if turns is None:
+                turns = self._loops[loop] = weakref.WeakValueDictionary()
         try:
             turn = turns.get(key)
         except TypeError:
@@ -70,7 +74,8 @@ class Turns:
     def held(self, key: Any) -> bool:
         """Whether a task on this event loop is running in the turn for `key` (not while the
         turn passes from one holder to the next: a first attempt then may go ahead)."""
-        turns = self._loops.get(asyncio.get_running_loop())
+        with self._lock:
+            turns = self._loops.get(asyncio.get_running_loop())
         try:
             turn = turns.get(key) if turns is not None else None
         except TypeError:
@@ -78,7 +83,8 @@ class Turns:
         return turn is not None and turn.active
 
     def __repr__(self) -> str:
-        held = sum(len(turns) for turns in self._loops.values())
+        with self._lock:
+            held = sum(len(turns) for turns in list(self._loops.values()))
         return f"Turns({held} key(s) in use)"
 
 

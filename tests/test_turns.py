@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import multiprocessing
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cqrs_resilience import (
     ConcurrencyError,
     ConflictConfig,
     ConflictResolutionPolicy,
-    FakeClock,
     HookRegistry,
     InMemoryRepository,
     Turns,
     command_scope,
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
+from cqrs_resilience._idempotency import CURRENT, Scope
 from cqrs_resilience.stores import PostgresRepository, SQLiteRepository
-from cqrs_resilience.stores._sqlite import CONTESTED_S
 from tests.conftest_stores import writer_thread_blocked
 
 PROCESSES = 4
@@ -257,15 +261,6 @@ async def test_stores_raise_conflicts_that_carry_their_turns():
     assert pickle.loads(pickle.dumps(info.value)).turns is None
 
 
-async def contest(store: SQLiteRepository[DemoOrder], path: Any, aggregate_id: str) -> None:
-    """A round on `aggregate_id` loses to another process (another repository on the file)."""
-    async with SQLiteRepository(path, DemoOrder) as elsewhere, store.turn(aggregate_id):
-        [read] = await store.retrieve([aggregate_id])
-        await elsewhere.persist(read)  # the other process writes between read and write
-        with pytest.raises(ConcurrencyError):
-            await store.persist(read)
-
-
 async def test_a_sqlite_round_runs_unlocked_and_first_attempts_yield_to_it(tmp_path):
     """Uncontested, a round holds only this process's turn: other aggregates' writes go on,
     and a first attempt on the round's aggregate yields (a conflict at once, no write)."""
@@ -350,67 +345,170 @@ async def test_a_sqlite_round_cancelled_while_waiting_leaves_the_next_one_workin
         assert (await resolving).version == 3
 
 
-async def test_a_sqlite_turn_holds_other_work_until_it_ends(tmp_path):
-    """Once a round lost to another process, the aggregate's rounds take the writer lock:
-    the repository's other callers wait, the round's own calls run, and what it wrote is
-    committed when the turn ends."""
-    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
-        await store.persist(DemoOrder(id="o"))
-        await contest(store, tmp_path / "db", "o")
-        go, other_done = asyncio.Event(), asyncio.Event()
+def test_turns_on_event_loops_in_several_threads_stay_apart():
+    """Loops on four threads take turns on the same keys at once: each loop's turns exclude
+    only its own tasks, nothing raises, nothing hangs, and no turn is left held."""
+    turns = Turns()
+    errors: list[BaseException] = []
 
-        async def other() -> None:  # started outside the turn: not part of the round
-            await go.wait()
-            await store.persist(DemoOrder(id="p"))
-            other_done.set()
+    def run() -> None:
+        async def main() -> None:
+            inside: Counter[str] = Counter()
 
-        task = asyncio.create_task(other())
-        async with store.turn("o"):
-            go.set()
-            await asyncio.sleep(0)  # one scheduling step: the other caller reaches the store
-            [read] = await store.retrieve(["o"])  # the round's own reads run at once
-            await store.persist(read)
-            assert not other_done.is_set()
-        await task
-        assert [o.version for o in await store.retrieve(["o", "p"])] == [read.version + 1, 1]
+            async def take(n: int) -> None:
+                key = f"k{n % 3}"
+                async with turns.turn(key):
+                    inside[key] += 1
+                    assert inside[key] == 1
+                    await asyncio.sleep(0)
+                    inside[key] -= 1
 
+            await asyncio.wait_for(asyncio.gather(*(take(n) for n in range(300))), 20)
+            assert not any(turns.held(f"k{n}") for n in range(3))
 
-async def test_a_contested_aggregate_goes_back_to_unlocked_rounds(tmp_path):
-    """CONTESTED_S after its last lost round, an aggregate's rounds run unlocked again."""
-    clock = FakeClock()
-    async with SQLiteRepository(tmp_path / "db", DemoOrder, clock=clock) as store:
-        await store.persist(DemoOrder(id="o"))
-        await contest(store, tmp_path / "db", "o")
-        assert store._contested_now("o")
-        clock.advance(CONTESTED_S)
-        assert not store._contested_now("o")
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
 
-
-async def test_contested_marks_that_ran_out_do_not_pile_up(tmp_path):
-    """Many aggregates contested once each: the marks that ran out are swept, the fresh kept."""
-    clock = FakeClock()
-    async with SQLiteRepository(tmp_path / "db", DemoOrder, clock=clock) as store:
-        for n in range(3000):
-            store._contest(f"o{n}")
-            clock.advance(0.01)  # 5 s of marks live at a time: 500
-        assert len(store._contested) <= 1024 + 500
-        assert store._contested_now("o2999") and not store._contested_now("o0")
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert not any(thread.is_alive() for thread in threads)
 
 
-async def test_a_sqlite_turn_that_fails_writes_nothing(tmp_path):
-    """A locked round (the aggregate is contested) that raises after writing rolls its
-    writes back with its turn."""
-    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
-        created = await store.persist(DemoOrder(id="o"))
+class TurnModel(RuleBasedStateMachine):
+    """Commands asking for one aggregate's turn, finishing, coming back, and being cancelled
+    at any moment (waiting, just handed the turn, holding it), with the event loop stepped
+    one iteration at a time. At most one task holds the turn; a turn handed on goes to the
+    waiter whose command asked first; a cancelled task never holds it up; once everything
+    settled, the turn is free or held by a waiter, and `held()` says which."""
 
-        await contest(store, tmp_path / "db", "o")
-        [created] = await store.retrieve(["o"])
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.turns = Turns()
+        self.scopes: list[Scope] = []  # one per command; a command may ask again
+        self.tasks: list[asyncio.Task[None]] = []
+        self.state: dict[int, str] = {}  # task -> "new", "waiting", "inside", "out"
+        self.key: dict[int, tuple[int, int]] = {}  # task -> (its command's rank, its start)
+        self.releases: dict[int, asyncio.Event] = {}
+        self.starts = itertools.count()
+        self.changes = 0  # asks and cancels: a hand-over is only predictable without them
+        self.handed: tuple[int, set[int]] | None = None  # (changes, waiting) at the last exit
+        self.command_of: dict[int, int] = {}  # task -> its command (index in `scopes`)
 
-        async def failing_round() -> None:
-            async with store.turn("o"):
-                await store.persist(created)
-                raise RuntimeError("after the write")
+    def _task(self, n: int, scope: Scope) -> Any:
+        async def take() -> None:
+            token = CURRENT.set(scope)
+            try:
+                holding = self.turns.turn("k")
+                rank = scope.turn_rank
+                assert rank is not None
+                self.key[n] = (rank, next(self.starts))
+                self.state[n] = "waiting"
+                async with holding:
+                    assert [s for s in self.state.values() if s == "inside"] == []
+                    self._check_order(n)
+                    self.state[n] = "inside"
+                    try:
+                        await self.releases[n].wait()
+                    finally:  # the turn is handed on as the block ends: who waits for it?
+                        self.state[n] = "out"
+                        self.handed = (self.changes, self._waiting())
+            finally:
+                self.state[n] = "out"
+                CURRENT.reset(token)
 
-        with pytest.raises(RuntimeError, match="after the write"):
-            await failing_round()
-        assert await store.retrieve(["o"]) == [created]
+        return take()
+
+    def _waiting(self) -> set[int]:
+        return {
+            m
+            for m, s in self.state.items()
+            if s == "waiting" and not self.tasks[m].done() and not self.tasks[m].cancelling()
+        }
+
+    def _check_order(self, n: int) -> None:
+        if self.handed is None:
+            return
+        changes, waiting = self.handed
+        self.handed = None
+        if changes == self.changes and waiting:  # nobody asked or left since: predictable
+            assert self.key[n] == min(self.key[m] for m in waiting), (n, waiting)
+
+    @rule(again=st.booleans(), pick=st.integers(0, 99))
+    def ask(self, again: bool, pick: int) -> None:
+        """A command asks for the turn: a new one, or (`again`) one that asked before."""
+        busy = {self.command_of[n] for n, task in enumerate(self.tasks) if not task.done()}
+        done = [i for i in range(len(self.scopes)) if i not in busy]
+        if again and done:
+            index = done[pick % len(done)]
+        else:
+            index = len(self.scopes)
+            self.scopes.append(Scope(f"command-{index}"))
+        n = len(self.tasks)
+        self.command_of[n] = index
+        self.releases[n] = asyncio.Event()
+        self.state[n] = "new"
+        self.tasks.append(self.loop.create_task(self._task(n, self.scopes[index])))
+        self.changes += 1
+
+    @precondition(lambda self: any(s == "inside" for s in self.state.values()))
+    @rule()
+    def finish(self) -> None:
+        [n] = [m for m, s in self.state.items() if s == "inside"]
+        self.releases[n].set()
+
+    @precondition(lambda self: any(not t.done() for t in self.tasks))
+    @rule(pick=st.integers(0, 99))
+    def cancel(self, pick: int) -> None:
+        live = [n for n, t in enumerate(self.tasks) if not t.done()]
+        n = live[pick % len(live)]
+        self.tasks[n].cancel()
+        self.changes += 1
+
+    @rule()
+    def step(self) -> None:
+        """One iteration of the event loop: what is ready runs, nothing more."""
+        self.loop.call_soon(self.loop.stop)
+        self.loop.run_forever()
+        for task in self.tasks:  # an assertion failed inside a task: fail here
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    @rule()
+    def settle(self) -> None:
+        """Run the loop until nothing more happens, then check nobody is stuck."""
+        for _ in range(50):
+            self.step()
+        inside = [n for n, s in self.state.items() if s == "inside"]
+        waiting = [n for n, s in self.state.items() if s == "waiting"]
+        if waiting:
+            assert inside, f"tasks {waiting} wait for a turn nobody holds"
+
+        async def held() -> bool:
+            return self.turns.held("k")
+
+        assert self.loop.run_until_complete(held()) == bool(inside)
+
+    @invariant()
+    def one_holder_at_most(self) -> None:
+        assert sum(1 for s in self.state.values() if s == "inside") <= 1
+
+    def teardown(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+        async def drain() -> None:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+        self.loop.run_until_complete(drain())
+        self.loop.close()
+
+
+TestTurnModel = TurnModel.TestCase
+TestTurnModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

@@ -6,26 +6,26 @@ is the one the aggregate was read at, records the command id beside it, and prun
 retention settings no longer keep. Several processes may share the file; a writer that finds it
 locked for longer than `busy_timeout` gets a `TransientError`.
 
-Each repository owns two connections, each on its own worker thread, so the event loop never
-waits for a lock and no connection is used from two threads: one writes, the other reads (in
-WAL mode readers see the last commit and never wait for a writer). A read of one aggregate
-whose state is at most `INLINE_READ_BYTES` runs on the event loop itself, on a third,
-read-only connection that never waits: it is an index probe and a small row, cheaper than the
-two thread switches it saves; a bigger state, several ids, or a database busy for any reason,
-is read on the reader thread instead. Writes that queue while the writer thread is busy commit
-together (group commit: `_sqlite_commit`).
+Threads, event loops and transactions, the rules every method here follows:
 
-Resolution turns (`turn()`) are adaptive. A round first takes this process's turn for the
-aggregate only: its reads and merge run while other aggregates' writes go on, and a first
-attempt on the same aggregate yields to it (a `ConcurrencyError` at once, so it becomes a round
-and takes its turn) instead of racing it. The round first waits for this process's writes of
-the aggregate that were already under way, so it reads what they wrote instead of losing to
-them: within one process a round cannot lose. When it loses anyway (another process wrote the
-aggregate meanwhile), the aggregate counts as contested for `CONTESTED_S`, and its rounds take
-SQLite's own writer lock too: a `BEGIN IMMEDIATE` transaction that the round's reads and writes
-run in, so no writer in any process can slip in between the round reading the latest state and
-writing the merge. Other writes on this repository then wait for the round, other reads do
-not.
+- Every transaction is begun and ended (committed or rolled back) by one thread, in one call.
+  The writer connection belongs to the writer thread, which runs each write as one job that
+  holds its whole transaction (`_sqlite_commit`: writes queued while it is busy commit
+  together). No transaction spans an await, so whatever happens to the coroutine waiting for a
+  write (cancelled, timed out, its event loop closed), no connection is left inside one.
+- The reader connection belongs to the reader thread; a small read of one aggregate runs on
+  the event loop's own read-only connection, which belongs to the first thread that reads
+  (`_sqlite_reads`). Reads see the last commit and hold no lock.
+- Work and outcomes cross between the event loops and those threads only through executors and
+  `call_soon_threadsafe`. The repository keeps no asyncio object, so any number of event loops,
+  in any threads, one after another or at once, can use it.
+
+Conflict resolution on one aggregate runs one command at a time per event loop (`_turns`):
+a resolution first lets the writes queued before it commit (it queues a write that does
+nothing and waits for it), so it reads what they wrote and cannot lose to them; a first
+attempt that begins while it runs yields to it (a `ConcurrencyError` at once). Across
+repositories and processes, an aggregate whose resolution lost to another writer takes leases
+for a while (`_sqlite_leases`).
 """
 
 from __future__ import annotations
@@ -34,23 +34,26 @@ import asyncio
 import functools
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar, TypeVarTuple
 
+from .._checks import setting
 from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
-from .._errors import StoreClosedError, VersionPrunedError
+from .._errors import StoreClosedError, TransientError, VersionPrunedError
 from .._idempotency import WriteKey, is_repeat
 from .._repository import A, Outcome, Repository, ids_asked, persist_checked
 from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
 from .._turns import PROCESS_TURNS
-from . import _sql
+from . import _sql, _sqlite_leases
 from ._errors import sqlite_errors
 from ._lifecycle import StoreLifecycle
-from ._sqlite_commit import GroupCommit, transaction
+from ._sqlite_commit import GroupCommit, WriterClosedError, transaction
+from ._sqlite_leases import CONTESTED_S, Contested
 from ._sqlite_reads import (
     INLINE_READ_BYTES,
     NO_CAP,
@@ -64,34 +67,36 @@ from ._sqlite_reads import (
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-_SCHEMA = _sql.schema("BLOB", " WITHOUT ROWID")
-# The (repository, aggregate id) of the unlocked resolution turn this task is in, if any.
-_OPEN_TURN: ContextVar[tuple[Any, str] | None] = ContextVar(
-    "cqrs_resilience.sqlite_open_turn", default=None
+__all__ = ["CONTESTED_S", "SQLiteRepository"]
+
+_SCHEMA = (*_sql.schema("BLOB", " WITHOUT ROWID"), _sqlite_leases.SCHEMA)
+_SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES, _sqlite_leases.TABLE)
+# The (repository, aggregate id) whose conflict resolution this task (and the tasks it
+# starts) is running, if any.
+_RESOLVING: ContextVar[tuple[Any, Any] | None] = ContextVar(
+    "cqrs_resilience.sqlite_resolving", default=None
 )
-_SCHEMA_NAMES = (*_sql.TABLES, *_sql.INDEXES)
-CONTESTED_S = 5.0
-"""How long an aggregate whose round lost to another process keeps taking the writer lock."""
-_CONTESTED_KEPT = 1024  # marks kept before the ones that ran out are swept
-# The repository whose locked resolution turn this task (and the tasks it starts) is in.
-_IN_TURN: ContextVar[SQLiteRepository[Any] | None] = ContextVar(
-    "cqrs_resilience.sqlite_turn", default=None
-)
+MAX_BUSY_TIMEOUT_S = 2_147_483
+"""SQLite's limit: it takes the busy timeout as a 32-bit count of milliseconds."""
 
 
 class SQLiteRepository(StoreLifecycle, Repository[A]):
     """Aggregates of `aggregate_type` in the SQLite file at `path`, shareable across processes.
 
     `busy_timeout` (seconds) is how long a write waits for another writer before it raises
-    `TransientError`. `uow` is accepted for the `Repository` protocol and ignored: each persist
-    commits on its own. `keep_versions`, `keep_commands_s` and `max_state_bytes` bound what is
-    kept (see `cqrs_resilience._retention`); `clock.time()` stamps idempotency records.
+    `TransientError`, and how long conflict resolution waits for another process's. `uow` is
+    accepted for the `Repository` protocol and ignored: each persist commits on its own.
+    `keep_versions`, `keep_commands_s` and `max_state_bytes` bound what is kept (see
+    `cqrs_resilience._retention`); `clock.time()` stamps idempotency records.
 
     One file can hold many aggregate types: rows are keyed by `f"{namespace}:{id}"`, so an
     `Order` "1" and a `User` "1" never meet. `namespace` defaults to the type's `__name__`; pass
     the same one on purpose to share a stream, e.g. `namespace="Order"` after renaming `Order`
     to keep reading its rows. It must be a non-empty string without ":". Callers only ever see
     the bare ids.
+
+    Any number of event loops and threads may use one repository, at once or one after
+    another (several `asyncio.run` calls, a loop per thread).
     """
 
     def __init__(
@@ -106,35 +111,38 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         keep_commands_s: float | None = DEFAULT_KEEP_COMMANDS_S,
         clock: Clock | None = None,
     ) -> None:
-        if busy_timeout < 0:
-            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
+        self.busy_timeout = setting(
+            "busy_timeout",
+            busy_timeout,
+            f"a number of seconds from 0 to {MAX_BUSY_TIMEOUT_S:,} (SQLite's limit)",
+            lambda v: 0 <= v <= MAX_BUSY_TIMEOUT_S,
+        )
         self.retention = Retention(keep_versions, keep_commands_s)
         self.clock = clock or SYSTEM_CLOCK
         self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self.path = os.fspath(path)
-        self.busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite")
-        self._connection: sqlite3.Connection | None = None  # used on the worker thread only
+        self._connection: sqlite3.Connection | None = None  # the writer thread's only
+        self._disconnected = False  # set on the writer thread: never connect again
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-sqlite-read")
-        self._read_connection: sqlite3.Connection | None = None  # on the reader thread only
+        self._read_connection: sqlite3.Connection | None = None  # the reader thread's only
         self._loop_reader = LoopReader(self.path)
         self._ready = False
         self._closed = False
-        self._gate: asyncio.Lock | None = None  # held by a locked resolution turn
-        self._commits: GroupCommit[Outcome] = GroupCommit(self._executor, self._connect)
-        self._contested: dict[str, float] = {}  # aggregate id -> when a round last lost
-        self._writing: dict[str, int] = {}  # aggregate id -> its writes under way here
-        self._settling: dict[str, asyncio.Future[None]] = {}  # a round waiting for them
+        self._commits = GroupCommit(self._executor, self._connect)
+        self._owner = uuid.uuid4().hex  # whose leases are whose (`_lease_owner`)
+        self._contested = Contested()
 
     async def open(self) -> None:
         """Connect and create the tables if missing; the first call of any method does it too."""
-        await self._run("open", self._connect)
+        await self._on_thread(self._executor, "open", self._connect)
         self._ready = True
 
     async def close(self) -> None:
-        """Close the connection; later calls raise `StoreClosedError`. Closing twice is fine."""
+        """Close the connections; later calls raise `StoreClosedError`. Closing twice is fine.
+        Writes already queued are committed first."""
         if self._closed:
             return
         self._closed = True
@@ -143,7 +151,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             with sqlite_errors(f"SQLite {self.path}: close"):
                 self._loop_reader.close()
                 await loop.run_in_executor(self._reader, self._disconnect_reader)
-                await loop.run_in_executor(self._executor, self._disconnect)
+                await self._commits.close(self._disconnect)
         finally:
             self._executor.shutdown(wait=False)
             self._reader.shutdown(wait=False)
@@ -169,22 +177,22 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         self._codec.require(aggregate)  # before anything reads its id
-        doing = f"persist of aggregate {aggregate.id!r} at version {aggregate.version}"
-        open_turn = _OPEN_TURN.get()
-        round_ = open_turn is not None and open_turn == (self, aggregate.id)
-        # A first attempt yields to a round of this process on the same aggregate.
-        yields = (
-            not round_
-            and _IN_TURN.get() is not self
-            and PROCESS_TURNS.held((id(self), aggregate.id))
-        )
+        aggregate_id = aggregate.id
+        doing = f"persist of aggregate {aggregate_id!r} at version {aggregate.version}"
+        resolving = _RESOLVING.get() == (self, aggregate_id)
+        # A first attempt yields to a resolution of this event loop on the same aggregate.
+        yields = not resolving and PROCESS_TURNS.held((id(self), aggregate_id))
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
             args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
-            with self._under_way(aggregate.id):
-                outcome = await self._write(doing, args, aggregate.id, recorded)
-            if round_ and outcome.kind == "conflict":  # lost to another process
-                self._contest(aggregate.id)
+            args["resolving"] = resolving
+            args["owner"] = self._lease_owner()
+            outcome: Outcome = await self._write(
+                doing, functools.partial(self._persist, args, aggregate_id, recorded)
+            )
+            # Lost a resolution to another writer, or yielded to another's lease: contested.
+            if outcome.kind == "conflict" and (resolving or outcome.version == aggregate.version):
+                self._contested.mark(aggregate_id, self.clock.monotonic())
             return outcome
 
         return await persist_checked(
@@ -193,81 +201,67 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
-        """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, and for
-        a contested aggregate SQLite's writer lock as well, which the round's reads and writes
-        then run under (committed when the block ends, rolled back when it raises)."""
+        """Hold the turn to resolve a conflict on `aggregate_id`: this event loop's turn, once
+        the writes queued before it committed; for a contested aggregate, the lease too."""
         async with PROCESS_TURNS.turn((id(self), aggregate_id)):
-            await self._settled(aggregate_id)
-            if not self._contested_now(aggregate_id):
-                opened = _OPEN_TURN.set((self, aggregate_id))
-                try:
-                    yield
-                finally:
-                    _OPEN_TURN.reset(opened)
-                return
-            gate = self._gate_lock()
-            async with gate:
-                await self._submit("resolution turn", self._begin_turn)
-                token = _IN_TURN.set(self)
-                try:
-                    yield
-                except BaseException:
-                    _IN_TURN.reset(token)
-                    await self._submit("resolution turn", self._end_turn, False)
-                    raise
-                _IN_TURN.reset(token)
-                await self._submit("resolution turn", self._end_turn, True)
-
-    @contextmanager
-    def _under_way(self, aggregate_id: str) -> Iterator[None]:
-        """Count a write of `aggregate_id` while it is under way (see `_settled`).
-
-        It counts while its caller waits: a cancelled caller's write may still land after, and
-        a round then loses to it and locks the aggregate's rounds for a while (slower, never
-        wrong). Counting until the writer thread reports would hang a round on a later event
-        loop when this one closed before the report."""
-        writing = self._writing
-        writing[aggregate_id] = writing.get(aggregate_id, 0) + 1
-        try:
-            yield
-        finally:
-            left = writing[aggregate_id] - 1
-            if left:
-                writing[aggregate_id] = left
+            doing = f"conflict resolution on aggregate {aggregate_id!r}"
+            leased = False
+            if isinstance(aggregate_id, str) and self._contested.now(
+                aggregate_id, self.clock.monotonic()
+            ):
+                leased = await self._take_lease(doing, aggregate_id)
             else:
-                del writing[aggregate_id]
-                waiter = self._settling.pop(aggregate_id, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+                await self._write(doing, _nothing)  # queued behind the writes under way
+            resolving = _RESOLVING.set((self, aggregate_id))
+            try:
+                yield
+            finally:
+                _RESOLVING.reset(resolving)
+                if leased:
+                    self._release_lease(aggregate_id)
 
-    async def _settled(self, aggregate_id: Any) -> None:
-        """Wait until this repository's writes of `aggregate_id` that began before the round
-        took its turn have ended (first attempts begun since yield to the round), so the
-        round reads the state they left instead of losing to them."""
-        while aggregate_id in self._writing:
-            waiter = self._settling.get(aggregate_id)
-            if waiter is None or waiter.done():  # done: a round waiting before was cancelled
-                waiter = self._settling[aggregate_id] = asyncio.get_running_loop().create_future()
-            await waiter
+    async def _take_lease(self, doing: str, aggregate_id: str) -> bool:
+        """Take the aggregate's lease, waiting at most `busy_timeout` for another owner's to
+        be released or expire; False: it goes on without one (see `_sqlite_leases`)."""
+        key = self._codec.key(aggregate_id)
+        deadline = self.clock.monotonic() + self.busy_timeout
+        pause, longest = _sqlite_leases.POLL_S
+        while True:
+            now = self.clock.time()
+            args = {
+                "id": key,
+                "owner": self._lease_owner(),
+                "now": now,
+                "expires": now + self.busy_timeout,
+            }
+            try:
+                taken: bool = await self._write(doing, functools.partial(self._take, args))
+            except TransientError:  # the file stayed locked for busy_timeout
+                return False
+            except asyncio.CancelledError:
+                self._release_lease(aggregate_id)  # it may have been taken as we were cancelled
+                raise
+            left = deadline - self.clock.monotonic()
+            if taken or left <= 0:
+                return taken
+            await self.clock.sleep(min(pause, left))
+            pause = min(pause * 2, longest)
 
-    def _contest(self, aggregate_id: str) -> None:
-        """Mark `aggregate_id` contested; forget the marks that ran out, so many aggregates
-        contested once each do not pile up."""
-        now = self.clock.monotonic()
-        contested = self._contested
-        if len(contested) >= _CONTESTED_KEPT:
-            for stale in [k for k, lost in contested.items() if now - lost >= CONTESTED_S]:
-                del contested[stale]
-        contested[aggregate_id] = now
+    def _lease_owner(self) -> str:
+        """Who holds a lease: this repository on this event loop. Loops take turns with each
+        other as processes do (within one loop, `_turns` keeps them)."""
+        return f"{self._owner}:{id(asyncio.get_running_loop()):x}"
 
-    def _contested_now(self, aggregate_id: Any) -> bool:
-        lost = self._contested.get(aggregate_id)
-        if lost is None:
-            return False
-        if self.clock.monotonic() - lost < CONTESTED_S:
-            return True
-        del self._contested[aggregate_id]
-        return False
+    def _release_lease(self, aggregate_id: str) -> None:
+        """Give the lease back, without waiting: queued behind the resolution's own writes. If
+        that cannot be done (the repository closed), the lease expires."""
+        now = self.clock.time()
+        args = {"id": self._codec.key(aggregate_id), "owner": self._lease_owner(), "now": now}
+        try:
+            released = self._commits.add(functools.partial(self._release, args))
+        except WriterClosedError:  # closed: the lease expires
+            return
+        released.add_done_callback(_outcome_not_needed)
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
@@ -277,30 +271,16 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     # --- on the event loop ----------------------------------------------------------------
 
-    async def _run(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        """`fn(*args)` on the worker thread, after any open resolution turn ends (unless this
-        task is in it). The worker runs jobs in order, so a job queued before a turn began
-        also ends before it."""
-        if _IN_TURN.get() is self:
-            return await self._submit(doing, fn, *args)
-        async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
-            future = self._executor_job(doing, fn, *args)
-        with sqlite_errors(f"SQLite {self.path}: {doing}"):
-            return await future
+    def _closed_error(self, doing: str) -> StoreClosedError:
+        return StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
 
-    async def _write(
-        self, doing: str, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
-    ) -> Outcome:
-        """One persist's transaction. Persists queued while the writer thread is busy are
-        committed together when it gets to them (group commit: one lock and one sync for all),
-        each in a savepoint of its own, and each told its outcome only once they committed."""
-        if _IN_TURN.get() is self:
-            return await self._submit(doing, self._persist, args, aggregate_id, recorded)
-        async with self._gate_lock():  # FIFO: queued behind a turn that is waiting, too
-            if self._closed:
-                raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
-            write = functools.partial(self._persist, args, aggregate_id, recorded)
-            future = self._commits.add(write)
+    async def _write(self, doing: str, job: Callable[[], T]) -> T:
+        """`job()` on the writer thread, in the order jobs were queued, batched with the jobs
+        queued while the writer is busy (group commit)."""
+        try:
+            future = self._commits.add(job)
+        except WriterClosedError:
+            raise self._closed_error(doing) from None
         with sqlite_errors(f"SQLite {self.path}: {doing}"):
             return await future
 
@@ -309,44 +289,38 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
     ) -> T:
         """`fn(connection, *args, cap)`: first on the event loop's own connection, with `cap` =
         `INLINE_READ_BYTES` (`fn` raises `Elsewhere` for a bigger state, as a busy database
-        raises too), then on the reading connection with no cap. Inside this task's turn, on
-        the writing one (in the turn's transaction, so the round reads its own writes)."""
-        if _IN_TURN.get() is self:
-            return await self._submit(doing, self._on_writer, fn, *args)
+        raises too), then on the reader thread with no cap."""
         if not self._ready:
             await self.open()  # the writer creates the tables a reader needs
         if self._closed:
-            raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
+            raise self._closed_error(doing)
         conn = self._loop_reader.connection()
         if conn is not None:
             try:
                 return fn(conn, *args, INLINE_READ_BYTES)
             except (Elsewhere, sqlite3.Error):
                 pass  # the reader thread reads it, and maps any error it meets again
-        future = asyncio.get_running_loop().run_in_executor(self._reader, self._on_reader, fn, args)
-        with sqlite_errors(f"SQLite {self.path}: {doing}"):
-            return await future
+        return await self._on_thread(self._reader, doing, self._on_reader, fn, args)
 
-    async def _submit(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> T:
-        future = self._executor_job(doing, fn, *args)
-        with sqlite_errors(f"SQLite {self.path}: {doing}"):
-            return await future
-
-    def _executor_job(self, doing: str, fn: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
+    async def _on_thread(
+        self, executor: Executor, doing: str, fn: Callable[[*Ts], T], *args: *Ts
+    ) -> T:
         if self._closed:
-            raise StoreClosedError(f"SQLite {self.path}: {doing}: the repository is closed")
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            raise self._closed_error(doing)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except RuntimeError:  # shut down: closed from another thread meanwhile
+            raise self._closed_error(doing) from None
+        with sqlite_errors(f"SQLite {self.path}: {doing}"):
+            return await future
 
-    def _gate_lock(self) -> asyncio.Lock:
-        if self._gate is None:
-            self._gate = asyncio.Lock()
-        return self._gate
-
-    # --- on the worker thread -------------------------------------------------------------
+    # --- on the writer thread (and the reader's) ------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is not None:
             return self._connection
+        if self._disconnected:
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
@@ -367,6 +341,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         return conn
 
     def _disconnect(self) -> None:
+        self._disconnected = True
         conn, self._connection = self._connection, None
         if conn is not None:
             conn.close()
@@ -383,16 +358,15 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._read_connection = conn
         return fn(self._read_connection, *args, NO_CAP)
 
-    def _on_writer(self, fn: Callable[[sqlite3.Connection, *Ts, int], T], *args: *Ts) -> T:
-        return fn(self._connect(), *args, NO_CAP)
-
-    def _begin_turn(self) -> None:
-        self._connect().execute("BEGIN IMMEDIATE")
-
-    def _end_turn(self, commit: bool) -> None:
+    def _take(self, args: dict[str, Any]) -> bool:
         conn = self._connect()
-        if conn.in_transaction:
-            conn.execute("COMMIT" if commit else "ROLLBACK")
+        with transaction(conn):
+            return bool(conn.execute(_sqlite_leases.TAKE, args).rowcount == 1)
+
+    def _release(self, args: dict[str, Any]) -> None:
+        conn = self._connect()
+        with transaction(conn):
+            conn.execute(_sqlite_leases.RELEASE, args)
 
     def _persist(
         self, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
@@ -405,7 +379,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                     if state is None:  # its version was pruned: the latest state answers
                         version, state = conn.execute(_sql.LATEST_STATE, args).fetchone()
                     return Outcome("repeat", version, state)
-            if conn.execute(_sql.INSERT_NEXT, args).rowcount != 1:
+            if conn.execute(_sqlite_leases.INSERT_NEXT, args).rowcount != 1:
                 return Outcome("conflict", conn.execute(_sql.LATEST_VERSION, args).fetchone()[0])
             if recorded is not None:
                 conn.execute(_sql.RECORD_WRITE, args)
@@ -424,3 +398,12 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             batch = {"cutoff": cutoff, "batch": PRUNE_BATCH}
             conn.execute(_sql.PRUNE_WRITES, batch)
             conn.execute(_sql.PRUNE_COMMANDS, batch)
+
+
+def _nothing() -> None:
+    """A job that writes nothing: done once every job queued before it is."""
+
+
+def _outcome_not_needed(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not report it as lost

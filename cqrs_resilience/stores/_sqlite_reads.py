@@ -1,10 +1,10 @@
-"""What a SQLite store reads, on any of its connections, and the event loop's own connection.
+"""What a SQLite store reads, on either of its reading connections.
 
-Reads run on the reader thread, on the writer's (inside a resolution turn, to see the turn's
-own writes), or on the event loop itself: a read of one aggregate whose state is at most
-`INLINE_READ_BYTES` is an index probe and a small row, cheaper than the two thread switches it
-saves. On the loop a read passes `cap=INLINE_READ_BYTES` and gets `Elsewhere` for a bigger
-state (whose bytes it never loads); elsewhere it passes `NO_CAP`.
+Reads run on the reader thread, or on the event loop itself: a read of one aggregate whose
+state is at most `INLINE_READ_BYTES` is an index probe and a small row, cheaper than the two
+thread switches it saves. On the loop a read passes `cap=INLINE_READ_BYTES` and gets
+`Elsewhere` for a bigger state (whose bytes it never loads); on the thread it passes `NO_CAP`.
+Every read sees the last commit (WAL): reads never wait for a writer, and hold nothing.
 """
 
 from __future__ import annotations
@@ -75,31 +75,39 @@ def _within_cap(state: bytes | None) -> bytes:
 class LoopReader:
     """The event loop's read-only connection to `path`, which never waits for a lock.
 
-    It belongs to the first thread that asks; on any other `connection()` is None (and the
-    caller reads on the reader thread), as when it could not be opened."""
+    It belongs to the first thread that asks and is used by that thread only; on any other
+    `connection()` is None (and the caller reads on the reader thread), as when it could not
+    be opened or the reader was closed."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._thread: int | None = None
+        self._lock = threading.Lock()  # only for the first call, which picks the thread
 
     def connection(self) -> sqlite3.Connection | None:
-        if self._conn is not None:
-            return self._conn if threading.get_ident() == self._thread else None
         if self._thread is not None:
-            return None
-        self._thread = threading.get_ident()
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA query_only = ON")
-        except sqlite3.Error:
-            return None
-        self._conn = conn
-        return conn
+            return self._conn if threading.get_ident() == self._thread else None
+        with self._lock:
+            if self._thread is not None:
+                return self._conn if threading.get_ident() == self._thread else None
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=0, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA query_only = ON")
+            except sqlite3.Error:
+                conn = None
+            self._conn = conn
+            self._thread = threading.get_ident()
+            return conn
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        """No more reads here. The connection is closed now on its own thread; from another
+        thread, which may be reading on it this moment, it is let go (and closed when that
+        read is over)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            owner, self._thread = self._thread, -1
+        if conn is not None and owner == threading.get_ident():
             conn.close()
