@@ -6,14 +6,24 @@ version is still the latest, and records the command id beside it. Two writers r
 version meet on the primary key; the loser gets `ConcurrencyError`, or the first outcome when
 it is a repeat of the command that won.
 
+Event loops: psycopg's async pool belongs to the event loop it was opened on (its locks and
+worker tasks are that loop's). So a repository given a DSN opens one pool per event loop that
+uses it, on that loop, and closes it when the loop shuts down (`asyncio.run` and test runners
+close every loop's async generators as they end it; a generator of ours then closes the pool
+on its own loop). Any number of loops, one after another or at once on several threads, can
+use the repository. A pool passed in stays the caller's: it serves the loop it was first used
+on, and another loop gets a `StoreConfigurationError` saying so.
+
 psycopg is imported when a repository is built, so `cqrs_resilience.stores` imports without it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import threading
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -163,6 +173,8 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
         self._owns_pool = isinstance(dsn_or_pool, str)
+        self._given: Pool | None = None  # a pool passed in, and the loop it serves
+        self._given_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
         if isinstance(dsn_or_pool, str):
             params = _parse_dsn(dsn_or_pool)
             self._conninfo = (
@@ -171,18 +183,17 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 else make_conninfo(dsn_or_pool, connect_timeout=10)
             )
             self.target = safe_target(params)
-            self._pool: Pool = AsyncConnectionPool(
-                self._conninfo,
-                open=False,
-                min_size=min_size,
-                max_size=max_size,
-                timeout=pool_timeout,
-                kwargs={"autocommit": True},
-                name=f"cqrs-resilience {self.target}",
-            )
+            self._pool_options: dict[str, Any] = {
+                "open": False,
+                "min_size": min_size,
+                "max_size": max_size,
+                "timeout": pool_timeout,
+                "kwargs": {"autocommit": True},
+                "name": f"cqrs-resilience {self.target}",
+            }
         elif isinstance(dsn_or_pool, AsyncConnectionPool):
             self._conninfo = ""
-            self._pool = dsn_or_pool
+            self._given = dsn_or_pool
             conninfo = dsn_or_pool.conninfo
             self.target = (
                 safe_target(conninfo_to_dict(conninfo))
@@ -194,43 +205,103 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 f"dsn_or_pool must be a DSN string or a psycopg_pool.AsyncConnectionPool, "
                 f"got {type(dsn_or_pool).__name__}"
             )
-        self._ready = False
+        self._ready = False  # the server took us and the tables exist
         self._closed = False
-        self._opening = asyncio.Lock()
+        # The pool of each event loop that used this repository (a DSN's pools), with the
+        # generator that closes it when its loop shuts down. Read and written under the lock.
+        self._pools: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Pool, AsyncGenerator[None, None]]
+        ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     async def open(self) -> None:
-        """Check the server takes us, create missing tables, start the pool. Idempotent."""
+        """Check the server takes us, create missing tables, open this event loop's pool.
+        Idempotent."""
         if self._closed:
             raise StoreClosedError(f"PostgreSQL {self.target}: open: the repository is closed")
-        async with self._opening:
-            if self._ready:
-                return
-            if self._owns_pool:
-                # A direct connection reports why it failed; a pool would only time out.
-                import psycopg
-
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
-                except psycopg.Error as exc:
-                    raise map_postgres_connect_error(exc, self.target) from exc
-                with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
-                    async with conn:
-                        await _ensure_schema(conn)
-                await self._pool.open()
-            else:
-                with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
-                    await self._pool.open()
-                    async with self._pool.connection() as conn:
-                        await _ensure_schema(conn)
-            self._ready = True
+        await self._pool_here()
 
     async def close(self) -> None:
-        """Stop serving (later calls raise `StoreClosedError`); close the pool if it is ours."""
+        """Stop serving (later calls raise `StoreClosedError`); close the pools if they are ours:
+        this event loop's now, those of loops still running on other threads on their loop."""
         if self._closed:
             return
         self._closed = True
-        if self._owns_pool:
-            await self._pool.close()
+        if not self._owns_pool:
+            return
+        with self._lock:
+            pools = list(self._pools.items())
+            self._pools.clear()
+        here = asyncio.get_running_loop()
+        for loop, (pool, closer) in pools:
+            if loop is here:
+                await _close_now(pool, closer)
+            elif loop.is_running():
+                closing = asyncio.run_coroutine_threadsafe(_close_now(pool, closer), loop)
+                with suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(closing), 10)
+
+    async def _pool_here(self) -> Pool:
+        """The pool serving the running event loop, opened (the first one makes the tables)."""
+        loop = asyncio.get_running_loop()
+        if not self._owns_pool:
+            return await self._given_pool(loop)
+        with self._lock:
+            found = self._pools.get(loop)
+        if found is not None:
+            return found[0]
+        if not self._ready:
+            await self._check_server()
+        from psycopg_pool import AsyncConnectionPool
+
+        with self._lock:
+            found = self._pools.get(loop)
+            if found is None:
+                pool: Pool = AsyncConnectionPool(self._conninfo, **self._pool_options)
+                closer = _closing(pool)
+                found = self._pools[loop] = (pool, closer)
+            else:
+                closer = None
+        if closer is not None:
+            await anext(closer)  # the loop closes the pool as it shuts its generators down
+        with postgres_errors(f"PostgreSQL {self.target}: opening a connection pool"):
+            await found[0].open()
+        return found[0]
+
+    async def _check_server(self) -> None:
+        """A direct connection reports why it failed (a pool would only time out); then the
+        tables are created if missing."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            raise map_postgres_connect_error(exc, self.target) from exc
+        with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
+            async with conn:
+                await _ensure_schema(conn)
+        self._ready = True
+
+    async def _given_pool(self, loop: asyncio.AbstractEventLoop) -> Pool:
+        pool = self._given
+        assert pool is not None
+        with self._lock:
+            if self._given_loop is None:
+                self._given_loop = weakref.ref(loop)
+            serves = self._given_loop()
+        if serves is not loop:
+            raise StoreConfigurationError(
+                f"PostgreSQL {self.target}: the connection pool given to this repository "
+                "serves another event loop (a psycopg pool cannot be shared between loops); "
+                "give the repository a DSN instead, and it opens a pool for each event loop"
+            )
+        if not self._ready:
+            with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
+                await pool.open()
+                async with pool.connection() as conn:
+                    await _ensure_schema(conn)
+            self._ready = True
+        return pool
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         storable = self._codec.storable_id
@@ -354,16 +425,39 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """A tuple-row cursor on a pooled connection (a pool passed in may make other rows)."""
         if self._closed:
             raise StoreClosedError(f"PostgreSQL {self.target}: {doing}: the repository is closed")
-        if not self._ready:
-            await self.open()
+        pool = await self._pool_here()
         from psycopg.rows import tuple_row
 
         with postgres_errors(f"PostgreSQL {self.target}: {doing}"):
             async with (
-                self._pool.connection() as conn,
+                pool.connection() as conn,
                 conn.cursor(row_factory=tuple_row) as cur,
             ):
                 yield cur
+
+
+async def _closing(pool: Pool) -> AsyncGenerator[None, None]:
+    """Closes `pool` when closed itself: by `close()`, or by its event loop shutting down."""
+    try:
+        yield
+    finally:
+        if not pool.closed:
+            # The loop is ending. It cancelled its tasks first, the pool's workers among
+            # them, which makes `close()` stop before it closes the idle connections: close
+            # those first (the replacements `drain()` asks for are never made).
+            await pool.drain()
+            try:
+                await pool.close()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # our caller is cancelled, not just the workers
+
+
+async def _close_now(pool: Pool, closer: AsyncGenerator[None, None]) -> None:
+    """Close `pool` on its own running loop, and the generator that would close it later."""
+    await pool.close()
+    await closer.aclose()
 
 
 def _parse_dsn(dsn: str) -> dict[str, Any]:

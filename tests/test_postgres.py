@@ -1,0 +1,149 @@
+"""The PostgreSQL repository under several event loops and threads: a pool per loop, opened
+on it and closed with it (see the top of `cqrs_resilience/stores/_postgres.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from cqrs_resilience import ConflictConfig, ConflictResolutionPolicy, HookRegistry
+from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
+from cqrs_resilience.stores import PostgresRepository, StoreConfigurationError
+
+pytestmark = pytest.mark.postgres
+
+MERGE = ConflictConfig(
+    policy=ConflictResolutionPolicy.MERGE, list_identity_key="id", max_attempts=10
+)
+BOUND_S = 30.0
+
+
+def add_item_command(seen: DemoOrder, item: str) -> AddLineItem:
+    state = {"id": seen.id, "version": seen.version, "items": [*seen.items, {"id": item}]}
+    return AddLineItem(
+        order_id=seen.id, expected_version=seen.version, state=state, conflict_config=MERGE
+    )
+
+
+async def contended(store: PostgresRepository[DemoOrder], tag: str) -> list[str]:
+    """Commands racing on one order (their conflicts resolved under advisory locks) and
+    writes of other orders at once; the items acknowledged."""
+    handler = AddLineItemHandler(store, HookRegistry())
+    [seen] = await store.retrieve(["hot"])
+    items = [f"{tag}-{n}" for n in range(10)]
+    await asyncio.wait_for(
+        asyncio.gather(
+            *(handler.handle(add_item_command(seen, item)) for item in items),
+            *(store.persist(DemoOrder(id=f"{tag}-side-{n}")) for n in range(5)),
+        ),
+        BOUND_S,
+    )
+    return items
+
+
+def other_connections(dsn: str) -> int:
+    """Connections to this database other than the one asking."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def items_stored(dsn: str) -> list[str]:
+    async with PostgresRepository(dsn, DemoOrder) as fresh:
+        [order] = await fresh.retrieve(["hot"])
+    assert order.version == 1 + len(order.items)
+    return [item["id"] for item in order.items]
+
+
+def test_a_repository_works_from_one_asyncio_run_after_another(pg_database):
+    """A repository made once serves several `asyncio.run` calls in turn; each loop's pool is
+    closed as its loop ends, so no connection is left behind; every item is stored once."""
+    store = PostgresRepository(pg_database, DemoOrder, max_size=4)
+    asyncio.run(store.persist(DemoOrder(id="hot")))
+    acknowledged = []
+    for n in range(3):
+        acknowledged += asyncio.run(contended(store, f"run{n}"))
+        assert other_connections(pg_database) == 0
+    asyncio.run(store.close())
+    items = asyncio.run(items_stored(pg_database))
+    assert sorted(items) == sorted(acknowledged)
+
+
+def test_threads_each_with_their_own_event_loop_share_a_repository(pg_database):
+    """Three threads, each running its own event loop, write and resolve conflicts through one
+    repository at once: none fails, none hangs, every item is stored once; closing it from one
+    loop closes the pools of the loops still running."""
+    store = PostgresRepository(pg_database, DemoOrder, max_size=4)
+    asyncio.run(store.persist(DemoOrder(id="hot")))
+    acknowledged: dict[int, list[str]] = {}
+    failures: list[BaseException] = []
+    done = threading.Barrier(4, timeout=BOUND_S * 2)
+    closed = threading.Event()
+
+    def run(n: int) -> None:
+        async def main() -> None:
+            acknowledged[n] = await contended(store, f"thread{n}")
+            await asyncio.to_thread(done.wait)
+            await asyncio.to_thread(closed.wait, BOUND_S)  # the loop runs while it is closed
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    done.wait()
+    assert other_connections(pg_database) > 0
+    asyncio.run(store.close())
+    assert other_connections(pg_database) == 0
+    closed.set()
+    for thread in threads:
+        thread.join(BOUND_S)
+    assert not any(thread.is_alive() for thread in threads), "a thread's event loop hung"
+    assert failures == []
+    items = asyncio.run(items_stored(pg_database))
+    assert sorted(items) == sorted(i for batch in acknowledged.values() for i in batch)
+
+
+def test_a_pool_passed_in_serves_only_its_own_event_loop(pg_database):
+    """A pool given to the repository is the caller's, bound to the loop it was opened on:
+    another loop gets a `StoreConfigurationError` that says what to do, not a hang."""
+    from psycopg_pool import AsyncConnectionPool
+
+    results: dict[str, Any] = {}
+
+    async def first_loop() -> None:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            pg_database, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open()
+        store = PostgresRepository(pool, DemoOrder)
+        results["created"] = await store.persist(DemoOrder(id="o"))
+
+        def other_loop() -> None:
+            try:
+                asyncio.run(asyncio.wait_for(store.retrieve(["o"]), BOUND_S))
+            except BaseException as exc:
+                results["other"] = exc
+
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        await asyncio.to_thread(thread.join, BOUND_S)
+        results["again"] = await store.retrieve(["o"])
+        await store.close()
+        await pool.close()
+
+    asyncio.run(first_loop())
+    assert isinstance(results["other"], StoreConfigurationError)
+    assert "DSN" in str(results["other"])
+    assert results["again"] == [results["created"]]
