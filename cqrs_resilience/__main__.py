@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from ._demo import (
     temporary_sqlite,
 )
 from ._errors import TransientError
+from ._signals import stop_on_signals
 from .stores import StoreError
 
 # Exit statuses of `demo`, one place for the code and its --help.
@@ -26,7 +28,10 @@ EXIT_OK = 0
 EXIT_LOST_OR_DOUBLED = 1
 EXIT_USAGE = 2
 EXIT_FAILED_VISIBLY = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+# 128 + the signal's number, as shells report a process a signal ended.
+EXIT_HUNG_UP = 129  # SIGHUP
+EXIT_INTERRUPTED = 130  # SIGINT
+EXIT_TERMINATED = 143  # SIGTERM
 
 _EXIT_CODES = f"""\
 exit status:
@@ -37,6 +42,8 @@ exit status:
   {EXIT_FAILED_VISIBLY}    some commands failed visibly (their caller got the error) but
        nothing was lost or doubled
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+  {EXIT_TERMINATED}  interrupted by SIGTERM ({EXIT_HUNG_UP}: by SIGHUP), which stops the demo
+       as Ctrl-C does: worker processes stopped, temporary folder removed
 """
 
 
@@ -226,13 +233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.dsn and args.sqlite:
         command_parser.error("give --dsn or --sqlite, not both")
-    try:
-        with contextlib.ExitStack() as cleanup:
-            return _run_demo(args, cleanup)
-    except KeyboardInterrupt:
-        # The store is closed and the temporary folder removed by now; no traceback.
-        print(f"{_fresh_line()}cqrs-resilience: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    # Off the main thread no signal handlers can be set: signals keep their defaults there.
+    with stop_on_signals() as stop:
+        try:
+            with contextlib.ExitStack() as cleanup:
+                status = _run_demo(args, cleanup)
+        except KeyboardInterrupt:
+            pass  # workers stopped, store closed, temporary folder removed: no traceback
+        else:
+            if stop.signum is None:
+                return status
+            # Else a signal came too late to stop the run (as asyncio.run closed its loop).
+        if stop.signum in (None, signal.SIGINT):
+            print(f"{_fresh_line()}cqrs-resilience: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        name = signal.Signals(stop.signum).name
+        print(f"{_fresh_line()}cqrs-resilience: interrupted by {name}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 def _run_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:

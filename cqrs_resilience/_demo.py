@@ -15,13 +15,11 @@ import multiprocessing
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +34,7 @@ from ._hooks import HookRegistry
 from ._messages import Command, CommandResponse, ConflictResilient, Retryable
 from ._policies import ExponentialBackoffPolicy
 from ._repository import Aggregate, Repository
+from ._signals import follow_parent, signals_held
 
 
 class DemoOrder(Aggregate):
@@ -261,6 +260,8 @@ async def run_writers(
 
 
 def _process_main(options: DemoOptions, writer_ids: list[int], done: Any, results: Any) -> None:
+    follow_parent()
+
     def progress() -> None:
         with done.get_lock():
             done.value += 1
@@ -396,9 +397,9 @@ def run_demo(options: DemoOptions) -> Report:
     asyncio.run(create_orders(options))
     total = options.writers * options.updates
     bar = _Progress(total)
-    bar.show(0)
     started = time.perf_counter()
     if options.processes == 1:
+        bar.show(0)
         count = 0
 
         def progress() -> None:
@@ -416,6 +417,8 @@ def run_demo(options: DemoOptions) -> Report:
 
 def _run_processes(options: DemoOptions, bar: _Progress) -> WorkerStats:
     context = multiprocessing.get_context("spawn")
+    # These start multiprocessing's resource tracker, which must run before `signals_held()`:
+    # launching it unblocks SIGINT and SIGTERM, and workers would inherit them unblocked.
     done = context.Value("i", 0)
     results = context.Queue()
     shares = [list(range(p, options.writers, options.processes)) for p in range(options.processes)]
@@ -423,12 +426,13 @@ def _run_processes(options: DemoOptions, bar: _Progress) -> WorkerStats:
         context.Process(target=_process_main, args=(options, share, done, results), daemon=True)
         for share in shares
     ]
-    with _sigint_ignored():  # inherited: Ctrl-C reaches the parent alone, which stops them
-        for worker in workers:
-            worker.start()
     stats = WorkerStats()
     received = 0
     try:
+        with signals_held():  # a worker started is a worker the `except` below can stop
+            for worker in workers:
+                worker.start()
+        bar.show(0)  # the workers run: the first progress line says they have started
         while received < len(workers):
             try:
                 stats.add(msgspec.msgpack.decode(results.get(timeout=0.2), type=WorkerStats))
@@ -439,26 +443,38 @@ def _run_processes(options: DemoOptions, bar: _Progress) -> WorkerStats:
                     break
             bar.show(done.value)
     except BaseException:
-        for worker in workers:
-            worker.terminate()
+        with signals_held(deliver=False):  # stopping already: a second signal waits for this
+            stop_workers(workers, terminate=True)
         raise
-    finally:
-        for worker in workers:
-            worker.join()
+    with signals_held():
+        stop_workers(workers, terminate=False)  # they have reported: let them exit
     bar.show(done.value)
     return stats
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread; nothing to change from here
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+WORKER_GRACE_S = 2.0
+"""How long a worker process gets to exit before it is killed."""
+
+
+def stop_workers(
+    workers: Sequence[multiprocessing.process.BaseProcess],
+    *,
+    terminate: bool,
+    grace_s: float = WORKER_GRACE_S,
+) -> None:
+    """Reap every started worker within `grace_s` (after SIGTERM if `terminate`), killing
+    those still running then."""
+    started = [worker for worker in workers if worker.pid is not None]
+    if terminate:
+        for worker in started:
+            worker.terminate()
+    deadline = time.monotonic() + grace_s
+    for worker in started:
+        worker.join(max(0.0, deadline - time.monotonic()))
+    for worker in started:
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
 
 
 def format_report(report: Report) -> str:
@@ -539,9 +555,14 @@ def default_options(**overrides: Any) -> DemoOptions:
 @contextlib.contextmanager
 def temporary_sqlite(*, keep: bool = False) -> Iterator[str]:
     """A SQLite file path in a new temporary folder, removed afterwards unless `keep`."""
-    folder = tempfile.mkdtemp(prefix="cqrs-resilience-demo-")
-    try:
+    with contextlib.ExitStack() as cleanup:
+        with signals_held():  # a folder made is a folder the cleanup knows
+            folder = tempfile.mkdtemp(prefix="cqrs-resilience-demo-")
+            if not keep:
+                cleanup.callback(_remove_folder, folder)
         yield os.path.join(folder, "demo.sqlite3")
-    finally:
-        if not keep:
-            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_folder(folder: str) -> None:
+    with signals_held():
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,13 +1,17 @@
-"""The command line: exit statuses, Ctrl-C, the temporary store, option messages, --help."""
+"""The command line: exit statuses, stop signals, the temporary store, option messages, --help."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,28 +41,143 @@ def _start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("processes", ["1", "2"])
-def test_ctrl_c_exits_130_quietly_and_removes_the_temporary_folder(
-    tmp_path: Path, processes: str
-) -> None:
-    """SIGINT mid-run: "interrupted" on stderr, status 130, no traceback, no folder left."""
-    run = _start(["demo", "--writers", "4", "--updates", "250", "--processes", processes], tmp_path)
+def _read_until(
+    run: subprocess.Popen[str], wanted: Callable[[str], bool], timeout_s: float = 60
+) -> str:
+    """The first stderr line `wanted` accepts; the run is killed if none comes in time."""
     assert run.stderr is not None
-    # Progress goes to stderr, a line at a time when it is not a terminal ("  N/1000
-    # commands"): wait until the writers have done some, then interrupt them.
+    watchdog = threading.Timer(timeout_s, run.kill)
+    watchdog.start()
     seen = []
-    for line in run.stderr:
-        seen.append(line)
-        if not line.startswith("  0/"):
-            break
-    assert seen and re.match(r"  [1-9]\d*/1000 commands", seen[-1]), seen
-    assert not seen[-1].startswith("  1000/"), "finished before the interrupt; give it more work"
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=60)
-    assert run.returncode == 130, (out, err)
-    assert "interrupted" in err
-    assert "Traceback" not in err
-    assert not list(tmp_path.glob("cqrs-resilience-demo-*"))
+    try:
+        for line in run.stderr:
+            seen.append(line)
+            if wanted(line):
+                return line
+    finally:
+        watchdog.cancel()
+    pytest.fail(f"the demo ended (or took over {timeout_s} s) before such a line: {seen}")
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:  # it ended meanwhile
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found[int(entry.name)] = command
+    return found
+
+
+def _ended(pidfd: int, timeout_s: float) -> bool:
+    """Whether the process behind `pidfd` has ended, waiting up to `timeout_s` for it."""
+    return bool(select.select([pidfd], [], [], timeout_s)[0])
+
+
+@contextlib.contextmanager
+def _watching(pids: list[int]) -> Iterator[dict[int, int]]:
+    """A pidfd per process (immune to pid reuse); any still running afterwards is killed."""
+    pidfds = {pid: os.pidfd_open(pid) for pid in pids}
+    try:
+        yield pidfds
+    finally:
+        for pidfd in pidfds.values():
+            if not _ended(pidfd, 0):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
+
+
+needs_proc = pytest.mark.skipif(
+    not hasattr(os, "pidfd_open") or not Path("/proc/self/stat").exists(),
+    reason="watches processes through /proc and pidfds (Linux)",
+)
+
+
+@contextlib.contextmanager
+def _demo_running(args: list[str], tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """`_start`, and the demo and its children killed should a check fail before it ends."""
+    run = _start(args, tmp_path)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            with _watching(list(_children(run.pid))):
+                run.kill()
+        run.wait()
+
+
+def _workers(children: dict[int, str]) -> list[int]:
+    return [pid for pid, command in children.items() if "multiprocessing.spawn" in command]
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    ("signum", "status", "processes"),
+    [
+        pytest.param(signal.SIGINT, 130, "1", id="SIGINT"),
+        pytest.param(signal.SIGINT, 130, "2", id="SIGINT-2-processes"),
+        pytest.param(signal.SIGTERM, 143, "1", id="SIGTERM"),
+        pytest.param(signal.SIGTERM, 143, "2", id="SIGTERM-2-processes"),
+        pytest.param(signal.SIGHUP, 129, "2", id="SIGHUP-2-processes"),
+    ],
+)
+def test_a_stop_signal_stops_every_worker_and_removes_the_temporary_folder(
+    tmp_path: Path, signum: int, status: int, processes: str
+) -> None:
+    """SIGINT, SIGTERM or SIGHUP mid-run: every worker process stopped and reaped, no
+    temporary folder left, exit 128 + the signal, "interrupted" on stderr, no traceback."""
+    argv = ["demo", "--writers", "4", "--updates", "500", "--processes", processes]
+    with _demo_running(argv, tmp_path) as run:
+        # Progress goes to stderr a line per 10% when it is not a terminal: after "  N/2000
+        # commands" with N > 0, the writers are busy.
+        line = _read_until(run, lambda line: re.match(r"  [1-9]\d*/2000 ", line) is not None)
+        assert not line.startswith("  2000/"), "finished before the signal; give it more work"
+        children = _children(run.pid)
+        workers = _workers(children)
+        assert len(workers) == (0 if processes == "1" else int(processes)), children
+        with _watching(list(children)) as pidfds:
+            run.send_signal(signum)
+            assert run.wait(timeout=60) == status
+            # The demo waited for its workers. multiprocessing's helper process (the resource
+            # tracker) ends by itself once they and the demo are gone.
+            assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+            assert all(_ended(pidfd, timeout_s=10) for pidfd in pidfds.values()), children
+        assert not list(tmp_path.glob("cqrs-resilience-demo-*"))
+        _, err = run.communicate(timeout=60)
+        assert "cqrs-resilience: interrupted" in err
+        assert "Traceback" not in err
+
+
+@needs_proc
+def test_workers_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the demo no time to clean up; its worker processes notice that it is
+    gone and exit within seconds instead of writing on alone."""
+    argv = ["demo", "--writers", "4", "--updates", "5000", "--processes", "2"]
+    with _demo_running(argv, tmp_path) as run:
+        _read_until(run, lambda line: line.startswith("  0/"))  # once the workers started
+        children = _children(run.pid)
+        workers = _workers(children)
+        assert len(workers) == 2, children
+        with _watching(list(children)) as pidfds:
+            assert not any(_ended(pidfds[pid], 0) for pid in workers)
+            run.kill()
+            assert all(_ended(pidfd, timeout_s=5) for pidfd in pidfds.values()), children
+
+
+def test_main_runs_from_another_thread(tmp_path: Path) -> None:
+    """main() called off the main thread (where no signal handler can be set) still runs the
+    demo, worker processes included, and returns its status."""
+    statuses: list[int] = []
+    argv = [*SMALL, "--processes", "2", "--sqlite", str(tmp_path / "d.sqlite3")]
+    thread = threading.Thread(target=lambda: statuses.append(cli.main(argv)))
+    thread.start()
+    thread.join(timeout=120)
+    assert statuses == [0]
 
 
 def test_a_run_removes_its_temporary_folder(
@@ -250,8 +369,10 @@ def test_help_gives_ranges_and_exit_statuses(capsys: pytest.CaptureFixture[str])
         "--keep",
     ):
         assert text in out
-    for code in ("0 ", "1 ", "2 ", "3 ", "130 interrupted"):
-        assert f" {code}" in out.split("exit status:")[1]
+    statuses = out.split("exit status:")[1]
+    for code in ("0 ", "1 ", "2 ", "3 ", "130 interrupted", "143 interrupted by SIGTERM"):
+        assert f" {code}" in statuses
+    assert "(129: by SIGHUP)" in statuses
 
 
 def test_output_uses_singulars_for_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import signal
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +21,7 @@ from cqrs_resilience._demo import (
     default_options,
     open_repository,
     run_writers,
+    stop_workers,
     verify,
 )
 
@@ -173,3 +179,35 @@ def test_module_entry_point_runs() -> None:
     """python -m cqrs_resilience without a command prints help and exits 2."""
     assert main([]) == 2
     assert asyncio  # the module imports asyncio for the async tests above
+
+
+def _deaf_to_sigterm(ready: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    threading.Event().wait()  # forever: only SIGKILL ends this
+
+
+def test_a_worker_that_ignores_terminate_is_killed_after_the_grace() -> None:
+    """Stopping worker processes is bounded: one still running after the grace is killed,
+    and every one is reaped."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    deaf = context.Process(target=_deaf_to_sigterm, args=(ready,), daemon=True)
+    deaf.start()
+    try:
+        assert ready.wait(timeout=30), "the worker did not start"
+        started = time.monotonic()
+        stop_workers([deaf], terminate=True, grace_s=0.2)
+        assert time.monotonic() - started < 10
+        assert deaf.exitcode == -signal.SIGKILL
+    finally:
+        if deaf.exitcode is None:
+            deaf.kill()
+            deaf.join()
+
+
+def test_stopping_workers_that_were_never_started_is_a_no_op() -> None:
+    """An interrupt before the workers started stops nothing and waits for nothing."""
+    workers = [multiprocessing.get_context("spawn").Process(target=print)]
+    stop_workers(workers, terminate=True, grace_s=0.0)
+    assert workers[0].exitcode is None
