@@ -11,7 +11,7 @@ state is kept, so a three-way merge can ask for its base.
 
 from __future__ import annotations
 
-import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol
@@ -108,7 +108,7 @@ def _conflict(aggregate: Aggregate, actual: int, turns: Any) -> ConcurrencyError
 class InMemoryRepository(Repository[A]):
     """A process-local store with the full contract; for tests, examples and prototypes.
 
-    States are kept encoded, as the durable stores keep them, so what reads back is exactly
+    Any number of event loops and threads may use it. States are kept encoded, as the durable stores keep them, so what reads back is exactly
     what a durable store would give; `keep_versions`, `keep_commands_s` and `clock` (whose
     `time()` stamps idempotency records) work as on the durable stores.
     """
@@ -130,31 +130,33 @@ class InMemoryRepository(Repository[A]):
         self._states: dict[tuple[str, int], bytes] = {}
         self._command_keys: dict[str, tuple[bytes, float]] = {}
         self._writes: dict[tuple[str, str, int], tuple[bytes, int, float]] = {}
-        self._lock = asyncio.Lock()
+        self._lock = threading.Lock()  # writes and reads from any loop or thread
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
-        found = []
-        for aggregate_id in ids_asked(ids):
-            if self._codec.storable_id(aggregate_id) and aggregate_id in self._latest:
-                latest = self._latest[aggregate_id]
-                state = self._states[(aggregate_id, latest)]
-                found.append(self._codec.decode(state, aggregate_id, latest))
-        return found
+        rows = []
+        wanted = [i for i in ids_asked(ids) if self._codec.storable_id(i)]
+        with self._lock:
+            for aggregate_id in wanted:
+                if aggregate_id in self._latest:
+                    latest = self._latest[aggregate_id]
+                    rows.append((aggregate_id, latest, self._states[(aggregate_id, latest)]))
+        return [self._codec.decode(state, i, version) for i, version, state in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         if not self._codec.storable_version(version) or not self._codec.storable_id(aggregate_id):
             return None
-        state = self._states.get((aggregate_id, version))
+        with self._lock:
+            state = self._states.get((aggregate_id, version))
+            latest = self._latest.get(aggregate_id, 0)
         if state is not None:
             return self._codec.decode(state, aggregate_id, version)
-        latest = self._latest.get(aggregate_id, 0)
         if 0 < version <= latest:
             raise VersionPrunedError(aggregate_id, version, self.retention.oldest_kept(latest))
         return None
 
     async def persist(self, aggregate: A, uow: Any = None, *, command_id: str | None = None) -> A:
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
-            async with self._lock:
+            with self._lock:
                 return self._write(aggregate.id, aggregate.version, encoded, recorded)
 
         return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
@@ -204,4 +206,5 @@ class InMemoryRepository(Repository[A]):
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id` (and its record is still kept)."""
-        return any(c == command_id and a == aggregate_id for c, a, _ in self._writes)
+        with self._lock:
+            return any(c == command_id and a == aggregate_id for c, a, _ in self._writes)

@@ -975,3 +975,36 @@ async def test_retrieve_refuses_a_bare_string(make_store):
     store = make_store(Account)
     with pytest.raises(TypeError, match=r"retrieve\(\['abc'\]\)"):
         await store.retrieve("abc")
+
+
+def test_the_in_memory_store_serves_event_loops_on_several_threads():
+    """One in-memory repository written and read by loops on four threads at once, and by a
+    later `asyncio.run`: no error, and each thread's writes all there."""
+    store = InMemoryRepository(Account)
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        async def main() -> None:
+            for n in range(200):
+                created = await store.persist(Account(id=f"t{t}-{n}"), command_id=f"c{t}-{n}")
+                assert await store.retrieve([created.id]) == [created]
+                assert await store.was_processed(f"c{t}-{n}", created.id)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between almost any two bytecodes
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(switching)
+    assert errors == []
+    ids = [f"t{t}-{n}" for t in range(4) for n in range(200)]
+    assert len(asyncio.run(store.retrieve(ids))) == 800
