@@ -48,6 +48,10 @@ class CommandRecord(Protocol):
     def finish(self, error: BaseException | None, /) -> None:
         """The command ended: with this error, or None on success."""
 
+    def abandon(self) -> None:
+        """The call was no command after all: a sync function returned an awaitable, and the
+        command runs, under a record of its own, when that is awaited. Record nothing."""
+
 
 class Measure(Protocol):
     """What instrumentation implements to follow commands and their attempts."""

@@ -312,6 +312,12 @@ class _Command:
         self.trying = True
         self.attempt_start = _now()
 
+    def abandon(self) -> None:
+        if self.context_token is not None:
+            otel_context.detach(self.context_token)  # type: ignore[arg-type]
+            self.context_token = None
+        # The span is left unended, so never exported: nothing ran under it.
+
     def finish(self, error: BaseException | None) -> None:
         instrumentation = self.instrumentation
         end = _now()

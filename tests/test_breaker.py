@@ -681,3 +681,34 @@ async def test_trial_cancelled_in_a_hook_is_released(clock: FakeClock, hooks: Ho
     target.failing = False
     assert await outcome(cb(target)) == "ok"
     assert cb.state == "closed"
+
+
+async def test_an_async_function_behind_a_lambda_is_counted(clock: FakeClock) -> None:
+    """A lambda around an async function: each outcome counts when the call is awaited, the
+    circuit opens on them, and its refusals come when awaited, as for the async function."""
+    target = Outcomes()
+    cb = breaker(clock)
+    fn = cb(lambda: target())
+    assert await outcome(fn) == "ok"
+    await open_circuit(fn, target, calls=3)
+    assert cb.state == "open" and target.calls == 4
+    refused = fn()  # no error yet: a refusal is raised by the coroutine
+    with pytest.raises(BrokenCircuitError):
+        await refused
+    assert target.calls == 4
+
+
+async def test_a_lambda_call_can_be_the_trial(clock: FakeClock) -> None:
+    """The first call through a lambda may be the half-open trial: its awaited outcome
+    closes or reopens the circuit."""
+    target = Outcomes()
+    cb = breaker(clock)
+    await open_circuit(cb(target), target)
+    clock.advance(5.0)
+    target.failing = False
+    assert await outcome(cb(lambda: target())) == "ok"
+    assert cb.state == "closed"
+    await open_circuit(cb(target), target)
+    clock.advance(5.0)
+    assert await outcome(cb(lambda: target())) == "TransientError"
+    assert cb.state == "open"

@@ -242,6 +242,33 @@ def test_sync_functions_are_handled_commands_too(telemetry: Telemetry, clock: Fa
     assert counts == [1, 1]
 
 
+async def test_an_async_handler_behind_a_lambda_is_one_command(
+    telemetry: Telemetry, clock: FakeClock
+) -> None:
+    """retry() around a lambda returning an async handler's coroutine records the command when
+    it runs (awaited): one span, an error span when it fails, nothing current afterwards."""
+    flaky = Flaky(TransientError("blip"), TransientError("down"))
+    wrapped = retry(ONE_RETRY, clock=clock)(lambda command: flaky(command))
+    with pytest.raises(TransientError, match="down"):
+        await wrapped(Save())
+    [span] = telemetry.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == [
+        RETRY_SCHEDULED,
+        "handler.retry.exhausted",
+        "exception",
+    ]
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    assert await wrapped(Save()) == "ok"  # later calls, the async way from the start
+    assert len(telemetry.spans()) == 2
+    [(attributes, (count, _))] = [
+        point
+        for point in telemetry.points(cqrs_otel.COMMAND_DURATION)
+        if "exception.type" in point[0]
+    ]
+    assert count == 1 and attributes["exception.type"] == TRANSIENT
+
+
 async def test_spans_started_inside_are_children_of_the_command(
     telemetry: Telemetry, clock: FakeClock
 ) -> None:
