@@ -58,6 +58,11 @@ HALF_OPEN: Final = "half_open"
 BUCKETS = 10
 """Buckets per sampling window, as in Polly: outcomes leave the window a tenth at a time."""
 
+# A refusal is `BrokenCircuitError(retry_after)` built by `BaseException.__new__`, which keeps the
+# argument in `args` as the error's __init__ would, without running that __init__: its checks
+# would double the cost of refusing a call. `retry_after` is the breaker's own, a float > 0.
+_new_error = BaseException.__new__
+
 # (event, failure ratio, throughput): what a state change reports to hooks.
 _Change: TypeAlias = tuple[str, float | None, int | None]
 
@@ -183,7 +188,7 @@ class CircuitBreaker(Behaviour):
                 # Refusing takes no lock: a stale read only refuses a call that a racing
                 # thread was about to make the trial anyway.
                 if t < until and (self._state is OPEN or self._trial):
-                    raise BrokenCircuitError(until - t) from self._last_failure
+                    raise _new_error(BrokenCircuitError, until - t) from self._last_failure
                 trial, change = self._admit()
                 if change is not None:
                     try:
@@ -230,7 +235,7 @@ class CircuitBreaker(Behaviour):
             if self._state is not CLOSED:
                 t, until = now(), self._blocked_until
                 if t < until and (self._state is OPEN or self._trial):
-                    raise BrokenCircuitError(until - t) from self._last_failure
+                    raise _new_error(BrokenCircuitError, until - t) from self._last_failure
                 trial, change = self._admit()
                 if change is not None:
                     try:
@@ -330,7 +335,9 @@ class CircuitBreaker(Behaviour):
             if state is CLOSED:
                 return 0, None
             if now < self._blocked_until and (state is OPEN or self._trial):
-                raise BrokenCircuitError(self._blocked_until - now) from self._last_failure
+                raise _new_error(
+                    BrokenCircuitError, self._blocked_until - now
+                ) from self._last_failure
             # The break is over, or the trial gave its turn back (or outlived it): this is it.
             self._state = HALF_OPEN
             self._trials += 1

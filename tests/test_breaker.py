@@ -173,6 +173,22 @@ def test_broken_circuit_error_is_plain_and_pickles() -> None:
     assert str(BrokenCircuitError(1.0, "custom")) == "custom"
 
 
+async def test_a_refusal_is_an_ordinary_broken_circuit_error(clock: FakeClock) -> None:
+    """What an open breaker raises (built without the error's __init__, for speed) reads,
+    prints and pickles like a BrokenCircuitError made by hand."""
+    target = Outcomes()
+    cb = breaker(clock)
+    await open_circuit(cb(target), target)
+    clock.advance(1.0)
+    with pytest.raises(BrokenCircuitError) as caught:
+        await cb(target)()
+    refusal = caught.value
+    assert refusal.args == (4.0,) and type(refusal.retry_after) is float
+    assert refusal.message is None and str(refusal) == str(BrokenCircuitError(4.0))
+    again = pickle.loads(pickle.dumps(refusal))
+    assert (again.args, str(again)) == (refusal.args, str(refusal))
+
+
 async def test_retry_does_not_retry_a_refusal(clock: FakeClock) -> None:
     """retry() around an open breaker gives up at once: a refusal is not retried by default."""
     target = Outcomes()
