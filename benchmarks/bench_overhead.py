@@ -4,7 +4,8 @@ One process, one event loop, every contender in the same run. Happy path: ns per
 trivial async handler that succeeds. Retry path: a handler that fails twice with a transient
 error and then succeeds, with zero delay, against a hand-written loop doing the same.
 `timeout()` and `retry(budget=...)` are timed the same way, side by side with plain `retry()`. The
-circuit breaker has a happy-path row (closed) and its own table for refusing calls (open).
+circuit breaker has a happy-path row (closed) and its own table for refusing calls (open). A
+table of sync functions (legacy code wrapped in place) times `retry()` and the breaker there.
 With the `otel` extra installed, a last table times `cqrs_resilience.otel.instrument()` on the
 happy path: with the API's no-op providers (our own cost) and with the SDK's providers
 exporting to memory (what a traced, metered service pays).
@@ -228,6 +229,39 @@ async def refusal_ns(calls: int, rounds: int) -> dict[str, float]:
     return best
 
 
+def ok_sync(command: Any) -> str:
+    return "ok"
+
+
+def passthrough_sync(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """The floor for a sync behaviour: forward *args, **kwargs."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return handler(*args, **kwargs)
+
+    return forward
+
+
+def sync_ns(calls: int, rounds: int) -> dict[str, float]:
+    """The happy path of a sync function (legacy code wrapped in place), bare and wrapped;
+    best of `rounds`, ns per call, round-robin."""
+    fns: dict[str, Callable[[Any], Any]] = {
+        "bare sync function": ok_sync,
+        "a no-op sync wrapper (the floor)": passthrough_sync(ok_sync),
+        "cqrs_resilience retry() (sync)": retry(ZERO)(ok_sync),
+        "cqrs_resilience circuit_breaker() (closed, sync)": circuit_breaker()(ok_sync),
+    }
+    command = Ping()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                fn(command)
+            best[name] = min(best[name], (time.perf_counter_ns() - start) / calls)
+    return best
+
+
 def clock_read_ns(calls: int) -> float:
     """What one `time.monotonic()` costs here (a few tens of ns on bare metal, more in VMs)."""
     best = float("inf")
@@ -360,6 +394,10 @@ async def main(quick: bool) -> None:
         f"of which {fmt_ns(floor)} is the wrapper itself and {fmt_ns(clock_read_ns(calls))} "
         "the one clock read that places the outcome in its bucket."
     )
+    sync = sync_ns(calls, rounds)
+    print("\n| a sync function (happy path) | per call | overhead vs bare |\n|---|---:|---:|")
+    for name, ns in sync.items():
+        print(f"| {name} | {fmt_ns(ns)} | {fmt_ns(max(ns - sync['bare sync function'], 0))} |")
     refusal = await refusal_ns(calls, rounds)
     print("\n| a failing call | per call |\n|---|---:|")
     for name, ns in refusal.items():

@@ -43,7 +43,7 @@ from ._hooks import (
     get_hook_registry,
     observed,
 )
-from ._pipeline import Behaviour, is_async
+from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
 from ._retry_on import RetryOn, command_of, predicate
 
 P = ParamSpec("P")
@@ -57,6 +57,11 @@ HALF_OPEN: Final = "half_open"
 
 BUCKETS = 10
 """Buckets per sampling window, as in Polly: outcomes leave the window a tenth at a time."""
+
+# A refusal is `BrokenCircuitError(retry_after)` built by `BaseException.__new__`, which keeps the
+# argument in `args` as the error's __init__ would, without running that __init__: its checks
+# would double the cost of refusing a call. `retry_after` is the breaker's own, a float > 0.
+_new_error = BaseException.__new__
 
 # (event, failure ratio, throughput): what a state change reports to hooks.
 _Change: TypeAlias = tuple[str, float | None, int | None]
@@ -169,60 +174,68 @@ class CircuitBreaker(Behaviour):
             f"break_duration_s={self.break_duration_s}{on}) [{self._state}]"
         )
 
-    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+    def _wrap_async(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         handler_type = describe_handler(fn)
         is_failure = self._is_failure
         now = self._now
-        if is_async(fn):
-            async_fn = cast(Callable[P, Awaitable[Any]], fn)
+        async_fn = cast(Callable[P, Awaitable[Any]], fn)
 
-            @functools.wraps(fn)
-            async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-                trial = 0
-                if self._state is not CLOSED:
-                    t, until = now(), self._blocked_until
-                    # Refusing takes no lock: a stale read only refuses a call that a racing
-                    # thread was about to make the trial anyway.
-                    if t < until and (self._state is OPEN or self._trial):
-                        raise BrokenCircuitError(until - t) from self._last_failure
-                    trial, change = self._admit()
-                    if change is not None:
-                        try:
-                            await self._announce(change, handler_type, args)
-                        except BaseException:  # cancelled in a hook: the trial never ran
-                            self._release(trial)
-                            raise
-                try:
-                    result = await async_fn(*args, **kwargs)
-                except Exception as exc:
-                    change = self._failed(exc, trial) if is_failure(exc) else self._succeeded(trial)
-                    if change is not None:
-                        await self._announce(change, handler_type, args, exc)
-                    raise
-                except BaseException:
-                    if trial:
-                        self._release(trial)
-                    raise
-                if trial:
-                    change = self._succeeded(trial)
-                    if change is not None:
+        @functools.wraps(fn)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            trial = 0
+            if self._state is not CLOSED:
+                t, until = now(), self._blocked_until
+                # Refusing takes no lock: a stale read only refuses a call that a racing
+                # thread was about to make the trial anyway.
+                if t < until and (self._state is OPEN or self._trial):
+                    raise _new_error(BrokenCircuitError, until - t) from self._last_failure
+                trial, change = self._admit()
+                if change is not None:
+                    try:
                         await self._announce(change, handler_type, args)
-                else:  # the hot path, inlined: count one success in the current bucket
-                    t = now()
-                    if t >= self._bucket_end:
-                        self._next_bucket(t)
-                    self._calls += 1
-                return result
+                    except BaseException:  # cancelled in a hook: the trial never ran
+                        self._release(trial)
+                        raise
+            try:
+                result = await async_fn(*args, **kwargs)
+            except Exception as exc:
+                change = self._failed(exc, trial) if is_failure(exc) else self._succeeded(trial)
+                if change is not None:
+                    await self._announce(change, handler_type, args, exc)
+                raise
+            except BaseException:
+                if trial:
+                    self._release(trial)
+                raise
+            if trial:
+                change = self._succeeded(trial)
+                if change is not None:
+                    await self._announce(change, handler_type, args)
+            else:  # the hot path, inlined: count one success in the current bucket
+                t = now()
+                if t >= self._bucket_end:
+                    self._next_bucket(t)
+                self._calls += 1
+            return result
 
-            return guarded
+        return guarded
+
+    def _wrap_sync(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        handler_type = describe_handler(fn)
+        is_failure = self._is_failure
+        now = self._now
+        twin: Callable[P, Any] | None = None  # the async wrapper, once fn returned an awaitable
 
         @functools.wraps(fn)
         def guarded_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            nonlocal twin
+            if twin is not None:
+                return twin(*args, **kwargs)
             trial = 0
             if self._state is not CLOSED:
                 t, until = now(), self._blocked_until
                 if t < until and (self._state is OPEN or self._trial):
-                    raise BrokenCircuitError(until - t) from self._last_failure
+                    raise _new_error(BrokenCircuitError, until - t) from self._last_failure
                 trial, change = self._admit()
                 if change is not None:
                     try:
@@ -241,6 +254,11 @@ class CircuitBreaker(Behaviour):
                 if trial:
                     self._release(trial)
                 raise
+            if type(result) not in NOT_AWAITABLE and returns_awaitable(result):
+                # fn is async in disguise (a lambda around an async function): its outcome
+                # comes when the awaitable is done, and later calls go the async way.
+                twin = self._wrap_async(fn)
+                return self._outcome_of(result, trial, handler_type, args)
             if trial:
                 change = self._succeeded(trial)
                 if change is not None:
@@ -253,6 +271,27 @@ class CircuitBreaker(Behaviour):
             return result
 
         return guarded_sync
+
+    async def _outcome_of(
+        self, awaitable: Awaitable[Any], trial: int, handler_type: str, args: tuple[Any, ...]
+    ) -> Any:
+        """Count the outcome of a sync function's call that returned `awaitable`, as the
+        async wrapper counts its call's (the call was admitted, as the trial if `trial`)."""
+        try:
+            result = await awaitable
+        except Exception as exc:
+            change = self._failed(exc, trial) if self._is_failure(exc) else self._succeeded(trial)
+            if change is not None:
+                await self._announce(change, handler_type, args, exc)
+            raise
+        except BaseException:
+            if trial:
+                self._release(trial)
+            raise
+        change = self._succeeded(trial)
+        if change is not None:
+            await self._announce(change, handler_type, args)
+        return result
 
     # The window: the current bucket in `_calls`/`_failures`, older ones in `_old`.
 
@@ -296,7 +335,9 @@ class CircuitBreaker(Behaviour):
             if state is CLOSED:
                 return 0, None
             if now < self._blocked_until and (state is OPEN or self._trial):
-                raise BrokenCircuitError(self._blocked_until - now) from self._last_failure
+                raise _new_error(
+                    BrokenCircuitError, self._blocked_until - now
+                ) from self._last_failure
             # The break is over, or the trial gave its turn back (or outlived it): this is it.
             self._state = HALF_OPEN
             self._trials += 1
@@ -430,7 +471,8 @@ def circuit_breaker(
     a failure ratio of at least `failure_ratio`; refuses with `BrokenCircuitError` for
     `break_duration_s`, then lets one trial call through. `on` picks what counts as a failure
     (types or a predicate; by default what `retry()` retries). Apply one breaker to several
-    functions to make them share one circuit.
+    functions to make them share one circuit. A sync callable whose call returns an awaitable
+    (a lambda around an async function) has the outcome counted when that is awaited.
     """
     return CircuitBreaker(
         failure_ratio=failure_ratio,

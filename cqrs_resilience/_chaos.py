@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import TransientError
-from ._pipeline import Behaviour, is_async
+from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -80,33 +80,46 @@ class FaultInjector(Behaviour):
     def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         if not self.rate and not self.latency_s:
             return fn  # nothing to inject: the function itself, at no cost
+        return super()._wrap(fn)
+
+    def _wrap_async(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         latency_s = self.latency_s
-        if is_async(fn):
-            async_fn = cast(Callable[P, Awaitable[Any]], fn)
-            sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
+        async_fn = cast(Callable[P, Awaitable[Any]], fn)
+        sleep = self.clock.sleep if self.clock is not None else asyncio.sleep
 
-            @functools.wraps(fn)
-            async def chaotic(*args: P.args, **kwargs: P.kwargs) -> Any:
-                if latency_s:
-                    await sleep(latency_s)
-                fault = self._fault()
-                if fault is not None:
-                    raise fault
-                return await async_fn(*args, **kwargs)
+        @functools.wraps(fn)
+        async def chaotic(*args: P.args, **kwargs: P.kwargs) -> Any:
+            if latency_s:
+                await sleep(latency_s)
+            fault = self._fault()
+            if fault is not None:
+                raise fault
+            return await async_fn(*args, **kwargs)
 
-            return chaotic
+        return chaotic
 
+    def _wrap_sync(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        latency_s = self.latency_s
         # A sync function blocks its caller anyway; its latency blocks too (time.sleep).
         sleep_sync = (self.clock or SYSTEM_CLOCK).sleep_sync
+        twin: Callable[P, Any] | None = None  # the async wrapper, once fn returned an awaitable
 
         @functools.wraps(fn)
         def chaotic_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            nonlocal twin
+            if twin is not None:
+                return twin(*args, **kwargs)
             if latency_s:
                 sleep_sync(latency_s)
             fault = self._fault()
             if fault is not None:
                 raise fault
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if type(result) not in NOT_AWAITABLE and returns_awaitable(result):
+                # fn is async in disguise (a lambda around an async function): the caller
+                # awaits this result; later calls wait on the event loop instead of blocking it.
+                twin = self._wrap_async(fn)
+            return result
 
         return chaotic_sync
 
@@ -124,6 +137,8 @@ def inject_faults(
     `error` is an exception type or a zero-argument factory; each fault is a fresh exception
     with a note saying it was injected. `latency_s` goes through `clock` (a `FakeClock` in
     tests); on a sync function it blocks, as the function does. The same `seed` fails the same
-    calls. `rate=0` without latency returns the function unchanged.
+    calls. `rate=0` without latency returns the function unchanged. A sync callable found to
+    return awaitables (a lambda around an async function) is slowed and failed the async way
+    from then on.
     """
     return FaultInjector(rate, error=error, latency_s=latency_s, seed=seed, clock=clock)

@@ -44,6 +44,7 @@ from ._hooks import (
 from ._idempotency import CURRENT, Scope, attempt, attempt_needs_own_counts, enter
 from ._merge_registry import MergeStrategyRegistry
 from ._merge_strategies import MergeStrategy
+from ._pipeline import async_only
 from ._retry import check_cap
 from ._turns import PROCESS_TURNS, TakesTurns
 
@@ -52,26 +53,29 @@ T = TypeVar("T")
 State = dict[str, Any]
 
 
+# Each hook may be async or sync: what a call returns is awaited when it is awaitable.
+
+
 class FetchLatestState(Protocol):
     """Reads the aggregate's latest state for a command; None when it no longer exists."""
 
-    def __call__(self, command: Any, /) -> Awaitable[State | None]: ...
+    def __call__(self, command: Any, /) -> Awaitable[State | None] | State | None: ...
 
 
 class FetchBaseState(Protocol):
     """Reads the state the command was issued against (its base), for a three-way merge."""
 
-    def __call__(self, command: Any, /) -> Awaitable[State | None]: ...
+    def __call__(self, command: Any, /) -> Awaitable[State | None] | State | None: ...
 
 
 class GetIncomingState(Protocol):
     """Extracts the state a command wants to write."""
 
-    def __call__(self, command: Any, /) -> State: ...
+    def __call__(self, command: Any, /) -> State | Awaitable[State]: ...
 
 
 class UpdateCommand(Protocol):
-    """Rebuilds a command around a resolved state."""
+    """Rebuilds a command around a resolved state (the command, or an awaitable of it)."""
 
     def __call__(self, command: Any, merged_state: State, /) -> Any: ...
 
@@ -135,7 +139,8 @@ class ResolveConflicts:
         if not callable(handler):
             raise TypeError(f"resolve_conflicts() wraps a callable, got {handler!r}")
         handler_type = describe_handler(handler)
-        one_arg = cast(Callable[[Any], Awaitable[T]], handler)
+        # Its result is awaited: a sync handler is refused now, before it could run.
+        one_arg = cast(Callable[[Any], Awaitable[T]], async_only(handler, "resolve_conflicts()"))
 
         @functools.wraps(handler)
         async def resolving(command: Any) -> T:
@@ -281,7 +286,7 @@ class ResolveConflicts:
             await emit(CONFLICT_FAILED, 1, error)
             raise error
 
-        incoming = self.get_incoming_state(original)
+        incoming = await _maybe_await(self.get_incoming_state(original))
         base: State | None = None
         if self.fetch_base_state is not None and config.policy is ConflictResolutionPolicy.MERGE:
             try:
@@ -309,7 +314,8 @@ class ResolveConflicts:
                     merge_error.__cause__ = error
                     await emit(CONFLICT_FAILED, round_, merge_error)
                     raise
-                command = _keep_identity(self.update_command(original, merged), original)
+                rebuilt = await _maybe_await(self.update_command(original, merged))
+                command = _keep_identity(rebuilt, original)
                 if record is not None:
                     record.attempt_started()
                 try:
@@ -363,6 +369,11 @@ def resolve_conflicts(
     most `max_attempts_cap` rounds and can only add `protected_fields`. Rounds for one
     aggregate take turns through the store that raised the conflict (so across processes too),
     else with every other round in the process; `turns` overrides both.
+
+    The hooks may be sync or async. The handler is awaited, so it must be async: a sync
+    function is a `TypeError` when decorating, before it ever runs. A lambda (or a
+    `functools.wraps` decorator) leading to an async function is taken, and what each call
+    returns is checked before it is awaited.
     """
     return ResolveConflicts(
         fetch_latest_state,

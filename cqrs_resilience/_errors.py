@@ -21,7 +21,8 @@ The store errors live here, not in `stores/`, because `InMemoryRepository` raise
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from typing import Any, overload
 
 import msgspec
 
@@ -74,21 +75,42 @@ class TransientError(Exception):
 class BrokenCircuitError(Exception):
     """An open circuit breaker refused the call without running it.
 
-    `retry_after` is the seconds left before the breaker lets a trial call through. Not a
-    `TransientError`: retrying at once only meets the open circuit again, so `retry()` leaves
-    it alone unless asked (`on=BrokenCircuitError`, when it waits at least `retry_after`). The
-    failure that opened the circuit is chained as `__cause__`.
+    `retry_after` is the seconds left before the breaker lets a trial call through (a float
+    >= 0; 0.0 when not known). Not a `TransientError`: retrying at once only meets the open
+    circuit again, so `retry()` leaves it alone unless asked (`on=BrokenCircuitError`, when it
+    waits at least `retry_after`). The failure that opened the circuit is chained as
+    `__cause__`.
+
+    Build it as `BrokenCircuitError(retry_after=0.0, message=None)`, by position or keyword;
+    a first argument that is no number is the message (`BrokenCircuitError("maintenance")`).
     """
 
-    # No __init__ at run time: BaseException keeps the arguments in `args`, and a Python
-    # __init__ would double the cost of refusing a call. The message is formatted when read.
-    if TYPE_CHECKING:
+    # `args` is what was given, normalised to `(retry_after,)` or `(retry_after, message)`
+    # (or `()`), so the error pickles as it was built and the properties read it back. An
+    # open breaker builds its refusals through `BaseException.__new__`, which fills `args`
+    # without running this __init__ (its checks would double the cost of refusing a call).
+    @overload
+    def __init__(self, retry_after: float | None = None, message: str | None = None) -> None: ...
+    @overload
+    def __init__(self, message: str, /) -> None: ...
 
-        def __init__(self, retry_after: float, message: str | None = None) -> None: ...
+    def __init__(self, retry_after: object = None, message: object = None) -> None:
+        if retry_after is not None and not isinstance(retry_after, int | float):
+            if message is not None:
+                raise TypeError(
+                    "BrokenCircuitError takes (retry_after, message): "
+                    f"got {retry_after!r} and {message!r}"
+                )
+            retry_after, message = None, retry_after  # the message alone
+        if retry_after is None and message is None:
+            super().__init__()
+            return
+        seconds = 0.0 if retry_after is None else _seconds(retry_after)
+        super().__init__(*((seconds,) if message is None else (seconds, message)))
 
     @property
     def retry_after(self) -> float:
-        """Seconds until the breaker lets a trial call through."""
+        """Seconds until the breaker lets a trial call through; 0.0 when not known."""
         return float(self.args[0]) if self.args else 0.0
 
     @property
@@ -96,9 +118,24 @@ class BrokenCircuitError(Exception):
         return self.args[1] if len(self.args) > 1 else None
 
     def __str__(self) -> str:
-        if self.message is not None:
-            return self.message
+        if len(self.args) > 1:
+            return str(self.args[1])
+        if not self.args:
+            return "the circuit is open"
         return f"the circuit is open; a trial call is allowed in {self.retry_after:.3f} s"
+
+
+def _seconds(value: int | float) -> float:
+    """`retry_after` as a float >= 0, or a ConfigurationError naming it."""
+    wanted = "retry_after must be a finite number of seconds >= 0"
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too big for a float: named by its size, not its digits
+        bits = int(value).bit_length()
+        raise ConfigurationError(f"{wanted}, got an integer of {bits} bits") from None
+    if isinstance(value, bool) or not 0 <= seconds < math.inf:
+        raise ConfigurationError(f"{wanted}, got {value!r}")
+    return seconds
 
 
 class Conflict(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
 from ._conflict_config import ConflictConfig
 from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
-from ._pipeline import Behavior, pipeline
+from ._pipeline import Behavior, async_only, pipeline
 from ._policies import RetryPolicy
 from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, Stop, Wait, retry
 from ._retry_on import RetryOn
@@ -56,6 +56,8 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         self.clock = clock
         self._behaviors: list[Behavior] = []
         self._pipeline: Handle[R] | None = None
+        # handle() awaits it: a sync process() is refused here, before it could run.
+        self._process: Handle[R] = async_only(self.process, f"{type(self).__name__}.handle()")
         for behavior in self.default_behaviors():
             self.add_behavior(behavior)
 
@@ -82,7 +84,7 @@ class PipelinedCommandHandler(ABC, Generic[R]):
     def get_pipeline(self) -> Handle[R]:
         """`process` wrapped in every behaviour; rebuilt only after `add_behavior`."""
         if self._pipeline is None:
-            self._pipeline = pipeline(*reversed(self._behaviors))(self.process)
+            self._pipeline = pipeline(*reversed(self._behaviors))(self._process)
         return self._pipeline
 
     async def handle(self, command: Any) -> CommandResponse[R]:
@@ -207,12 +209,12 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
         """The aggregate's latest state, or None if it no longer exists."""
 
     @abstractmethod
-    def get_incoming_state(self, command: Any) -> dict[str, Any]:
-        """The state the command wants to write."""
+    def get_incoming_state(self, command: Any) -> dict[str, Any] | Awaitable[dict[str, Any]]:
+        """The state the command wants to write (a sync or an async method)."""
 
     @abstractmethod
     def update_command(self, command: Any, merged_state: dict[str, Any]) -> Any:
-        """A command like `command`, carrying `merged_state`."""
+        """A command like `command`, carrying `merged_state` (a sync or an async method)."""
 
     async def fetch_base_state(self, command: Any) -> dict[str, Any] | None:
         """The state the command was issued against; override it for a three-way merge."""

@@ -49,7 +49,7 @@ from ._idempotency import (
     attempt_needs_own_counts,
     enter,
 )
-from ._pipeline import Behaviour, is_async
+from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 from ._retry_on import RetryOn, command_of, predicate
 
@@ -195,50 +195,59 @@ class Retry(Behaviour):
             parts.append(f"max_delay_cap_s={self.max_delay_cap_s}")
         return f"retry({', '.join(parts)})"
 
-    def _wrap(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+    def _wrap_async(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         should_retry = self._should_retry
         handler_type = describe_handler(fn)
         deposit = self.budget.deposit if self.budget is not None else None
         # tenacity's strategies may count time from the first attempt: read the clock for them.
         now = self._now if self.stop is not None or self.wait is not None else None
-        if is_async(fn):
-            async_fn = cast(Callable[P, Awaitable[Any]], fn)
+        async_fn = cast(Callable[P, Awaitable[Any]], fn)
 
-            @functools.wraps(fn)
-            async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
-                # The command's idempotency scope; inside handle() it is already open.
-                scope, token = CURRENT.get(), None
-                if scope is None or not args or args[0] is not scope.command:
-                    scope, token = enter(args)
-                changes = scope.changes if scope is not None else 0
-                if deposit is not None:
-                    deposit()
-                started = now() if now is not None else 0.0
-                try:
-                    # Instrumented, the call that opened its command's scope handles it.
-                    if token is not None and (measure := _telemetry.MEASURE) is not None:
-                        call = (async_fn, args, kwargs)
-                        return await self._handled_async(
-                            handler_type, call, (scope, changes), started, measure
-                        )
-                    try:
-                        return await async_fn(*args, **kwargs)
-                    except Exception as exc:
-                        if not should_retry(exc):
-                            raise
-                        failure = exc
+        @functools.wraps(fn)
+        async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
+            # The command's idempotency scope; inside handle() it is already open.
+            scope, token = CURRENT.get(), None
+            if scope is None or not args or args[0] is not scope.command:
+                scope, token = enter(args)
+            changes = scope.changes if scope is not None else 0
+            if deposit is not None:
+                deposit()
+            started = now() if now is not None else 0.0
+            try:
+                # Instrumented, the call that opened its command's scope handles it.
+                if token is not None and (measure := _telemetry.MEASURE) is not None:
                     call = (async_fn, args, kwargs)
-                    return await self._retry_async(
-                        handler_type, call, failure, (scope, changes), started
+                    return await self._handled_async(
+                        handler_type, call, (scope, changes), started, measure
                     )
-                finally:
-                    if token is not None:
-                        CURRENT.reset(token)
+                try:
+                    return await async_fn(*args, **kwargs)
+                except Exception as exc:
+                    if not should_retry(exc):
+                        raise
+                    failure = exc
+                call = (async_fn, args, kwargs)
+                return await self._retry_async(
+                    handler_type, call, failure, (scope, changes), started
+                )
+            finally:
+                if token is not None:
+                    CURRENT.reset(token)
 
-            return retrying
+        return retrying
+
+    def _wrap_sync(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        should_retry = self._should_retry
+        handler_type = describe_handler(fn)
+        deposit = self.budget.deposit if self.budget is not None else None
+        now = self._now if self.stop is not None or self.wait is not None else None
+        twin: Callable[P, Any] | None = None  # the async wrapper, once fn returned an awaitable
 
         @functools.wraps(fn)
         def retrying_sync(*args: P.args, **kwargs: P.kwargs) -> Any:
+            nonlocal twin
+            if twin is not None:
+                return twin(*args, **kwargs)
             scope, token = CURRENT.get(), None
             if scope is None or not args or args[0] is not scope.command:
                 scope, token = enter(args)
@@ -249,22 +258,44 @@ class Retry(Behaviour):
             try:
                 if token is not None and (measure := _telemetry.MEASURE) is not None:
                     call = (fn, args, kwargs)
-                    return self._handled_sync(
+                    result = self._handled_sync(
                         handler_type, call, (scope, changes), started, measure
                     )
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    if not should_retry(exc):
-                        raise
-                    failure = exc
-                call = (fn, args, kwargs)
-                return self._retry_sync(handler_type, call, failure, (scope, changes), started)
+                else:
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:
+                        if not should_retry(exc):
+                            raise
+                        call = (fn, args, kwargs)
+                        result = self._retry_sync(
+                            handler_type, call, exc, (scope, changes), started
+                        )
             finally:
                 if token is not None:
                     CURRENT.reset(token)
+            if type(result) not in NOT_AWAITABLE and returns_awaitable(result):
+                # fn is async in disguise (a lambda around an async function): this call's
+                # attempts, and every later call, go the async way.
+                twin = self._wrap_async(fn)
+                return self._adopt(fn, result, args, kwargs)
+            return result
 
         return retrying_sync
+
+    def _adopt(
+        self, fn: Callable[..., Any], awaitable: Any, args: tuple[Any, ...], kwargs: Any
+    ) -> Any:
+        """The async way for a call of sync `fn` that returned `awaitable`: a coroutine that
+        awaits it as the first attempt and calls `fn` again for each retry. Attempts made
+        before, at sync calls that raised, are not counted against the policy again."""
+        pending = [awaitable]
+
+        @functools.wraps(fn)
+        def first_then_anew(*args: Any, **kwargs: Any) -> Any:
+            return pending.pop() if pending else fn(*args, **kwargs)
+
+        return self._wrap_async(first_then_anew)(*args, **kwargs)
 
     # Instrumented, a call that opened its command's scope is a handled command.
 
@@ -319,6 +350,9 @@ class Retry(Behaviour):
         except BaseException as exc:
             record.finish(exc)
             raise
+        if type(result) not in NOT_AWAITABLE and returns_awaitable(result):
+            record.abandon()  # the command runs when the awaitable is, under its own record
+            return result
         record.finish(None)
         return result
 
@@ -543,7 +577,9 @@ def retry(
     bounds retries across calls. Inside a `timeout()`, no wait runs past its deadline.
 
     When retrying ends early, the last error is raised itself, with a note saying how many
-    attempts and why. `@retry` without parentheses uses the defaults.
+    attempts and why. `@retry` without parentheses uses the defaults. A sync callable whose
+    call returns an awaitable (a lambda around an async function) is retried the async way:
+    the call returns a coroutine to await.
     """
     fn = None
     if policy is not None and not isinstance(policy, RetryPolicy) and callable(policy):

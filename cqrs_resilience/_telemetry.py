@@ -22,6 +22,10 @@ starts when that behaviour calls again; the last ends with the command. So with
 `retry → resolve_conflicts → process`, each run of `process` is one attempt, and the backoff
 sleeps and conflict merges between them belong to no attempt. No attempt is measured on the
 happy path: the one attempt is the command, timed by the same two clock reads.
+
+A `Measure` and its records are called on the command path without a guard around each call
+(the core stays flat), so they must not raise: telemetry never changes a command's outcome.
+`otel` guards every call it makes into OpenTelemetry, logging each kind of failure once.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class CommandRecord(Protocol):
 
     def finish(self, error: BaseException | None, /) -> None:
         """The command ended: with this error, or None on success."""
+
+    def abandon(self) -> None:
+        """The call was no command after all: a sync function returned an awaitable, and the
+        command runs, under a record of its own, when that is awaited. Record nothing."""
 
 
 class Measure(Protocol):

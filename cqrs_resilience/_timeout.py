@@ -24,13 +24,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._deadline import DEADLINE, tighten
 from ._hooks import describe_handler
-from ._pipeline import is_async
+from ._pipeline import async_only
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -155,11 +155,8 @@ class Timeout:
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
         if not callable(fn):
             raise TypeError(f"timeout() wraps an async function, got {fn!r}")
-        if not is_async(fn):
-            raise TypeError(
-                f"timeout() wraps async functions only: a sync call cannot be cancelled "
-                f"(got {describe_handler(fn)})"
-            )
+        # A sync call cannot be cancelled: refused now, or, from a lambda, before it is awaited.
+        call = cast(Callable[P, Awaitable[T]], async_only(fn, "timeout()"))
         seconds = self.seconds
         deadline_clock = self.clock or SYSTEM_CLOCK
         now = time.monotonic if self._timer_clock is None else self._timer_clock.monotonic
@@ -187,7 +184,7 @@ class Timeout:
             else:
                 token = tighten(when, deadline_clock)
             try:
-                result = await fn(*args, **kwargs)
+                result = await call(*args, **kwargs)
             except BaseException as exc:
                 DEADLINE.reset(token)
                 if entry[_TASK] is not None:
@@ -219,5 +216,8 @@ def timeout(seconds: float, *, clock: Clock | None = None) -> Timeout:
     Everything called inside sees the deadline: a `retry()` there never sleeps past it, and
     a nested `timeout()` keeps whichever deadline is earlier. An outer cancellation still
     propagates as `CancelledError`. `clock` (a `FakeClock` in tests) decides when it fires.
+    A sync function cannot be cancelled: it is a `TypeError` when decorating. A lambda (or a
+    `functools.wraps` decorator) leading to an async function is taken, and what each call
+    returns is checked before it is awaited.
     """
     return Timeout(seconds, clock=clock)

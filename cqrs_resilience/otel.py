@@ -26,6 +26,15 @@ Records, under the instrumentation scope "cqrs_resilience":
   `exception.message`). A failed command records its exception, sets `error.type` and status
   ERROR; a successful one leaves the status unset.
 
+Telemetry never changes a command's outcome. Every call into OpenTelemetry on the command path
+(starting, ending and marking spans, span events, counter adds, histogram records) is guarded
+as hooks are: what raises an `Exception` there (a span processor or an exporter called inline, a
+view, a provider's instruments) is ignored, so a command returns its result, or raises its own
+error, as without telemetry. Each kind of failure (what was being done, the error's type) is
+logged once at WARNING on the `cqrs_resilience.otel` logger, until `instrument()` is called
+again: a storm of commands gives one line, not one per command. A `BaseException` raised there
+(cancellation, `KeyboardInterrupt`) passes through.
+
 A call about no command (a `retry()` around `fetch(url)`) is no handled command: its events
 are counted and added to the current span, but it has no span or durations of its own.
 Durations come from `time.perf_counter()`. With a tracer that can only make no-op spans (no
@@ -35,6 +44,7 @@ fills it (see `cqrs_resilience._telemetry`).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -89,6 +99,7 @@ DURATION_BUCKETS_S: tuple[float, ...] = (
 a millisecond up to the longest wait a retry may be asked for (60 s)."""
 
 _now = time.perf_counter
+logger = logging.getLogger(__name__)
 
 TRACER_LOOKUP_INTERVAL_S = 1.0
 """Instrumented with the global providers before the application set its tracer provider,
@@ -204,6 +215,7 @@ class _Instrumentation:
         if isinstance(meter, metrics.NoOpMeter):
             nothing = cast(Any, _Nothing())
             self.events = self.command_duration = self.attempt_duration = nothing
+        self.failures: set[tuple[str, type[Exception]]] = set()  # the kinds logged
         # (handler type, command type) -> (span name, attributes): built once per pair.
         self.names: dict[tuple[str, type], tuple[str, dict[str, str]]] = {}
         self.tracer: trace.Tracer | None = None
@@ -216,15 +228,39 @@ class _Instrumentation:
     ) -> trace.Tracer | None:
         """The tracer to start spans with, or None when it could only make no-op spans (then
         no span is started at all: a no-op span costs a microsecond and records nothing)."""
-        if provider is None:
-            provider = trace.get_tracer_provider()
-            if isinstance(provider, trace.ProxyTracerProvider):
-                self.look_again_at = now + TRACER_LOOKUP_INTERVAL_S
-                return None
-        tracer = provider.get_tracer(SCOPE, self.version)
+        try:
+            if provider is None:
+                provider = trace.get_tracer_provider()
+                if isinstance(provider, trace.ProxyTracerProvider):
+                    self.look_again_at = now + TRACER_LOOKUP_INTERVAL_S
+                    return None
+            tracer = provider.get_tracer(SCOPE, self.version)
+        except Exception as exc:
+            self.failed("get a tracer", exc)
+            self.tracer, self.look_again_at = None, now + TRACER_LOOKUP_INTERVAL_S
+            return None
         self.tracer = None if isinstance(tracer, trace.NoOpTracer) else tracer
         self.look_again_at = None
         return self.tracer
+
+    def failed(self, doing: str, error: Exception) -> None:
+        """OpenTelemetry (the SDK, a span processor, a view, an exporter it calls inline, a
+        provider's instruments) raised while the library was `doing` something: telemetry never
+        changes a command's outcome, so it is ignored, and logged at WARNING once per kind
+        (what was being done, and the error's type), not once per command in a storm."""
+        kind = (doing, type(error))
+        if kind in self.failures or len(self.failures) >= 1000:
+            return
+        self.failures.add(kind)
+        logger.warning(
+            "OpenTelemetry failed to %s (%s); ignored, the command goes on. Further %s "
+            "failures to %s are not logged until instrument() is called again.",
+            doing,
+            _exception_type(error),
+            type(error).__name__,
+            doing,
+            exc_info=error,
+        )
 
     def command(self, handler_type: str, command: Any, *, attempts: bool) -> _Command:
         key = (handler_type, type(command))
@@ -251,10 +287,16 @@ class _Instrumentation:
         error = context.get("error")
         if isinstance(error, BaseException):
             attributes["exception.type"] = _exception_type(error)
-        self.events.add(1, attributes)
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.add_event(name, _event_attributes(context))
+        try:
+            self.events.add(1, attributes)
+        except Exception as exc:
+            self.failed("count an event", exc)
+        try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event(name, _event_attributes(context))
+        except Exception as exc:
+            self.failed("add an event to a span", exc)
 
 
 class _Command:
@@ -290,12 +332,15 @@ class _Command:
             command_id = getattr(command, "command_id", None)
             if isinstance(command_id, str):
                 span_attributes["command.id"] = command_id
-            span = self.span = tracer.start_span(
-                names[0], kind=SpanKind.INTERNAL, attributes=span_attributes
-            )
-            # Current while the command runs: events, and the spans the handler starts, go
-            # under it (even unsampled, so its children share the sampling decision).
-            self.context_token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                span = self.span = tracer.start_span(
+                    names[0], kind=SpanKind.INTERNAL, attributes=span_attributes
+                )
+                # Current while the command runs: events, and the spans the handler starts, go
+                # under it (even unsampled, so its children share the sampling decision).
+                self.context_token = otel_context.attach(trace.set_span_in_context(span))
+            except Exception as exc:
+                instrumentation.failed("start a span", exc)
             now = _now()  # what starting the span took is no part of the command
         self.trying = True  # the first attempt starts with the command
         self.start = self.attempt_start = now
@@ -306,26 +351,56 @@ class _Command:
             elapsed = _now() - self.attempt_start
             if self.attempts:
                 attributes = _with_error(self.attributes, error)
-                self.instrumentation.attempt_duration.record(elapsed, attributes)
+                try:
+                    self.instrumentation.attempt_duration.record(elapsed, attributes)
+                except Exception as exc:
+                    self.instrumentation.failed("record a duration", exc)
 
     def attempt_started(self) -> None:
         self.trying = True
         self.attempt_start = _now()
 
+    def abandon(self) -> None:
+        if self.context_token is not None:
+            self._detach()
+        # The span is left unended, so never exported: nothing ran under it.
+
+    def _detach(self) -> None:
+        try:
+            otel_context.detach(self.context_token)  # type: ignore[arg-type]
+        except Exception as exc:
+            self.instrumentation.failed("detach the span", exc)
+        self.context_token = None
+
     def finish(self, error: BaseException | None) -> None:
+        # Every call into OpenTelemetry is guarded: the command's outcome (its result, or its
+        # own error) is decided, and telemetry failing must not change it.
         instrumentation = self.instrumentation
         end = _now()
         if self.context_token is not None:
-            otel_context.detach(self.context_token)  # type: ignore[arg-type]
+            self._detach()
         attributes = self.attributes if error is None else _with_error(self.attributes, error)
         if self.trying and self.attempts:
-            instrumentation.attempt_duration.record(end - self.attempt_start, attributes)
-        instrumentation.command_duration.record(end - self.start, attributes)
+            try:
+                instrumentation.attempt_duration.record(end - self.attempt_start, attributes)
+            except Exception as exc:
+                instrumentation.failed("record a duration", exc)
+        try:
+            instrumentation.command_duration.record(end - self.start, attributes)
+        except Exception as exc:
+            instrumentation.failed("record a duration", exc)
         span = self.span
         if span is None:
             return
-        if error is not None and span.is_recording():
-            span.record_exception(error)
-            span.set_attribute("error.type", attributes["exception.type"])
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.end()
+        if error is not None:
+            try:
+                if span.is_recording():
+                    span.record_exception(error)
+                    span.set_attribute("error.type", attributes["exception.type"])
+                    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            except Exception as exc:
+                instrumentation.failed("mark a span as failed", exc)
+        try:
+            span.end()
+        except Exception as exc:
+            instrumentation.failed("end a span", exc)

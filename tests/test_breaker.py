@@ -173,6 +173,22 @@ def test_broken_circuit_error_is_plain_and_pickles() -> None:
     assert str(BrokenCircuitError(1.0, "custom")) == "custom"
 
 
+async def test_a_refusal_is_an_ordinary_broken_circuit_error(clock: FakeClock) -> None:
+    """What an open breaker raises (built without the error's __init__, for speed) reads,
+    prints and pickles like a BrokenCircuitError made by hand."""
+    target = Outcomes()
+    cb = breaker(clock)
+    await open_circuit(cb(target), target)
+    clock.advance(1.0)
+    with pytest.raises(BrokenCircuitError) as caught:
+        await cb(target)()
+    refusal = caught.value
+    assert refusal.args == (4.0,) and type(refusal.retry_after) is float
+    assert refusal.message is None and str(refusal) == str(BrokenCircuitError(4.0))
+    again = pickle.loads(pickle.dumps(refusal))
+    assert (again.args, str(again)) == (refusal.args, str(refusal))
+
+
 async def test_retry_does_not_retry_a_refusal(clock: FakeClock) -> None:
     """retry() around an open breaker gives up at once: a refusal is not retried by default."""
     target = Outcomes()
@@ -681,3 +697,34 @@ async def test_trial_cancelled_in_a_hook_is_released(clock: FakeClock, hooks: Ho
     target.failing = False
     assert await outcome(cb(target)) == "ok"
     assert cb.state == "closed"
+
+
+async def test_an_async_function_behind_a_lambda_is_counted(clock: FakeClock) -> None:
+    """A lambda around an async function: each outcome counts when the call is awaited, the
+    circuit opens on them, and its refusals come when awaited, as for the async function."""
+    target = Outcomes()
+    cb = breaker(clock)
+    fn = cb(lambda: target())
+    assert await outcome(fn) == "ok"
+    await open_circuit(fn, target, calls=3)
+    assert cb.state == "open" and target.calls == 4
+    refused = fn()  # no error yet: a refusal is raised by the coroutine
+    with pytest.raises(BrokenCircuitError):
+        await refused
+    assert target.calls == 4
+
+
+async def test_a_lambda_call_can_be_the_trial(clock: FakeClock) -> None:
+    """The first call through a lambda may be the half-open trial: its awaited outcome
+    closes or reopens the circuit."""
+    target = Outcomes()
+    cb = breaker(clock)
+    await open_circuit(cb(target), target)
+    clock.advance(5.0)
+    target.failing = False
+    assert await outcome(cb(lambda: target())) == "ok"
+    assert cb.state == "closed"
+    await open_circuit(cb(target), target)
+    clock.advance(5.0)
+    assert await outcome(cb(lambda: target())) == "TransientError"
+    assert cb.state == "open"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any
@@ -193,3 +194,32 @@ def test_repr_shows_the_settings() -> None:
     assert repr(inject_faults(0.2, error=ConnectionError, latency_s=0.5, seed=3)) == (
         "inject_faults(0.2, error=ConnectionError, latency_s=0.5, seed=3)"
     )
+
+
+class BlockingClock(FakeClock):
+    """A fake clock that tells the sleeps that block (sync) from those that await."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking: list[float] = []
+
+    def sleep_sync(self, seconds: float) -> None:
+        self.blocking.append(seconds)
+        super().sleep_sync(seconds)
+
+
+async def test_an_async_function_behind_a_lambda_is_slowed_on_the_event_loop() -> None:
+    """A lambda around an async function: once a call ran it and got a coroutine back, latency
+    is awaited (the event loop runs on) and a fault is raised when the call is awaited; the
+    calls until then block, as they would for a sync function."""
+    clock = BlockingClock()
+    target = Counter()
+    fn = inject_faults(0.5, latency_s=0.25, seed=1, clock=clock)(lambda: target())
+    pattern = await fault_pattern(fn, 10)
+    assert any(pattern) and not all(pattern)
+    assert clock.sleeps == [0.25] * 10
+    assert clock.blocking == [0.25] * (pattern.index(False) + 1)
+    assert target.calls == pattern.count(False)
+    pending = fn()  # a fault, if any, is raised by the coroutine, not by the call
+    with contextlib.suppress(TransientError):
+        await pending

@@ -348,6 +348,70 @@ def test_bad_hooks_are_rejected() -> None:
         resolve_conflicts(dict, dict, lambda c, m: c, config={"policy": "merge"})  # type: ignore[arg-type,arg-type]
 
 
+def test_a_sync_handler_is_refused_when_decorated_and_never_called() -> None:
+    """resolve_conflicts() awaits its handler: a sync one is a TypeError naming it, raised
+    when decorating, before it could run (and write) once."""
+    scenario = Scenario(LATEST)
+    calls: list[Update] = []
+
+    def save_order(command: Update) -> str:
+        calls.append(command)
+        return "done"
+
+    with pytest.raises(TypeError, match=r"resolve_conflicts.*save_order is a sync function"):
+        resolve_conflicts(
+            scenario.fetch_latest_state, scenario.get_incoming_state, scenario.update_command
+        )(save_order)
+    assert calls == []
+
+
+async def test_a_lambda_around_an_async_handler_is_resolved() -> None:
+    """A lambda returning the async handler's coroutine is a handler like any other."""
+    scenario = Scenario(LATEST)
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state,
+        scenario.get_incoming_state,
+        scenario.update_command,
+        config=MERGE,
+    )
+    resolving = behavior(lambda command: scenario.handler(command))
+    assert await resolving(Update(state=INCOMING)) == "done"
+    assert len(scenario.seen) == 2
+
+
+async def test_a_lambda_that_runs_a_sync_handler_is_a_type_error_naming_it() -> None:
+    """A lambda whose call returns no awaitable is a TypeError naming it and saying it ran
+    as a sync function, not "can't be used in 'await' expression"."""
+    scenario = Scenario(LATEST)
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state, scenario.get_incoming_state, scenario.update_command
+    )
+    with pytest.raises(TypeError, match="<lambda> returned str, not an awaitable"):
+        await behavior(lambda command: "done")(Update())
+
+
+async def test_async_get_incoming_state_and_update_command_are_awaited() -> None:
+    """Every hook may be async: an async get_incoming_state and update_command are awaited in
+    each round, and the handler gets the rebuilt command."""
+    scenario = Scenario(LATEST)
+
+    async def get_incoming_state(command: Update) -> dict[str, Any]:
+        return command.state
+
+    async def update_command(command: Update, merged: dict[str, Any]) -> Update:
+        return scenario.update_command(command, merged)
+
+    behavior = resolve_conflicts(
+        scenario.fetch_latest_state, get_incoming_state, update_command, config=MERGE
+    )
+    assert await behavior(scenario.handler)(Update(state=INCOMING)) == "done"
+    assert (
+        scenario.seen[1].state
+        == scenario.merged[0]
+        == {**LATEST, "meta": {"a": 1, "b": 3}, "notes": "gift"}
+    )
+
+
 # The reference's handler classes and examples, ported.
 
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import pickle
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from cqrs_resilience import (
+    BrokenCircuitError,
     ConcurrencyError,
     ConfigurationError,
     Conflict,
@@ -41,3 +50,62 @@ def test_merge_conflict_error_lists_every_path() -> None:
 def test_configuration_error_is_a_value_error() -> None:
     """Bad configuration can be caught as ValueError."""
     assert issubclass(ConfigurationError, ValueError)
+
+
+OPEN_3 = "the circuit is open; a trial call is allowed in 3.000 s"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "retry_after", "text"),
+    [
+        ((3,), {}, 3.0, OPEN_3),
+        ((), {"retry_after": 3}, 3.0, OPEN_3),
+        ((3, "down for maintenance"), {}, 3.0, "down for maintenance"),
+        ((), {"retry_after": 3, "message": "down"}, 3.0, "down"),
+        (("down for maintenance",), {}, 0.0, "down for maintenance"),
+        ((), {"message": "down"}, 0.0, "down"),
+        ((), {}, 0.0, "the circuit is open"),
+        ((0,), {}, 0.0, "the circuit is open; a trial call is allowed in 0.000 s"),
+    ],
+    ids=["3", "retry_after=3", "3, msg", "keywords", "msg", "message=", "bare", "0"],
+)
+def test_broken_circuit_error_builds_every_documented_way(
+    args: tuple[Any, ...], kwargs: dict[str, Any], retry_after: float, text: str
+) -> None:
+    """Each documented way to build a BrokenCircuitError gives a float retry_after and prints,
+    and pickles back to an equal error."""
+    error = BrokenCircuitError(*args, **kwargs)
+    assert type(error.retry_after) is float and error.retry_after == retry_after
+    assert str(error) == text
+    again = pickle.loads(pickle.dumps(error))
+    assert (type(again), again.args, str(again)) == (BrokenCircuitError, error.args, text)
+    assert again.retry_after == retry_after and again.message == error.message
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    [-1, -0.5, math.nan, math.inf, 10**400, True],
+    ids=["-1", "-0.5", "nan", "inf", "10**400", "True"],
+)
+def test_broken_circuit_error_refuses_a_retry_after_out_of_range(retry_after: Any) -> None:
+    """retry_after is seconds, a finite number >= 0: anything else is a ConfigurationError
+    naming it, as TransientError's check is."""
+    with pytest.raises(ConfigurationError, match="retry_after must be"):
+        BrokenCircuitError(retry_after)
+
+
+def test_broken_circuit_error_takes_one_message() -> None:
+    """A message first and another second is a TypeError saying what it takes."""
+    with pytest.raises(TypeError, match=r"takes \(retry_after, message\)"):
+        BrokenCircuitError("down", "again")  # type: ignore[call-overload]
+
+
+@given(
+    st.floats(min_value=0, max_value=1e12, allow_nan=False),
+    st.none() | st.text(),
+)
+def test_broken_circuit_error_round_trips(retry_after: float, message: str | None) -> None:
+    """Any retry_after >= 0 and message survive pickling, and the message prints as given."""
+    error = pickle.loads(pickle.dumps(BrokenCircuitError(retry_after, message)))
+    assert error.retry_after == retry_after and error.message == message
+    assert message is None or str(error) == message

@@ -10,6 +10,10 @@ import pytest
 from cqrs_resilience import (
     Command,
     CommandResponse,
+    ConcurrencyError,
+    ConflictCommandHandler,
+    ConflictConfig,
+    ConflictResolutionPolicy,
     ExponentialBackoffPolicy,
     FakeClock,
     FixedRetryPolicy,
@@ -218,3 +222,54 @@ async def test_a_commands_policy_wins_even_by_default_but_within_the_class_caps(
         await handler.handle(msgspec.json.decode(wire, type=FromTheWire))
     assert handler.calls == 3
     assert handler.clock.sleeps == [0.05, 0.05]  # type: ignore[union-attr]
+
+
+def test_a_sync_process_is_refused_when_the_handler_is_built() -> None:
+    """handle() awaits process(): a sync one is a TypeError naming it, at construction,
+    before any command could run it."""
+    sent: list[str] = []
+
+    class SyncSend(RetryableCommandHandler[str]):
+        def process(self, command: Any) -> CommandResponse[str]:  # type: ignore[override]
+            sent.append(command)
+            return CommandResponse(result="sent")
+
+    with pytest.raises(TypeError, match=r"SyncSend.process is a sync function"):
+        SyncSend()
+    assert sent == []
+
+
+async def test_async_conflict_hooks_on_a_handler_class() -> None:
+    """A conflict handler's get_incoming_state and update_command may be async methods."""
+
+    class Save(Command[str]):
+        state: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    class SaveHandler(ConflictCommandHandler[str]):
+        conflict_config = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[dict[str, Any]] = []
+
+        async def process(self, command: Save) -> CommandResponse[str]:
+            self.seen.append(command.state)
+            if len(self.seen) == 1:
+                raise ConcurrencyError(aggregate_id="a1")
+            return CommandResponse(result="saved")
+
+        async def fetch_latest_state(self, command: Save) -> dict[str, Any] | None:
+            return {"id": "a1", "version": 2, "status": "new"}
+
+        async def get_incoming_state(self, command: Save) -> dict[str, Any]:
+            return command.state
+
+        async def update_command(self, command: Save, merged_state: dict[str, Any]) -> Save:
+            return Save(state=merged_state)
+
+    handler = SaveHandler()
+    assert (await handler.handle(Save(state={"note": "hi"}))).result == "saved"
+    assert handler.seen == [
+        {"note": "hi"},
+        {"id": "a1", "version": 2, "status": "new", "note": "hi"},
+    ]

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeterProvider
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import ExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.metrics.view import Aggregation, View
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracerProvider, StatusCode
@@ -22,10 +23,12 @@ from cqrs_resilience import (
     CONFLICT_DETECTED,
     CONFLICT_RESOLVED,
     RETRY_SCHEDULED,
+    Aggregate,
     CommandResponse,
     ConcurrencyError,
     FakeClock,
     HookRegistry,
+    InMemoryRepository,
     PipelinedCommandHandler,
     TransientError,
     _telemetry,
@@ -242,6 +245,33 @@ def test_sync_functions_are_handled_commands_too(telemetry: Telemetry, clock: Fa
     assert counts == [1, 1]
 
 
+async def test_an_async_handler_behind_a_lambda_is_one_command(
+    telemetry: Telemetry, clock: FakeClock
+) -> None:
+    """retry() around a lambda returning an async handler's coroutine records the command when
+    it runs (awaited): one span, an error span when it fails, nothing current afterwards."""
+    flaky = Flaky(TransientError("blip"), TransientError("down"))
+    wrapped = retry(ONE_RETRY, clock=clock)(lambda command: flaky(command))
+    with pytest.raises(TransientError, match="down"):
+        await wrapped(Save())
+    [span] = telemetry.spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == [
+        RETRY_SCHEDULED,
+        "handler.retry.exhausted",
+        "exception",
+    ]
+    assert trace.get_current_span() is trace.INVALID_SPAN
+    assert await wrapped(Save()) == "ok"  # later calls, the async way from the start
+    assert len(telemetry.spans()) == 2
+    [(attributes, (count, _))] = [
+        point
+        for point in telemetry.points(cqrs_otel.COMMAND_DURATION)
+        if "exception.type" in point[0]
+    ]
+    assert count == 1 and attributes["exception.type"] == TRANSIENT
+
+
 async def test_spans_started_inside_are_children_of_the_command(
     telemetry: Telemetry, clock: FakeClock
 ) -> None:
@@ -407,3 +437,182 @@ async def test_no_op_providers_record_nothing_and_break_nothing(clock: FakeClock
         assert (await handler.handle(Save())).result == "ok"
     finally:
         undo()
+
+
+# Telemetry never changes a command's outcome: OpenTelemetry failing on the command path.
+
+
+class Note(Aggregate):
+    text: str = ""
+
+
+class Writing(SaveHandler):
+    """Stores a note per command in the dispatcher (an in-memory repository), after failing
+    as its `errors` say (a retry, a conflict round, or the command's own failure)."""
+
+    def __init__(self, notes: InMemoryRepository[Note], *errors: Exception, clock: FakeClock):
+        super().__init__(notes, clock=clock)
+        self.errors = list(errors)
+
+    async def process(self, command: Any) -> CommandResponse[str]:
+        if self.errors:
+            raise self.errors.pop(0)
+        stored = await self.dispatcher.persist(Note(id=command.command_id, text="kept"))
+        return CommandResponse(result=f"v{stored.version}")
+
+
+class RaisingProcessor(SpanProcessor):
+    """A span processor (an exporter called inline, say) that raises where it is told."""
+
+    def __init__(self, where: str, error: BaseException | None = None) -> None:
+        self.where = where
+        self.error = error or RuntimeError("collector unreachable")
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.where == "on_start":
+            raise self.error
+
+    def on_end(self, span: Any) -> None:
+        if self.where == "on_end":
+            raise self.error
+
+
+class RaisingFilter(ExemplarFilter):
+    """Raises on every measurement: each counter add and histogram record."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("metrics pipeline broken")
+
+
+class RaisingAggregation(Aggregation):
+    """A view's aggregation that fails on the first measurement of each attribute set."""
+
+    def _create_aggregation(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("bad view")
+
+
+def failing_providers(case: str) -> tuple[MeterProvider, TracerProvider]:
+    tracer_provider = TracerProvider()
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    if case in ("on_start", "on_end"):
+        tracer_provider.add_span_processor(RaisingProcessor(case))
+    elif case == "exemplar filter":
+        meter_provider = MeterProvider(
+            metric_readers=[InMemoryMetricReader()], exemplar_filter=RaisingFilter()
+        )
+    else:
+        meter_provider = MeterProvider(
+            metric_readers=[InMemoryMetricReader()],
+            views=[View(instrument_name="cqrs_resilience.*", aggregation=RaisingAggregation())],
+        )
+    return meter_provider, tracer_provider
+
+
+FAILURES = ["on_start", "on_end", "exemplar filter", "view"]
+
+
+@pytest.mark.parametrize("case", FAILURES)
+async def test_failing_telemetry_leaves_the_commands_result_and_effect(
+    case: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A span processor raising in on_start or on_end, a metrics pipeline or a view raising:
+    each command, retried and resolved on the way, still returns its result and keeps its
+    write, and each kind of failure is logged once at WARNING, not once per command."""
+    undo = cqrs_otel.instrument(*failing_providers(case))
+    notes = InMemoryRepository(Note)
+    try:
+        for _ in range(5):
+            command = Save()
+            handler = Writing(notes, TransientError("blip"), ConcurrencyError(), clock=clock)
+            assert (await handler.handle(command)).result == "v1"
+            [note] = await notes.retrieve([command.command_id])
+            assert note.text == "kept"
+    finally:
+        undo()
+    warnings = [r for r in caplog.records if r.name == "cqrs_resilience.otel"]
+    assert warnings and all(r.levelname == "WARNING" for r in warnings)
+    kinds = {r.getMessage().split(" (")[0] for r in warnings}
+    assert len(warnings) == len(kinds) <= 4  # one per kind, whatever the number of commands
+    assert "the command goes on" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("case", FAILURES)
+async def test_a_failing_command_raises_its_own_error_whatever_telemetry_does(
+    case: str, clock: FakeClock
+) -> None:
+    """With telemetry raising, a command that fails still raises its own error."""
+    undo = cqrs_otel.instrument(*failing_providers(case))
+    try:
+        handler = Writing(InMemoryRepository(Note), *[KeyError("own")] * 3, clock=clock)
+        with pytest.raises(KeyError, match="own"):
+            await handler.handle(Save())
+        sync = retry(ONE_RETRY, clock=clock)(lambda command: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            sync(Save())
+    finally:
+        undo()
+
+
+async def test_cancellation_is_never_swallowed_by_failing_telemetry(clock: FakeClock) -> None:
+    """A cancelled command stays cancelled when ending its span raises, and a BaseException
+    raised by telemetry itself passes through."""
+    import asyncio
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(RaisingProcessor("on_end"))
+    undo = cqrs_otel.instrument(MeterProvider(), tracer_provider)
+    try:
+
+        class Hanging(SaveHandler):
+            async def process(self, command: Any) -> CommandResponse[str]:
+                await asyncio.Event().wait()
+                raise AssertionError("unreachable")
+
+        task = asyncio.ensure_future(Hanging(None, clock=clock).handle(Save()))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        undo()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(RaisingProcessor("on_end", KeyboardInterrupt()))
+    undo = cqrs_otel.instrument(MeterProvider(), tracer_provider)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            await SaveHandler(Flaky(), clock=clock).handle(Save())
+    finally:
+        undo()
+
+
+async def test_a_tracer_provider_that_fails_to_give_a_tracer(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A global tracer provider whose get_tracer raises: commands run untraced, metrics are
+    still recorded, and the failure is logged once."""
+
+    asked = 0
+
+    class Broken(TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal asked
+            asked += 1
+            raise RuntimeError("no tracer for you")
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: Broken())
+    monkeypatch.setattr(cqrs_otel, "_now", clock.monotonic)
+    reader = InMemoryMetricReader()
+    undo = cqrs_otel.instrument(MeterProvider(metric_readers=[reader]))
+    try:
+        for _ in range(3):
+            assert (await SaveHandler(Flaky(), clock=clock).handle(Save())).result == "ok"
+            clock.advance(cqrs_otel.TRACER_LOOKUP_INTERVAL_S)  # it is asked again, and fails
+    finally:
+        undo()
+    assert asked == 3  # at instrument(), then by the commands a second and two seconds on
+    warnings = [r for r in caplog.records if r.name == "cqrs_resilience.otel"]
+    assert [r.getMessage().split(" (")[0] for r in warnings] == [
+        "OpenTelemetry failed to get a tracer"
+    ]
+    data = reader.get_metrics_data()
+    assert data is not None and data.resource_metrics

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from cqrs_resilience import FixedRetryPolicy, Pipeline, pipeline, retry
+from cqrs_resilience import (
+    FakeClock,
+    FixedRetryPolicy,
+    Pipeline,
+    circuit_breaker,
+    inject_faults,
+    pipeline,
+    retry,
+)
 
 
 def tagging(name: str, log: list[str]) -> Callable[[Any], Any]:
@@ -89,3 +100,65 @@ def test_non_callables_are_rejected() -> None:
         pipeline(retry(), "retry")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="callable handler"):
         pipeline(retry())(None)  # type: ignore[arg-type]
+
+
+class AsyncCallable:
+    """An object whose `__call__` is async."""
+
+    async def __call__(self, x: int) -> int:
+        return x
+
+    async def method(self, x: int) -> int:
+        return x
+
+
+def marked_legacy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What asgiref's `markcoroutinefunction` does before Python 3.12."""
+    fn._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return fn
+
+
+def returns_coroutine(x: int) -> Awaitable[int]:
+    return AsyncCallable()(x)
+
+
+ASYNC_IN_DISGUISE = {
+    "partial of an async method": functools.partial(AsyncCallable().method),
+    "partial of an async callable object": functools.partial(AsyncCallable()),
+    "function marked as a coroutine function": marked_legacy(returns_coroutine),
+}
+if sys.version_info >= (3, 12):
+    ASYNC_IN_DISGUISE["inspect.markcoroutinefunction"] = inspect.markcoroutinefunction(  # type: ignore[attr-defined,unused-ignore]
+        lambda x: AsyncCallable()(x)
+    )
+
+
+@pytest.mark.parametrize("fn", ASYNC_IN_DISGUISE.values(), ids=ASYNC_IN_DISGUISE.keys())
+@pytest.mark.parametrize(
+    "behavior",
+    [retry(), circuit_breaker(), inject_faults(0.0, latency_s=0.5, clock=FakeClock())],
+    ids=["retry", "circuit_breaker", "inject_faults"],
+)
+async def test_callables_declared_async_get_the_async_wrapper(
+    fn: Callable[[int], Awaitable[int]], behavior: Any
+) -> None:
+    """A partial of an async method or callable object, or a function marked as a coroutine
+    function, is wrapped as the async function it is."""
+    wrapped = behavior(fn)
+    assert inspect.iscoroutinefunction(wrapped)
+    assert await wrapped(7) == 7
+
+
+def test_a_sync_wrapper_that_runs_an_async_function_stays_sync() -> None:
+    """A sync function that runs an async one to completion (`functools.wraps` pointing at it,
+    as a CLI's `asyncio.run` wrapper does) is still wrapped as the sync function it is."""
+
+    async def fetch(x: int) -> int:
+        return x
+
+    @functools.wraps(fetch)
+    def fetch_now(x: int) -> int:
+        return asyncio.run(fetch(x))
+
+    for behavior in (retry(), circuit_breaker(), inject_faults(0.01, seed=1)):
+        assert behavior(fetch_now)(3) == 3

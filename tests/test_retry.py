@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -24,6 +26,7 @@ from cqrs_resilience import (
     InMemoryRepository,
     Retryable,
     TransientError,
+    current_command_id,
     pipeline,
     retry,
     set_testing,
@@ -760,3 +763,81 @@ async def test_set_testing_still_ends_a_time_based_stop() -> None:
         )()
     assert flaky.calls == 4
     assert clock.sleeps == []
+
+
+def plain_decorator(fn: Any) -> Any:
+    """A decorator written without `async def`: it returns what `fn` returns, a coroutine."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def in_lambda(fn: Any) -> Any:
+    return lambda *args: fn(*args)
+
+
+@pytest.mark.parametrize("disguise", [in_lambda, plain_decorator])
+async def test_an_async_function_behind_a_sync_callable_is_retried(
+    clock: FakeClock, disguise: Any
+) -> None:
+    """A lambda or a plain decorator around an async function is retried like the async
+    function: each failure is retried when awaited, and giving up says so."""
+    flaky = Flaky(2)
+    wrapped = retry(NO_JITTER, clock=clock)(disguise(flaky))
+    assert await wrapped() == 3
+    assert flaky.calls == 3
+    assert clock.sleeps == [0.01, 0.01]
+    always = Flaky(10)
+    wrapped = retry(NO_JITTER, clock=clock)(disguise(always))
+    for _ in range(2):  # the first call finds out it is async, the second knows
+        always.calls = 0
+        with pytest.raises(TransientError) as info:
+            await wrapped()
+        assert always.calls == 4
+        assert info.value.__notes__[-1] == "gave up after 4 attempts"
+
+
+async def test_nothing_runs_before_the_returned_coroutine_is_awaited(clock: FakeClock) -> None:
+    """Wrapping a lambda around an async function, a call hands back a coroutine; the
+    function runs when it is awaited."""
+    flaky = Flaky(1)
+    wrapped = retry(NO_JITTER, clock=clock)(lambda: flaky())
+    pending = wrapped()
+    assert inspect.iscoroutine(pending) and flaky.calls == 0
+    assert await pending == 2
+
+
+async def test_a_lambda_around_an_async_handler_runs_in_its_command_scope(
+    clock: FakeClock,
+) -> None:
+    """The async function behind a lambda sees its command's id, on every attempt."""
+    seen: list[str | None] = []
+
+    class Ping(Command[str]):
+        pass
+
+    async def handle(command: Ping) -> str:
+        seen.append(current_command_id.get())
+        if len(seen) < 2:
+            raise TransientError("blip")
+        return "ok"
+
+    command = Ping()
+    wrapped = retry(NO_JITTER, clock=clock)(lambda c: handle(c))
+    assert await wrapped(command) == "ok"
+    assert seen == [command.command_id, command.command_id]
+
+
+def test_a_sync_result_is_returned_as_it_is(clock: FakeClock) -> None:
+    """A sync function's result is its own, a generator included: only an awaitable is
+    run the async way."""
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    result = retry(NO_JITTER, clock=clock)(numbers)()
+    assert inspect.isgenerator(result) and list(result) == [1]
+    assert retry(NO_JITTER, clock=clock)(lambda: [1])() == [1]

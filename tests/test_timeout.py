@@ -4,6 +4,7 @@ it honours."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 from typing import Any
@@ -353,14 +354,45 @@ async def test_each_event_loop_gets_its_own_timers() -> None:
 
 
 def test_sync_functions_are_refused_when_decorated() -> None:
-    """A sync call cannot be cancelled, so decorating one fails at once, saying so."""
+    """A sync call cannot be cancelled, so decorating one fails at once, naming it."""
 
     def legacy() -> None: ...
 
-    with pytest.raises(TypeError, match="async functions only"):
+    with pytest.raises(TypeError, match=r"async functions only, and .*legacy is a sync"):
         timeout(1)(legacy)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="async function"):
         timeout(1)(42)  # type: ignore[arg-type]
+
+
+async def test_an_async_function_behind_a_lambda_or_a_plain_decorator_is_timed(
+    clock: FakeClock,
+) -> None:
+    """A lambda, or a decorator without `async def` that kept the metadata, returning an
+    async function's coroutine is timed like that function."""
+    sleep_for = sleeper(clock)
+
+    def plain(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            return fn(*args)
+
+        return call
+
+    for disguised in (lambda seconds: sleep_for(seconds), plain(sleep_for)):
+        timed = timeout(2, clock=clock)(disguised)
+        assert await timed(1.0) == clock.now
+        with pytest.raises(TimeoutError):
+            await timed(60)
+
+
+async def test_a_lambda_that_runs_a_sync_function_is_a_type_error_naming_it(
+    clock: FakeClock,
+) -> None:
+    """A lambda whose call returns no awaitable gets a TypeError saying it ran as a sync
+    function, not "can't be used in 'await' expression"."""
+    timed = timeout(2, clock=clock)(lambda: 42)
+    with pytest.raises(TypeError, match="<lambda> returned int, not an awaitable"):
+        await timed()
 
 
 @pytest.mark.parametrize("seconds", [0, -1, math.inf, math.nan, True, "2", None])
