@@ -16,6 +16,7 @@ from cqrs_resilience import (
     Aggregate,
     Command,
     CommandResponse,
+    ConfigurationError,
     ConflictConfig,
     ConflictResolutionPolicy,
     FakeClock,
@@ -291,7 +292,8 @@ async def test_a_command_handled_inside_another_gets_its_own_scope(make_store):
 
 
 def test_command_scope_takes_a_command_an_id_or_none():
-    """command_scope accepts a command or an id; None turns recording off; junk is refused."""
+    """command_scope accepts a command or an id; None turns recording off; a non-string id is
+    refused as Command(command_id=...) refuses it."""
     command = Deposit(account_id="a", amount=1)
     with command_scope(command):
         assert current_command_id.get() == command.command_id
@@ -299,7 +301,8 @@ def test_command_scope_takes_a_command_an_id_or_none():
             assert current_command_id.get() is None
         with command_scope("other"):
             assert current_command_id.get() == "other"
-    with pytest.raises(TypeError, match="command_scope"), command_scope(42):
+    refused = pytest.raises(ConfigurationError, match="command_id must be a string, not int: 42")
+    with refused, command_scope(42):
         pass
 
 
