@@ -36,6 +36,8 @@ import msgspec
 
 from ._errors import IdempotencyKeyReuseError
 from ._messages import require_command_id
+from ._stack import with_stack_fallback
+from ._walk import too_deep
 
 
 class Scope(msgspec.Struct, gc=False):
@@ -93,16 +95,32 @@ def fingerprint(command: Any) -> bytes:
 
     msgpack keeps what JSON blurs (NaN, bytes); values it cannot encode (big integers, other
     types) fall back to JSON with `repr`, which errs towards "different": a refused resend,
-    never a lost write.
+    never a lost write. The encoding moves to a fresh stack when the caller's is too deep,
+    so a command has one digest at any call depth; one that cannot be encoded even there (a
+    cycle, nesting near the recursion limit) is a `TypeError` naming it.
     """
     try:
-        encoded = _fingerprint_encoder.encode(command)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        try:
-            encoded = _fallback_encoder.encode(command)
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            encoded = repr(command).encode("utf-8", "backslashreplace")
+        encoded = with_stack_fallback(_encoding, command)
+    except RecursionError:
+        raise too_deep(
+            f"command {type(command).__name__}",
+            command,
+            "it cannot be encoded to tell a resend of it from another command under its id",
+        ) from None
     return hashlib.blake2b(encoded, digest_size=16).digest()
+
+
+def _encoding(command: Any) -> bytes:
+    # RecursionError is left to `with_stack_fallback`: caught here, a deep command's digest
+    # would depend on the caller's depth (a repr from a deep stack, msgpack from a shallow one).
+    try:
+        return _fingerprint_encoder.encode(command)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return _fallback_encoder.encode(command)
+    except (TypeError, ValueError, OverflowError):
+        return repr(command).encode("utf-8", "backslashreplace")
 
 
 COMMAND_TYPES: dict[type, bool] = {}
