@@ -155,10 +155,14 @@ def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | No
     if scope is not None and command is scope.command:
         return scope, None
     known = COMMAND_TYPES.get(type(command))
+    if known is None:  # a type's first sight: a `self` must hand over to the next argument
+        known = is_command(command)
     if known is False and len(args) > 1:
         command = args[1]
         known = COMMAND_TYPES.get(type(command))
-    if not (known or (known is None and is_command(command))):
+        if known is None:
+            known = is_command(command)
+    if not known:
         return scope, None
     command_id: str = command.command_id  # type: ignore[union-attr]
     if scope is not None and scope.command_id == command_id:
