@@ -8,10 +8,10 @@ before it goes anywhere; what does not survive the round trip is refused with an
 gets back exactly what later reads will return.
 
 Depth: msgspec encodes and decodes recursively, within Python's recursion limit, so a deep
-state that decoded at write time could fail when read from a deeper call stack. Decoding falls
-back to a dedicated thread with a fresh stack, shallower than any caller's, whenever the
-caller's stack is too deep; a state that cannot be encoded and decoded even there (a cycle, or
-nesting near the recursion limit) is refused.
+state that decoded at write time could fail when read from a deeper call stack. Encoding and
+decoding fall back to a fresh stack (`_stack`) whenever the caller's stack is too deep; a
+state that cannot be encoded and decoded even there (a cycle, or nesting near the recursion
+limit) is refused.
 
 Rows are keyed by `namespace:id`, not the bare id, so several aggregate types share one
 database; the codec builds that key, and everything a caller sees keeps the bare id.
@@ -20,19 +20,16 @@ database; the codec builds that key, and everything a caller sees keeps the bare
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic
 
 import msgspec
 
 from ._aggregate import A, Aggregate
 from ._errors import CorruptStateError, InvalidStateError
 from ._messages import check_id
-from ._walk import cycle_or_depth, path_to
-
-T = TypeVar("T")
+from ._stack import with_stack_fallback
+from ._walk import REPORTED_DEPTH, cycle_or_depth, path_to
 
 DEFAULT_MAX_STATE_BYTES = 16 * 1024 * 1024
 """The largest encoded state a store takes by default: a clear error, not a slow outage."""
@@ -42,33 +39,6 @@ MAX_VERSION = 2**31 - 2
 
 # What msgspec's encoder raises for a value it cannot write (RecursionError: cycle or depth).
 _UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
-# Nesting reported as too deep when a state fails on the fresh stack without a cycle.
-_REPORTED_DEPTH = 900
-
-
-_fresh: ThreadPoolExecutor | None = None
-_fresh_lock = threading.Lock()
-
-
-def on_fresh_stack(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on a thread whose stack is nearly empty: for a (de)code too deep for ours.
-
-    Blocks the caller, which is fine on this rare path: the work is CPU-bound and short.
-    """
-    global _fresh
-    with _fresh_lock:
-        if _fresh is None:
-            _fresh = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cqrs-fresh-stack")
-    return _fresh.submit(fn, *args).result()
-
-
-def _with_stack_fallback(fn: Callable[..., T], *args: Any) -> T:
-    try:
-        return fn(*args)
-    except RecursionError:
-        if threading.current_thread().name.startswith("cqrs-fresh-stack"):
-            raise
-    return on_fresh_stack(fn, *args)
 
 
 class AggregateCodec(Generic[A]):
@@ -155,7 +125,7 @@ class AggregateCodec(Generic[A]):
                 f"{self.max_state_bytes:,} (max_state_bytes)",
             )
         try:
-            return _with_stack_fallback(self._decode, encoded), encoded
+            return with_stack_fallback(self._decode, encoded), encoded
         except msgspec.ValidationError as exc:
             raise InvalidStateError(aggregate_id, *_where(exc)) from None
         except RecursionError:
@@ -163,7 +133,7 @@ class AggregateCodec(Generic[A]):
 
     def _encoded(self, stored: A) -> bytes:
         try:
-            return _with_stack_fallback(self._encode, stored)
+            return with_stack_fallback(self._encode, stored)
         except RecursionError:
             raise self._too_deep(stored) from None
         except _UNENCODABLE as exc:
@@ -171,7 +141,7 @@ class AggregateCodec(Generic[A]):
             raise InvalidStateError(stored.id, path, _reason(exc)) from None
 
     def _too_deep(self, stored: A) -> InvalidStateError:
-        found = cycle_or_depth(stored, _REPORTED_DEPTH)
+        found = cycle_or_depth(stored, REPORTED_DEPTH)
         if found is not None and found[0] == "cycle":
             reason = "the state contains a cycle (a value that contains itself)"
         else:
@@ -188,7 +158,7 @@ class AggregateCodec(Generic[A]):
         if not isinstance(raw, bytes | bytearray | memoryview):
             raise CorruptStateError(aggregate_id, version, f"state is {type(raw).__name__}")
         try:
-            aggregate = _with_stack_fallback(self._decode, raw)
+            aggregate = with_stack_fallback(self._decode, raw)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise CorruptStateError(aggregate_id, version, str(exc)) from exc
         if aggregate.id != aggregate_id or (version is not None and aggregate.version != version):

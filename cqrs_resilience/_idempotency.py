@@ -17,6 +17,11 @@ A scope is opened once per command and reused by the behaviours inside it (a `re
 child scope that starts from the counts the retried call started with; when it ends, the
 counts go back to the parent (the higher of the two per aggregate). Writes of one aggregate
 from concurrent tasks of one command are numbered in the order they reach the store.
+
+A command id is checked (`check_command_id`) where it comes in: by `Command` on construction
+and decoding, by `command_scope()`, by `persist(..., command_id=...)`. One that came in past
+them (a plain class, an id assigned later) is checked at the command's first recorded write
+(`Scope.fingerprint`), so the behaviours' per-call path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from typing import Any, NamedTuple
 import msgspec
 
 from ._errors import IdempotencyKeyReuseError
+from ._messages import require_command_id
+from ._stack import with_stack_fallback
+from ._walk import too_deep
 
 
 class Scope(msgspec.Struct, gc=False):
@@ -46,9 +54,15 @@ class Scope(msgspec.Struct, gc=False):
     turn_rank: int | None = None  # its place in turn queues: when it first asked for a turn
 
     def fingerprint(self) -> bytes:
-        """A digest of the original command's encoding (b"" when only an id was given)."""
+        """A digest of the original command's encoding (b"" when only an id was given).
+
+        The first call, made when a store first records a write for the command, checks its
+        id too: a command built past its checks (a plain class, an id assigned later) is
+        refused there with the `ConfigurationError` of `Command(command_id=...)`, before
+        anything is written, and costs the behaviours' per-call path nothing."""
         root = self.root or self
         if root.digest is None:
+            require_command_id(root.command_id)
             root.digest = b"" if root.command is None else fingerprint(root.command)
         return root.digest
 
@@ -81,22 +95,40 @@ def fingerprint(command: Any) -> bytes:
 
     msgpack keeps what JSON blurs (NaN, bytes); values it cannot encode (big integers, other
     types) fall back to JSON with `repr`, which errs towards "different": a refused resend,
-    never a lost write.
+    never a lost write. The encoding moves to a fresh stack when the caller's is too deep,
+    so a command has one digest at any call depth; one that cannot be encoded even there (a
+    cycle, nesting near the recursion limit) is a `TypeError` naming it.
     """
     try:
-        encoded = _fingerprint_encoder.encode(command)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        try:
-            encoded = _fallback_encoder.encode(command)
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            encoded = repr(command).encode("utf-8", "backslashreplace")
+        encoded = with_stack_fallback(_encoding, command)
+    except RecursionError:
+        raise too_deep(
+            f"command {type(command).__name__}",
+            command,
+            "it cannot be encoded to tell a resend of it from another command under its id",
+        ) from None
     return hashlib.blake2b(encoded, digest_size=16).digest()
 
 
+def _encoding(command: Any) -> bytes:
+    # RecursionError is left to `with_stack_fallback`: caught here, a deep command's digest
+    # would depend on the caller's depth (a repr from a deep stack, msgpack from a shallow one).
+    try:
+        return _fingerprint_encoder.encode(command)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    try:
+        return _fallback_encoder.encode(command)
+    except (TypeError, ValueError, OverflowError):
+        return repr(command).encode("utf-8", "backslashreplace")
+
+
 COMMAND_TYPES: dict[type, bool] = {}
-"""Whether instances of a type are commands (carry a str `command_id`): decided once per
-type, since an isinstance check against a class with a metaclass costs over 100 ns. The hot
-paths read it inline: `COMMAND_TYPES.get(type(x))` is True, False, or None (not seen yet)."""
+"""Whether instances of a type are commands (carry a `command_id` that is not None): decided
+once per type, since an isinstance check against a class with a metaclass costs over 100 ns.
+The hot paths read it inline: `COMMAND_TYPES.get(type(x))` is True, False, or None (not seen
+yet). An id that is no string still makes a command, one whose first write is refused
+(`Scope.fingerprint`), rather than a call that silently records nothing."""
 
 
 def is_command(value: Any) -> bool:
@@ -106,7 +138,7 @@ def is_command(value: Any) -> bool:
     if known is None:
         if len(COMMAND_TYPES) > 10_000:  # types made on the fly must not grow this forever
             COMMAND_TYPES.clear()
-        known = COMMAND_TYPES[kind] = isinstance(getattr(value, "command_id", None), str)
+        known = COMMAND_TYPES[kind] = getattr(value, "command_id", None) is not None
     return known
 
 
@@ -123,10 +155,14 @@ def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | No
     if scope is not None and command is scope.command:
         return scope, None
     known = COMMAND_TYPES.get(type(command))
+    if known is None:  # a type's first sight: a `self` must hand over to the next argument
+        known = is_command(command)
     if known is False and len(args) > 1:
         command = args[1]
         known = COMMAND_TYPES.get(type(command))
-    if not (known or (known is None and is_command(command))):
+        if known is None:
+            known = is_command(command)
+    if not known:
         return scope, None
     command_id: str = command.command_id  # type: ignore[union-attr]
     if scope is not None and scope.command_id == command_id:
@@ -164,17 +200,15 @@ def command_scope(command: Any) -> Iterator[None]:
 
     Give the command itself to let stores refuse a different command reusing its id; a bare
     id string declares that the id alone identifies the command. `None` turns recording off.
+    An id that breaks the command-id rule (`check_command_id`) is a `ConfigurationError`.
     Behaviours open scopes themselves; this is for code that writes without them.
     """
     if command is None:
         token = CURRENT.set(None)
-    elif isinstance(command, str):
-        token = CURRENT.set(Scope(command))
     else:
-        command_id = getattr(command, "command_id", None)
-        if not isinstance(command_id, str):
-            raise TypeError(f"command_scope() takes a command or a command id, got {command!r}")
-        token = CURRENT.set(Scope(command_id, command))
+        # A command, or else the id itself; a bad id is the error `Command(command_id=...)` gives.
+        command_id = require_command_id(getattr(command, "command_id", command))
+        token = CURRENT.set(Scope(command_id, None if command_id is command else command))
     try:
         yield
     finally:
@@ -217,9 +251,10 @@ def write_key(command_id: str | None, key: str, encoded: bytes) -> WriteKey | No
     """
     scope = CURRENT.get()
     if scope is not None and command_id in (None, scope.command_id):
+        digest = scope.fingerprint()  # first, as it may refuse the command: nothing reserved
         seq = (scope.counts or {}).get(key, 0) + 1
         scope.count(key, seq)
-        return WriteKey(scope.command_id, seq, scope.fingerprint(), True, scope)
+        return WriteKey(scope.command_id, seq, digest, True, scope)
     if command_id is None:
         return None
     digest = hashlib.blake2b(encoded, digest_size=16).digest()

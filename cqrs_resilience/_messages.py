@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import reprlib
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast, dataclass_transform
 
 import msgspec
 
@@ -24,10 +26,13 @@ def new_command_id() -> str:
 
 
 def check_id(name: str, value: object) -> str | None:
-    """Why `value` cannot be an id (a stored key), or None when it can.
+    """Why `value` cannot be an aggregate id (a stored key), or None when it can.
 
     Ids arrive from queues and HTTP bodies and become database keys, so they must be non-empty
     strings a database stores as text: no NUL, no lone surrogate, at most MAX_ID_LENGTH long.
+    Command ids follow `check_command_id`, this rule and no control characters. Aggregate ids
+    keep this looser rule on purpose: one stored under an id with a tab or a newline must
+    stay readable (`retrieve` finds no id the rule refuses).
     """
     if not isinstance(value, str):
         return f"{name} must be a string, not {type(value).__name__}"
@@ -45,11 +50,40 @@ def check_id(name: str, value: object) -> str | None:
     return None
 
 
-def _check_command_id(command: Any) -> None:
-    problem = check_id("command_id", command.command_id)
-    if problem is not None:
-        shown = repr(command.command_id)
-        raise ConfigurationError(f"{problem}: {shown if len(shown) <= 40 else shown[:37] + '...'}")
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_command_id(value: object) -> str | None:
+    """Why `value` cannot be a command id, or None when it can: `check_id`'s rule, and no
+    control characters (U+0000-U+001F, U+007F), since an id from outside also travels in
+    headers, logs and traces. Every door that takes a command id applies it (API.md 8)."""
+    if isinstance(value, str) and not (value.isascii() and value.isprintable()):
+        found = _CONTROL_CHARACTER.search(value)
+        if found is not None:
+            return (
+                "command_id must not contain control characters (U+0000-U+001F, U+007F); "
+                f"it holds U+{ord(found[0]):04X}"
+            )
+    return check_id("command_id", value)
+
+
+def require_command_id(value: object) -> str:
+    """`value` if it is a valid command id; else the `ConfigurationError` that every door
+    taking one raises: `Command(command_id=...)`, `persist(..., command_id=...)`,
+    `command_scope(...)`, and a store's first write for a command nobody checked."""
+    # The usual id, printable ASCII (a uuid's hex, the default), needs no other test.
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isascii()
+        and value.isprintable()
+    ):
+        return value
+    problem = check_command_id(value)
+    if problem is None:
+        return cast(str, value)
+    shown = repr(value) if isinstance(value, str) else reprlib.repr(value)
+    raise ConfigurationError(f"{problem}: {shown if len(shown) <= 40 else shown[:37] + '...'}")
 
 
 class _CommandMeta(msgspec.StructMeta):
@@ -87,7 +121,7 @@ class _CommandMeta(msgspec.StructMeta):
 
 def _checking_id(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
     def __post_init__(self: Any) -> None:
-        _check_command_id(self)
+        require_command_id(self.command_id)
         post_init(self)
 
     __post_init__._checks_command_id = True  # type: ignore[attr-defined]
@@ -101,14 +135,15 @@ def _checking_id(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
 class Command(msgspec.Struct, Generic[R], kw_only=True, metaclass=_CommandMeta):
     """Base for commands; `command_id` is the idempotency key, kept across retries and merges.
 
-    The id must be a non-empty string of at most 255 characters without NUL: a bad one is a
-    `ConfigurationError` at construction and a `msgspec.ValidationError` when decoding.
+    The id is a string of 1 to 255 characters, valid Unicode, without control characters: a
+    bad one is a `ConfigurationError` at construction and a `msgspec.ValidationError` when
+    decoding (`check_command_id`).
     """
 
     command_id: str = msgspec.field(default_factory=new_command_id)
 
     def __post_init__(self) -> None:
-        _check_command_id(self)
+        require_command_id(self.command_id)
 
     __post_init__._checks_command_id = True  # type: ignore[attr-defined]
 

@@ -21,10 +21,19 @@ from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
 from ._errors import ConcurrencyError, VersionPrunedError
 from ._idempotency import WriteKey, is_repeat, write_failed, write_key
+from ._messages import check_command_id, require_command_id
 from ._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, Retention
 from ._turns import PROCESS_TURNS
 
-__all__ = ["A", "Aggregate", "InMemoryRepository", "Outcome", "Repository", "ids_asked"]
+__all__ = [
+    "A",
+    "Aggregate",
+    "InMemoryRepository",
+    "Outcome",
+    "Repository",
+    "ids_asked",
+    "lookup_possible",
+]
 
 
 def ids_asked(ids: Sequence[str]) -> list[str]:
@@ -76,7 +85,10 @@ async def persist_checked(
     A `ConcurrencyError` carries `turns` (the store), which resolution rounds take turns
     through. `yields` (a resolution round of this process holds the aggregate) makes it the
     outcome at once: the round will write a newer version, so encoding and checking a state
-    bound to lose would be wasted; the round that follows checks the state it writes."""
+    bound to lose would be wasted; the round that follows checks the state it writes.
+    A `command_id` that breaks the command-id rule is a `ConfigurationError` before all that."""
+    if command_id is not None:
+        require_command_id(command_id)
     if yields:
         raise _conflict(aggregate, aggregate.version, turns)
     stored, encoded = codec.next_version(aggregate)
@@ -95,6 +107,16 @@ async def persist_checked(
     raise _conflict(aggregate, outcome.version, turns)
 
 
+def lookup_possible(codec: AggregateCodec[Any], command_id: object, aggregate_id: object) -> bool:
+    """Whether `was_processed(command_id, aggregate_id)` must ask the store: an id no write
+    could be recorded under never was (False, as `retrieve` finds no such aggregate id), and
+    never reaches a driver, which may fail on it. A command id that is no string at all is
+    the `ConfigurationError` every door gives (an aggregate id, `retrieve`'s `TypeError`)."""
+    if not isinstance(command_id, str):
+        require_command_id(command_id)
+    return codec.storable_id(aggregate_id) and check_command_id(command_id) is None
+
+
 def _conflict(aggregate: Aggregate, actual: int, turns: Any) -> ConcurrencyError:
     error = ConcurrencyError(
         aggregate_id=aggregate.id, expected_version=aggregate.version, actual_version=actual
@@ -108,9 +130,10 @@ def _conflict(aggregate: Aggregate, actual: int, turns: Any) -> ConcurrencyError
 class InMemoryRepository(Repository[A]):
     """A process-local store with the full contract; for tests, examples and prototypes.
 
-    Any number of event loops and threads may use it. States are kept encoded, as the durable stores keep them, so what reads back is exactly
-    what a durable store would give; `keep_versions`, `keep_commands_s` and `clock` (whose
-    `time()` stamps idempotency records) work as on the durable stores.
+    Any number of event loops and threads may use it. States are kept encoded, as the durable
+    stores keep them, so what reads back is exactly what a durable store would give;
+    `keep_versions`, `keep_commands_s` and `clock` (whose `time()` stamps idempotency records)
+    work as on the durable stores.
     """
 
     def __init__(
@@ -206,5 +229,7 @@ class InMemoryRepository(Repository[A]):
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id` (and its record is still kept)."""
+        if not lookup_possible(self._codec, command_id, aggregate_id):
+            return False
         with self._lock:
             return any(c == command_id and a == aggregate_id for c, a, _ in self._writes)

@@ -7,12 +7,16 @@ notation (`$.items[0].name`, `$.payload['key']`), so an error names the place a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 
 CONTAINERS = (dict, list, tuple)
+REPORTED_DEPTH = 900
+"""The depth `cycle_or_depth` reports for a value that failed to encode even on a fresh stack
+(`_stack`), without a cycle: about where Python's default recursion limit stops msgspec."""
 
 
 def entries(node: Any) -> Iterator[tuple[Any, Any]]:
@@ -52,11 +56,14 @@ def find_cycle(root: Any) -> tuple[Any, ...] | None:
 
 
 def _children(node: Any) -> Iterator[tuple[str, Any]]:
-    """(path step, child) pairs of a Struct, dict, list, tuple, set or frozenset; dict keys
-    come after the values, so a bad key is blamed only when no value is."""
+    """(path step, child) pairs of a Struct, dataclass, dict, list, tuple, set or frozenset;
+    dict keys come after the values, so a bad key is blamed only when no value is."""
     if isinstance(node, msgspec.Struct):
         for name in node.__struct_fields__:
             yield f".{name}", getattr(node, name)
+    elif _is_dataclass(node):
+        for field in dataclasses.fields(node):
+            yield f".{field.name}", getattr(node, field.name)
     elif isinstance(node, dict):
         for key, value in node.items():
             yield _key_step(key), value
@@ -110,14 +117,15 @@ def _shown(link: Any, depth: int) -> str:
 
 def cycle_or_depth(root: Any, limit: int) -> tuple[str, str] | None:
     """Why `root` cannot be nested data: ("cycle", path where it closes) or ("depth", path to a
-    value more than `limit` levels down); None when neither. Iterative; Structs included."""
+    value more than `limit` levels down); None when neither. Iterative; Structs and
+    dataclasses included."""
     active = {id(root)}
     done: set[int] = set()
     stack: list[tuple[Any, Iterator[tuple[str, Any]], Any]] = [(root, _children(root), None)]
     while stack:
         node, children, link = stack[-1]
         for step, child in children:
-            if not isinstance(child, _NESTED):
+            if not (isinstance(child, _NESTED) or _is_dataclass(child)):
                 continue
             if id(child) in active:
                 return "cycle", _shown((link, step), len(stack))
@@ -135,4 +143,20 @@ def cycle_or_depth(root: Any, limit: int) -> tuple[str, str] | None:
     return None
 
 
+def too_deep(name: str, value: Any, consequence: str) -> TypeError:
+    """The error for `value` (`name`: "command Deposit") that msgspec could not walk even on a
+    fresh stack: where a cycle in it closes, or that it is nested too deeply."""
+    found = cycle_or_depth(value, REPORTED_DEPTH)
+    if found is not None and found[0] == "cycle":
+        why = f"contains a cycle (a value that contains itself) at `{found[1]}`"
+    else:
+        why = "is nested too deeply" + (f" (at `{found[1]}`)" if found is not None else "")
+    return TypeError(f"{name} {why}: {consequence}")
+
+
 _NESTED = (msgspec.Struct, dict, list, tuple, set, frozenset)
+
+
+def _is_dataclass(value: Any) -> bool:
+    """A dataclass instance (msgspec encodes those as it does Structs), not the class."""
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)

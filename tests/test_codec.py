@@ -130,6 +130,18 @@ def test_a_deep_state_decodes_on_a_nearly_full_stack():
     assert _deeper(headroom - 20, lambda: codec.decode(encoded, "o", 1)) == stored
 
 
+async def test_a_deep_state_turns_into_plain_data_from_a_deep_stack(make_store):
+    """to_dict() of a stored state nested 900 levels deep works 200 frames deeper, as the
+    conflict path calls it; a state holding a cycle is a TypeError naming the aggregate."""
+    store = make_store(Order)
+    stored = await store.persist(Order(id="o", payload=nested(900)))
+    headroom = sys.getrecursionlimit() - _depth()
+    assert _deeper(200, stored.to_dict) == _deeper(headroom - 20, stored.to_dict)
+    assert _deeper(200, stored.to_dict)["payload"] == nested(900)
+    with pytest.raises(TypeError, match=r"aggregate 'c' contains a cycle .* at `\$\.payload"):
+        Order(id="c", payload=cyclic()).to_dict()
+
+
 def test_the_state_size_limit_is_a_store_setting():
     """max_state_bytes bounds one encoded state; a bad setting fails at construction."""
     codec = AggregateCodec(Order, max_state_bytes=100)

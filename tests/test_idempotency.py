@@ -16,6 +16,7 @@ from cqrs_resilience import (
     Aggregate,
     Command,
     CommandResponse,
+    ConfigurationError,
     ConflictConfig,
     ConflictResolutionPolicy,
     FakeClock,
@@ -272,6 +273,20 @@ async def test_retry_alone_makes_the_command_current(clock: FakeClock):
     assert current_command_id.get() is None
 
 
+async def test_a_decorated_methods_very_first_command_is_current(clock: FakeClock):
+    """retry() on a method (the command after `self`) runs the first command of a new handler
+    class in its scope too, not only the later ones."""
+
+    class Legacy:  # a class never seen before: its first call is the first sight of its type
+        @retry(NO_WAIT, clock=clock)
+        async def process(self, command: Deposit) -> str | None:
+            return current_command_id.get()
+
+    first, second = Deposit(account_id="a", amount=1), Deposit(account_id="a", amount=2)
+    assert await Legacy().process(first) == first.command_id
+    assert await Legacy().process(second) == second.command_id
+
+
 async def test_a_command_handled_inside_another_gets_its_own_scope(make_store):
     """A nested command with its own id records its writes under it, then the outer resumes."""
     store = make_store(Account)
@@ -291,7 +306,8 @@ async def test_a_command_handled_inside_another_gets_its_own_scope(make_store):
 
 
 def test_command_scope_takes_a_command_an_id_or_none():
-    """command_scope accepts a command or an id; None turns recording off; junk is refused."""
+    """command_scope accepts a command or an id; None turns recording off; a non-string id is
+    refused as Command(command_id=...) refuses it."""
     command = Deposit(account_id="a", amount=1)
     with command_scope(command):
         assert current_command_id.get() == command.command_id
@@ -299,7 +315,8 @@ def test_command_scope_takes_a_command_an_id_or_none():
             assert current_command_id.get() is None
         with command_scope("other"):
             assert current_command_id.get() == "other"
-    with pytest.raises(TypeError, match="command_scope"), command_scope(42):
+    refused = pytest.raises(ConfigurationError, match="command_id must be a string, not int: 42")
+    with refused, command_scope(42):
         pass
 
 

@@ -145,7 +145,11 @@ def test_conflict_config_accepts_plain_sets_and_names() -> None:
     ("command_id", "reason"),
     [
         ("", "non-empty"),
-        ("a\x00b", "NUL"),
+        ("a\x00b", "control characters .*U\\+0000"),
+        ("a\tb", "control characters .*U\\+0009"),
+        ("line\n", "control characters .*U\\+000A"),
+        ("\x1f", "control characters .*U\\+001F"),
+        ("del\x7f", "control characters .*U\\+007F"),
         ("x" * 256, "at most 255"),
         ("\ud800", "surrogate"),
         (7, "must be a string"),
@@ -159,7 +163,12 @@ def test_a_bad_command_id_is_refused_at_construction(command_id: object, reason:
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"command_id": "", "order_id": "o1"}', b'{"command_id": "a\\u0000", "order_id": "o1"}'],
+    [
+        b'{"command_id": "", "order_id": "o1"}',
+        b'{"command_id": "a\\u0000", "order_id": "o1"}',
+        b'{"command_id": "a\\nb", "order_id": "o1"}',
+        b'{"command_id": "a\\u007f", "order_id": "o1"}',
+    ],
 )
 def test_a_bad_command_id_is_refused_at_decoding(body: bytes) -> None:
     """A queue message or HTTP body with an unusable id does not decode."""

@@ -46,7 +46,7 @@ from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
 from .._errors import StoreClosedError, TransientError, VersionPrunedError
 from .._idempotency import WriteKey, is_repeat
-from .._repository import A, Outcome, Repository, ids_asked, persist_checked
+from .._repository import A, Outcome, Repository, ids_asked, lookup_possible, persist_checked
 from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
 from .._turns import PROCESS_TURNS
 from . import _sql, _sqlite_leases
@@ -265,6 +265,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
+        if not lookup_possible(self._codec, command_id, aggregate_id):
+            return False
         doing = f"lookup of command {command_id!r} on aggregate {aggregate_id!r}"
         key = self._codec.key(aggregate_id)
         return await self._read(doing, was_processed, command_id, key)
