@@ -4,7 +4,9 @@ on it and closed with it (see the top of `cqrs_resilience/stores/_postgres.py`).
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -56,6 +58,16 @@ def other_connections(dsn: str) -> int:
     return int(row[0])
 
 
+def connections_left(dsn: str) -> int:
+    """Connections to this database still there once the server had up to 5 s to end the
+    backends of connections clients closed: a server process ends a moment after its client
+    hangs up, which no clock of ours can move."""
+    deadline = time.monotonic() + 5.0
+    while (left := other_connections(dsn)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
 async def items_stored(dsn: str) -> list[str]:
     async with PostgresRepository(dsn, DemoOrder) as fresh:
         [order] = await fresh.retrieve(["hot"])
@@ -71,7 +83,7 @@ def test_a_repository_works_from_one_asyncio_run_after_another(pg_database):
     acknowledged = []
     for n in range(3):
         acknowledged += asyncio.run(contended(store, f"run{n}"))
-        assert other_connections(pg_database) == 0
+        assert connections_left(pg_database) == 0
     asyncio.run(store.close())
     items = asyncio.run(items_stored(pg_database))
     assert sorted(items) == sorted(acknowledged)
@@ -105,7 +117,7 @@ def test_threads_each_with_their_own_event_loop_share_a_repository(pg_database):
     done.wait()
     assert other_connections(pg_database) > 0
     asyncio.run(store.close())
-    assert other_connections(pg_database) == 0
+    assert connections_left(pg_database) == 0
     closed.set()
     for thread in threads:
         thread.join(BOUND_S)
@@ -147,3 +159,33 @@ def test_a_pool_passed_in_serves_only_its_own_event_loop(pg_database):
     assert isinstance(results["other"], StoreConfigurationError)
     assert "DSN" in str(results["other"])
     assert results["again"] == [results["created"]]
+
+
+def test_an_event_loop_ends_while_the_pool_is_connecting():
+    """`asyncio.run` ends, promptly, while a pool of the repository is still making a
+    connection (the server has not answered yet): the pool's workers end when cancelled
+    instead of waiting for the next maintenance task for ever."""
+    from cqrs_resilience.stores._postgres import _pool_type
+
+    with socket.socket() as silent:  # takes connections and never answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(BOUND_S)
+        port = silent.getsockname()[1]
+        connecting = threading.Event()
+
+        async def open_and_leave() -> None:
+            pool = _pool_type()(f"host=127.0.0.1 port={port} connect_timeout=60", open=False)
+            await pool.open()  # starts connecting in the background, and returns
+            await asyncio.to_thread(connecting.wait, BOUND_S)
+
+        ended = threading.Event()
+        thread = threading.Thread(
+            target=lambda: (asyncio.run(open_and_leave()), ended.set()), daemon=True
+        )
+        thread.start()
+        client, _ = silent.accept()  # the pool's connection attempt is under way
+        with client:
+            connecting.set()
+            thread.join(BOUND_S)
+        assert ended.is_set(), "asyncio.run never ended: a pool worker swallowed its cancel"

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,27 @@ async def test_a_process_killed_in_the_middle_of_writes_loses_no_acknowledged_on
         assert (await store.persist(with_item(orders["o0"], "after"))).version == (
             orders["o0"].version + 1
         )
+
+
+# --- case 3: each write its own outcome ---------------------------------------------------------
+
+
+async def test_a_bad_write_queued_with_good_ones_fails_alone(tmp_path):
+    """Ten valid writes and one under a command id no store can keep (a `UUID`), queued
+    together while the writer is busy: the ten are stored, each with its own outcome; the one
+    is refused with a `ConfigurationError` and stores nothing."""
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        with writer_thread_blocked(store):
+            good = [store.persist(DemoOrder(id=f"o{n}"), command_id=f"c{n}") for n in range(10)]
+            tasks = [asyncio.ensure_future(call) for call in good[:5]]
+            bad = asyncio.ensure_future(
+                store.persist(DemoOrder(id="bad"), command_id=uuid.uuid4())  # type: ignore[arg-type]
+            )
+            tasks += [asyncio.ensure_future(call) for call in good[5:]]
+            await asyncio.sleep(0)
+        outcomes = await bounded(asyncio.gather(*tasks, return_exceptions=True))
+        assert [o.version for o in outcomes] == [1] * 10
+        with pytest.raises(ConfigurationError, match="command_id"):
+            await bad
+        assert len(await store.retrieve([f"o{n}" for n in range(10)])) == 10
+        assert await store.retrieve(["bad"]) == []

@@ -20,7 +20,10 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import threading
+import types
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     Cursor: TypeAlias = AsyncCursor[TupleRow]
     Pool: TypeAlias = AsyncConnectionPool[Any]
 
+_pool_log = logging.getLogger("psycopg.pool")  # where the pool's own workers log
 _INSTALL_HINT = (
     "PostgresRepository needs psycopg 3 and psycopg-pool: pip install 'cqrs-resilience[postgres]'"
 )
@@ -252,12 +256,10 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             return found[0]
         if not self._ready:
             await self._check_server()
-        from psycopg_pool import AsyncConnectionPool
-
         with self._lock:
             found = self._pools.get(loop)
             if found is None:
-                pool: Pool = AsyncConnectionPool(self._conninfo, **self._pool_options)
+                pool: Pool = _pool_type()(self._conninfo, **self._pool_options)
                 closer = _closing(pool)
                 found = self._pools[loop] = (pool, closer)
             else:
@@ -436,6 +438,40 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 conn.cursor(row_factory=tuple_row) as cur,
             ):
                 yield cur
+
+
+@functools.cache
+def _pool_type() -> type[Pool]:
+    """psycopg_pool's async pool, except that its maintenance workers end when cancelled.
+
+    psycopg_pool (3.3) catches a `CancelledError` met in the middle of a maintenance task (a
+    connection being made, say), logs it and waits for the next task: an event loop that
+    ends while one is under way (`asyncio.run` cancels every task, then waits for them)
+    waits for ever. Here a worker whose task swallowed a cancellation ends after the task.
+    Where psycopg_pool's internals are not the ones this was written against, the pool is
+    used as it comes."""
+    from psycopg_pool import AsyncConnectionPool
+
+    try:
+        from psycopg_pool.pool_async import StopWorker
+    except ImportError:  # pragma: no cover - another psycopg_pool
+        return AsyncConnectionPool
+    if not isinstance(getattr(AsyncConnectionPool, "worker", None), types.MethodType):
+        return AsyncConnectionPool  # pragma: no cover
+
+    class CancellablePool(AsyncConnectionPool):
+        @classmethod
+        async def worker(cls, q: Any) -> None:
+            me = asyncio.current_task()
+            while not isinstance(task := await q.get(), StopWorker):
+                try:
+                    await task.run()
+                except Exception as exc:  # a failed task must not end the worker
+                    _pool_log.warning("task run %s failed: %s: %s", task, type(exc).__name__, exc)
+                if me is not None and me.cancelling():  # cancelled, and the task swallowed it
+                    raise asyncio.CancelledError
+
+    return CancellablePool
 
 
 async def _closing(pool: Pool) -> AsyncGenerator[None, None]:
