@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cqrs_resilience.stores._sqlite_commit import GroupCommit, WriterClosedError, transaction
+from tests.conftest_stores import thread_blocked
 
 
 @pytest.fixture
@@ -56,22 +57,11 @@ def insert(
     return write
 
 
-@contextmanager
-def thread_busy(executor: ThreadPoolExecutor) -> Iterator[None]:
-    """Keep the writer thread busy until the block ends: jobs queue up meanwhile."""
-    release = threading.Event()
-    executor.submit(release.wait, 30)
-    try:
-        yield
-    finally:
-        release.set()
-
-
 async def committed(writer: Any, *writes: Callable[[], Any]) -> list[Any]:
     """Queue `writes` while the writer thread is busy, so they commit together."""
     executor, connect = writer
     commits = GroupCommit(executor, connect)
-    with thread_busy(executor):
+    with thread_blocked(executor):
         futures = [commits.add(write) for write in writes]
     return await asyncio.gather(*futures, return_exceptions=True)
 
@@ -145,7 +135,7 @@ async def test_close_runs_after_every_queued_job_and_refuses_later_ones(writer):
     executor, connect = writer
     commits = GroupCommit(executor, connect)
     order: list[str] = []
-    with thread_busy(executor):
+    with thread_blocked(executor):
         queued = [commits.add(insert(connect, k)) for k in (1, 2)]
         closing_down = commits.close(lambda: order.append("last"))
         with pytest.raises(WriterClosedError):
@@ -161,7 +151,7 @@ def test_outcomes_reach_each_writers_own_loop_even_when_another_loop_closed(writ
     commit: the other still gets its outcome, and the commit is not disturbed."""
     executor, connect = writer
     commits = GroupCommit(executor, connect)
-    with thread_busy(executor):
+    with thread_blocked(executor):
 
         async def queue_and_leave() -> None:
             commits.add(insert(connect, 1))  # its loop ends before the outcome comes
