@@ -18,8 +18,8 @@ back of a queue of all the aggregate's writers, again and again, and set the tai
 
 Across processes, the store itself keeps the turns: every `ConcurrencyError` the library's
 stores raise carries the store as `turns`, and a store's `turn()` takes this process's turn
-and then the database's (a PostgreSQL advisory lock; SQLite's writer lock, once a round on the
-aggregate lost to another process).
+and then the database's (a PostgreSQL advisory lock; on SQLite a lease row, once a round on the
+aggregate lost to another writer: `stores/_sqlite_leases`).
 """
 
 from __future__ import annotations
