@@ -259,6 +259,8 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         with self._lock:
             found = self._pools.get(loop)
             if found is None:
+                if self._closed:  # closed from another loop meanwhile: open no new pool
+                    raise StoreClosedError(f"PostgreSQL {self.target}: the repository is closed")
                 pool: Pool = _pool_type()(self._conninfo, **self._pool_options)
                 closer = _closing(pool)
                 found = self._pools[loop] = (pool, closer)
