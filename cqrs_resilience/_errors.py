@@ -1,20 +1,23 @@
 """The errors cqrs_resilience raises and understands.
 
 Exception
- ├── ConcurrencyError              two writers raced on one aggregate (conflict resolution's job)
- ├── TransientError                worth retrying: the same call may succeed a moment later
- ├── BrokenCircuitError            an open circuit breaker refused the call; not retried by default
- ├── MergeConflictError            a merge met changes it may not reconcile; lists every Conflict
- ├── ValueError
- │    └── ConfigurationError       a policy or config field out of range, named in the message
- └── StoreError                    a store failed in a way the same call will not fix
-      ├── StoreClosedError         the repository (or the pool it was given) was closed
-      ├── SchemaError              the store's tables are missing or unusable
-      ├── StoreConfigurationError  (also ValueError) wrong path, database, user or password
-      ├── CorruptStateError        (also ValueError) a stored row does not decode
-      ├── InvalidStateError        (also ValueError) a state the store refuses to write
-      ├── VersionPrunedError       (also LookupError) an old version a store no longer keeps
-      └── IdempotencyKeyReuseError (also ValueError) one command_id, two different commands
+ └── CqrsResilienceError             every error of this library: one `except` catches them all
+      ├── ConcurrencyError           two writers raced on one aggregate (conflict resolution's job)
+      ├── TransientError             worth retrying: the same call may succeed a moment later
+      ├── BrokenCircuitError         an open circuit breaker refused the call (not retried)
+      ├── MergeConflictError         a merge met changes it may not reconcile; lists every Conflict
+      ├── CommandInProgressError     the same command is being handled elsewhere; ask again later
+      ├── CommandTimeoutError        (also TimeoutError) `timeout()` ran out
+      ├── ConfigurationError         (also ValueError) a setting out of range, named in the message
+      ├── InvalidIdempotencyKeyError (also ValueError) an Idempotency-Key no command id can be
+      └── StoreError                 a store failed in a way the same call will not fix
+           ├── StoreClosedError         the repository (or the pool it was given) was closed
+           ├── SchemaError              the store's tables are missing or unusable
+           ├── StoreConfigurationError  (also ValueError) wrong path, database, user or password
+           ├── CorruptStateError        (also ValueError) a stored row does not decode
+           ├── InvalidStateError        (also ValueError) a state the store refuses to write
+           ├── VersionPrunedError       (also LookupError) an old version a store no longer keeps
+           └── IdempotencyKeyReuseError (also ValueError) one command_id, two different commands
 
 The store errors live here, not in `stores/`, because `InMemoryRepository` raises them too.
 """
@@ -27,11 +30,16 @@ from typing import Any, overload
 import msgspec
 
 
-class ConfigurationError(ValueError):
+class CqrsResilienceError(Exception):
+    """The base of every error this library raises: `except CqrsResilienceError` catches them
+    all (each keeps its other bases too: a `ConfigurationError` is still a `ValueError`)."""
+
+
+class ConfigurationError(CqrsResilienceError, ValueError):
     """A retry policy or conflict config was given a value outside its allowed range."""
 
 
-class ConcurrencyError(Exception):
+class ConcurrencyError(CqrsResilienceError):
     """An optimistic-concurrency check failed: the aggregate moved on since it was read.
 
     `turns`, set by the library's stores, is what conflict-resolution rounds for this
@@ -62,7 +70,7 @@ class ConcurrencyError(Exception):
         return type(self), (str(self),), state
 
 
-class TransientError(Exception):
+class TransientError(CqrsResilienceError):
     """A failure worth retrying; `retry_after` (seconds) is the least the next delay may be."""
 
     def __init__(self, message: str = "transient failure", *, retry_after: float | None = None):
@@ -72,7 +80,7 @@ class TransientError(Exception):
         self.retry_after = retry_after
 
 
-class BrokenCircuitError(Exception):
+class BrokenCircuitError(CqrsResilienceError):
     """An open circuit breaker refused the call without running it.
 
     `retry_after` is the seconds left before the breaker lets a trial call through (a float
@@ -147,7 +155,7 @@ class Conflict(msgspec.Struct, frozen=True):
     incoming: Any
 
 
-class MergeConflictError(Exception):
+class MergeConflictError(CqrsResilienceError):
     """A merge found concurrent changes it may not reconcile; `conflicts` lists all of them."""
 
     def __init__(self, conflicts: list[Conflict], message: str | None = None) -> None:
@@ -162,7 +170,7 @@ class MergeConflictError(Exception):
         return type(self), (self.conflicts, str(self)), self.__dict__
 
 
-class StoreError(Exception):
+class StoreError(CqrsResilienceError):
     """A store failed in a way the same call will not fix; the driver's error is chained."""
 
 
@@ -242,3 +250,27 @@ class IdempotencyKeyReuseError(StoreError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.command_id, self.aggregate_id), self.__dict__
+
+
+class CommandInProgressError(CqrsResilienceError):
+    """The same command (its `command_id`) is being handled elsewhere and gave no response in
+    time; nothing was applied twice. Ask again later: `retry_after` (seconds) says when, where
+    known (None otherwise)."""
+
+    def __init__(self, command_id: str, retry_after: float | None = None) -> None:
+        later = f"; ask again in {retry_after:.3g} s" if retry_after is not None else ""
+        super().__init__(f"command {command_id!r} is being handled elsewhere{later}")
+        self.command_id = command_id
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.command_id, self.retry_after), self.__dict__
+
+
+class CommandTimeoutError(CqrsResilienceError, TimeoutError):
+    """A `timeout()` ran out and cancelled the call. Still a `TimeoutError`, so code (and the
+    default retries) that handle the builtin handle it."""
+
+
+class InvalidIdempotencyKeyError(CqrsResilienceError, ValueError):
+    """An `Idempotency-Key` that cannot be a command id (see the rules of `command_id`)."""

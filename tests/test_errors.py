@@ -109,3 +109,54 @@ def test_broken_circuit_error_round_trips(retry_after: float, message: str | Non
     error = pickle.loads(pickle.dumps(BrokenCircuitError(retry_after, message)))
     assert error.retry_after == retry_after and error.message == message
     assert message is None or str(error) == message
+
+
+def _library_errors() -> list[type[BaseException]]:
+    import cqrs_resilience
+    import cqrs_resilience.stores
+
+    found = {
+        value
+        for module in (cqrs_resilience, cqrs_resilience.stores)
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    return sorted(found, key=lambda kind: kind.__name__)
+
+
+@pytest.mark.parametrize("kind", _library_errors(), ids=lambda kind: kind.__name__)
+def test_every_public_error_is_a_cqrs_resilience_error(kind: type[BaseException]) -> None:
+    """One `except CqrsResilienceError` catches every error the library exports."""
+    from cqrs_resilience import CqrsResilienceError
+
+    assert issubclass(kind, CqrsResilienceError)
+
+
+def test_errors_keep_the_builtin_bases_users_catch() -> None:
+    """The base adds to the builtin bases, never replaces them."""
+    from cqrs_resilience import (
+        CommandTimeoutError,
+        CqrsResilienceError,
+        IdempotencyKeyReuseError,
+        InvalidIdempotencyKeyError,
+        StoreError,
+    )
+
+    assert issubclass(CommandTimeoutError, TimeoutError)
+    assert issubclass(InvalidIdempotencyKeyError, ValueError)
+    assert issubclass(ConfigurationError, ValueError)
+    assert issubclass(IdempotencyKeyReuseError, ValueError)
+    assert issubclass(IdempotencyKeyReuseError, StoreError)
+    assert not issubclass(CqrsResilienceError, ValueError)
+
+
+def test_command_in_progress_error_names_the_command_and_when_to_ask_again() -> None:
+    """`command_id` and `retry_after` are attributes, said in the message, kept by pickling."""
+    from cqrs_resilience import CommandInProgressError
+
+    error = CommandInProgressError("order-7", retry_after=2.5)
+    assert (error.command_id, error.retry_after) == ("order-7", 2.5)
+    assert "order-7" in str(error) and "2.5" in str(error)
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.command_id, again.retry_after, str(again)) == ("order-7", 2.5, str(error))
+    assert CommandInProgressError("x").retry_after is None
