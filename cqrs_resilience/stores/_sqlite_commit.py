@@ -24,8 +24,11 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from .._handoff import Outcome as _Result
+from .._handoff import hand_over
 
 T = TypeVar("T")
 
@@ -57,7 +60,6 @@ def transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Ite
 
 
 _Queued = tuple[Callable[[], Any], "asyncio.Future[Any]"]
-_Result = tuple[bool, Any]  # (True, outcome) or (False, the exception)
 
 
 class WriterClosedError(Exception):
@@ -108,12 +110,7 @@ class GroupCommit:
             results = self._run([write for write, _ in queued])
         except BaseException as exc:  # never leave a caller waiting
             results = [(False, exc)] * len(queued)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], _Result]]] = {}
-        for (_, future), result in zip(queued, results, strict=True):
-            by_loop.setdefault(future.get_loop(), []).append((future, result))
-        for loop, outcomes in by_loop.items():
-            with suppress(RuntimeError):  # a closed loop: nobody waits for these outcomes
-                loop.call_soon_threadsafe(_deliver, outcomes)
+        hand_over((future, result) for (_, future), result in zip(queued, results, strict=True))
 
     def _run(self, writes: list[Callable[[], Any]]) -> list[_Result]:
         conn = self._connect()
@@ -146,14 +143,3 @@ def _outcome_of(write: Callable[[], Any]) -> _Result:
         return True, write()
     except Exception as exc:  # this write's own failure (its transaction rolled back)
         return False, exc
-
-
-def _deliver(outcomes: list[tuple[asyncio.Future[Any], _Result]]) -> None:
-    """Hand each waiting job its outcome (on its event loop)."""
-    for future, (ok, value) in outcomes:
-        if future.done():  # its caller was cancelled
-            continue
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
