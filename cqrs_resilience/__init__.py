@@ -28,6 +28,7 @@ from ._errors import (
     CqrsResilienceError,
     IdempotencyKeyReuseError,
     InvalidIdempotencyKeyError,
+    InvalidResponseError,
     InvalidStateError,
     MergeConflictError,
     StoreError,
@@ -74,6 +75,8 @@ from ._messages import Command, CommandResponse, ConflictResilient, Retryable
 from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
 from ._repository import Aggregate, InMemoryRepository, Repository
+from ._response_store import RecordedResponse, ResponseStore
+from ._responses import Idempotent, idempotent
 from ._retry import Retry, retry
 from ._retry_on import DEFAULT_RETRY_ON
 from ._timeout import Timeout, timeout
@@ -122,8 +125,10 @@ __all__ = [
     "HookRegistry",
     "IMergeStrategy",
     "IdempotencyKeyReuseError",
+    "Idempotent",
     "InMemoryRepository",
     "InvalidIdempotencyKeyError",
+    "InvalidResponseError",
     "InvalidStateError",
     "MergeConflictError",
     "MergeStrategy",
@@ -134,9 +139,11 @@ __all__ = [
     "RETRY_BUDGET_EXHAUSTED",
     "RETRY_EXHAUSTED",
     "RETRY_SCHEDULED",
+    "RecordedResponse",
     "Repository",
     "ResilientCommandHandler",
     "ResolveConflicts",
+    "ResponseStore",
     "Retry",
     "RetryBehaviorMixin",
     "RetryBudget",
@@ -159,6 +166,7 @@ __all__ = [
     "command_scope",
     "current_command_id",
     "get_hook_registry",
+    "idempotent",
     "inject_faults",
     "is_testing",
     "pipeline",

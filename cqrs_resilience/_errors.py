@@ -10,6 +10,7 @@ Exception
       ├── CommandTimeoutError        (also TimeoutError) `timeout()` ran out
       ├── ConfigurationError         (also ValueError) a setting out of range, named in the message
       ├── InvalidIdempotencyKeyError (also ValueError) an Idempotency-Key no command id can be
+      ├── InvalidResponseError       (also ValueError) a response `idempotent()` cannot record
       └── StoreError                 a store failed in a way the same call will not fix
            ├── StoreClosedError         the repository (or the pool it was given) was closed
            ├── SchemaError              the store's tables are missing or unusable
@@ -240,10 +241,11 @@ class IdempotencyKeyReuseError(StoreError, ValueError):
     id is refused rather than answered with another command's outcome (its write would be lost).
     """
 
-    def __init__(self, command_id: str, aggregate_id: Any) -> None:
+    def __init__(self, command_id: str, aggregate_id: Any = None) -> None:
+        writing = f" (writing aggregate {aggregate_id!r})" if aggregate_id is not None else ""
         super().__init__(
-            f"command_id {command_id!r} was already used by a different command "
-            f"(writing aggregate {aggregate_id!r}); give each command its own id"
+            f"command_id {command_id!r} was already used by a different command{writing}; "
+            "give each command its own id"
         )
         self.command_id = command_id
         self.aggregate_id = aggregate_id
@@ -274,3 +276,17 @@ class CommandTimeoutError(CqrsResilienceError, TimeoutError):
 
 class InvalidIdempotencyKeyError(CqrsResilienceError, ValueError):
     """An `Idempotency-Key` that cannot be a command id (see the rules of `command_id`)."""
+
+
+class InvalidResponseError(CqrsResilienceError, ValueError):
+    """A command's response that `idempotent()` cannot record, or read back: it would not
+    read back equal as the function's return type, or is too big for the store. Nothing was
+    recorded; the command's writes stay (they are its effect)."""
+
+    def __init__(self, command_id: str, reason: str) -> None:
+        super().__init__(f"the response to command {command_id!r} is not recorded: {reason}")
+        self.command_id = command_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.command_id, self.reason), self.__dict__

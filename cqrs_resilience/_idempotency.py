@@ -52,6 +52,7 @@ class Scope(msgspec.Struct, gc=False):
     digest: bytes | None = None
     telemetry: Any = None  # the instrumentation's record of this command (`_telemetry`)
     turn_rank: int | None = None  # its place in turn queues: when it first asked for a turn
+    claim: Claim | None = None  # `idempotent()` runs it: its writes claim its response
 
     def fingerprint(self) -> bytes:
         """A digest of the original command's encoding (b"" when only an id was given).
@@ -82,6 +83,24 @@ class Scope(msgspec.Struct, gc=False):
         for key, previous in reversed((self.log or [])[changes:]):
             counts[key] = previous
         return counts
+
+
+class Claim(NamedTuple):
+    """What a command `idempotent()` runs asks of the writes it makes to `store` (the one
+    that records its response): to claim the response for `owner` for `lease_s` seconds, so
+    a resend elsewhere waits for it instead of running the command too."""
+
+    store: Any
+    owner: str
+    lease_s: float
+
+
+def claim_of(write: WriteKey | None, store: object) -> Claim | None:
+    """The claim a write to `store` makes, if its command is one `idempotent()` runs."""
+    if write is None or write.scope is None:
+        return None
+    claim = (write.scope.root or write.scope).claim
+    return claim if claim is not None and claim.store is store else None
 
 
 CURRENT: ContextVar[Scope | None] = ContextVar("cqrs_resilience.command_scope", default=None)

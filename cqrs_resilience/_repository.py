@@ -20,8 +20,9 @@ from ._aggregate import A, Aggregate
 from ._clock import SYSTEM_CLOCK, Clock
 from ._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
 from ._errors import ConcurrencyError, VersionPrunedError
-from ._idempotency import WriteKey, is_repeat, write_failed, write_key
+from ._idempotency import WriteKey, claim_of, is_repeat, write_failed, write_key
 from ._messages import check_command_id, require_command_id
+from ._response_store import RecordedResponse, kept_until, replaceable
 from ._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, Retention
 from ._turns import PROCESS_TURNS
 
@@ -153,7 +154,9 @@ class InMemoryRepository(Repository[A]):
         self._states: dict[tuple[str, int], bytes] = {}
         self._command_keys: dict[str, tuple[bytes, float]] = {}
         self._writes: dict[tuple[str, str, int], tuple[bytes, int, float]] = {}
+        self._responses: dict[str, RecordedResponse] = {}
         self._lock = threading.Lock()  # writes and reads from any loop or thread
+        self.max_state_bytes = max_state_bytes
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         rows = []
@@ -199,6 +202,7 @@ class InMemoryRepository(Repository[A]):
             if is_repeat(recorded, aggregate_id, known and known[0], first[0] if first else None):
                 assert first is not None
                 version = first[1] if (aggregate_id, first[1]) in self._states else latest
+                self._claim(recorded, now)
                 return Outcome("repeat", version, self._states[(aggregate_id, version)])
         if latest != expected:
             return Outcome("conflict", latest)
@@ -213,8 +217,49 @@ class InMemoryRepository(Repository[A]):
             )
             if recorded.whole_command:
                 self._command_keys.setdefault(recorded.command_id, (recorded.fingerprint, now))
+            self._claim(recorded, now)
         self._prune_records(now)
         return Outcome("stored", version)
+
+    def _claim(self, recorded: WriteKey, now: float) -> None:
+        """A write of a command `idempotent()` runs claims its response (see `Claim`)."""
+        claim = claim_of(recorded, self)
+        if claim is not None and replaceable(self._responses.get(recorded.command_id), now):
+            row = RecordedResponse(recorded.fingerprint, None, claim.owner, now + claim.lease_s)
+            self._responses[recorded.command_id] = row
+
+    async def recorded_response(self, command_id: str) -> RecordedResponse | None:
+        """The response recorded for `command_id`, or its live claim, or None."""
+        require_command_id(command_id)
+        now = self.clock.time()
+        with self._lock:
+            row = self._responses.get(command_id)
+        if row is None or (row.expires_at is not None and row.expires_at <= now):
+            return None
+        return row
+
+    async def record_response(
+        self, command_id: str, fingerprint: bytes, response: bytes, keep_s: float | None
+    ) -> RecordedResponse:
+        """Record `response` unless one is recorded; the one recorded (this, or the first)."""
+        require_command_id(command_id)
+        now = self.clock.time()
+        until = kept_until(now, keep_s, self.retention.keep_commands_s)
+        with self._lock:
+            row = self._responses.get(command_id)
+            if replaceable(row, now):
+                row = self._responses[command_id] = RecordedResponse(
+                    fingerprint, response, None, until
+                )
+        assert row is not None
+        return row
+
+    async def release_claim(self, command_id: str, owner: str) -> None:
+        """Drop `owner`'s claim on the response of `command_id`, if it still holds it."""
+        with self._lock:
+            row = self._responses.get(command_id)
+            if row is not None and row.response is None and row.owner == owner:
+                del self._responses[command_id]
 
     def _prune_records(self, now: float) -> None:
         cutoff = self.retention.records_cutoff(now)
@@ -226,6 +271,9 @@ class InMemoryRepository(Repository[A]):
         for command_id, (_, at) in list(self._command_keys.items()):
             if at < cutoff:
                 del self._command_keys[command_id]
+        for command_id, row in list(self._responses.items()):
+            if row.expires_at is not None and row.expires_at <= now:
+                del self._responses[command_id]
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id` (and its record is still kept)."""

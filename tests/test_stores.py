@@ -931,8 +931,9 @@ async def test_postgres_tables_need_no_create_right_once_they_exist(pg_database)
     with psycopg.connect(pg_database, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} LOGIN")
         admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}, PUBLIC")
-        tables = "aggregate_versions, processed_writes, command_keys"
+        tables = "aggregate_versions, processed_writes, command_keys, command_responses"
         admin.execute(f"GRANT SELECT, INSERT, DELETE ON {tables} TO {role}")
+        admin.execute(f"GRANT UPDATE ON command_responses TO {role}")
     try:
         async with PostgresRepository(make_conninfo(pg_database, user=role), Account) as app:
             [a] = await app.retrieve(["a"])

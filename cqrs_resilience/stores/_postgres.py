@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
 from .._errors import StoreClosedError, StoreConfigurationError, VersionPrunedError
-from .._idempotency import WriteKey, is_repeat
+from .._idempotency import WriteKey, claim_of, is_repeat
+from .._messages import require_command_id
 from .._repository import A, Outcome, Repository, ids_asked, lookup_possible, persist_checked
+from .._response_store import RecordedResponse, kept_until
 from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
 from .._turns import PROCESS_TURNS
 from . import _sql
@@ -69,8 +71,22 @@ _LATEST_STATE = _sql.for_psycopg(_sql.LATEST_STATE)
 _PRUNE_RECORDS = (
     "WITH writes AS ("
     + _sql.for_psycopg(_sql.PRUNE_WRITES)
+    + "), responses AS ("
+    + _sql.for_psycopg(_sql.PRUNE_RESPONSES)
     + ") "
     + _sql.for_psycopg(_sql.PRUNE_COMMANDS)
+)
+_RESPONSE = _sql.for_psycopg(_sql.RESPONSE)
+_CLAIM = _sql.for_psycopg(_sql.CLAIM)
+_RELEASE_CLAIM = _sql.for_psycopg(_sql.RELEASE_CLAIM)
+# Records the response unless one is (one statement): the row inserted or updated, else the
+# first response, which the statement's snapshot still shows.
+_RECORD_RESPONSE = (
+    "WITH recorded AS ("
+    + _sql.for_psycopg(_sql.RECORD_RESPONSE)
+    + " RETURNING fingerprint, response) SELECT fingerprint, response FROM recorded"
+    " UNION ALL SELECT fingerprint, response FROM command_responses"
+    " WHERE command_id = %(command_id)s AND NOT EXISTS (SELECT 1 FROM recorded)"
 )
 _WAS_PROCESSED = _sql.for_psycopg(_sql.WAS_PROCESSED)
 # Advisory locks of resolution turns: (this class id, a hash of the aggregate's key).
@@ -86,7 +102,7 @@ _TURN_LOCK = (
 # each other and yield to a round instead of waiting for it. Then it records the write, the
 # command's key on its first write, and prunes versions retention no longer keeps. It returns
 # what Python needs to tell stored, repeat, reuse and conflict apart.
-_WRITE = f"""WITH
+_WRITE_TEMPLATE = f"""WITH
     known AS (SELECT fingerprint FROM command_keys WHERE command_id = %(command_id)s),
     first AS (SELECT fingerprint, version FROM processed_writes
         WHERE command_id = %(command_id)s AND aggregate_id = %(id)s AND seq = %(seq)s),
@@ -107,10 +123,20 @@ _WRITE = f"""WITH
     keyed AS (INSERT INTO command_keys (command_id, fingerprint, recorded_at)
         SELECT %(command_id)s, %(fingerprint)s, %(now)s FROM inserted
         WHERE %(whole)s AND NOT EXISTS (SELECT 1 FROM known)),
-    pruned AS (DELETE FROM aggregate_versions
+{{claimed}}    pruned AS (DELETE FROM aggregate_versions
         WHERE aggregate_id = %(id)s AND version < %(oldest)s AND EXISTS (SELECT 1 FROM inserted))
 SELECT (SELECT fingerprint FROM known), (SELECT fingerprint FROM first),
     (SELECT version FROM first), (SELECT version FROM inserted), (SELECT version FROM latest)"""
+# The claim a write of a command `idempotent()` runs keeps on its response (see `_sql.CLAIM`).
+_CLAIMED = """claimed AS (INSERT INTO command_responses (command_id, fingerprint, owner, expires_at)
+        SELECT %(command_id)s, %(fingerprint)s, %(claim_owner)s::text, %(claim_expires)s::float8
+        FROM inserted
+        ON CONFLICT (command_id) DO UPDATE SET fingerprint = excluded.fingerprint,
+            response = NULL, owner = excluded.owner, expires_at = excluded.expires_at
+        WHERE command_responses.response IS NULL OR command_responses.expires_at <= %(now)s),
+"""
+_WRITE = _WRITE_TEMPLATE.format(claimed="")
+_WRITE_CLAIMING = _WRITE_TEMPLATE.format(claimed="    " + _CLAIMED.strip() + "\n")
 # The (store, key) pairs whose resolution turn this task (and the tasks it starts) holds.
 _HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
     "cqrs_resilience.postgres_turns", default=frozenset()
@@ -173,6 +199,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         self.clock = clock or SYSTEM_CLOCK
         self.lock_timeout = lock_timeout
         self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
+        self.max_state_bytes = max_state_bytes
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
@@ -379,20 +406,28 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         args["whole"] = recorded is not None and recorded.whole_command
         args["in_turn"] = (id(self), key) in _HELD.get()
         args["oldest"] = self.retention.oldest_kept(expected + 1)
+        claim = claim_of(recorded, self)
+        write = _WRITE
+        if claim is not None:
+            args.update(claim_owner=claim.owner, claim_expires=now + claim.lease_s)
+            write = _WRITE_CLAIMING
         try:
-            row = await self._execute_one(cur, _WRITE, args)
+            row = await self._execute_one(cur, write, args)
         except self._unique_violation as exc:
             # Another writer committed this version, this write or this command id first: the
             # same statement now sees what it did, and answers repeat, reuse or conflict.
             if exc.diag.table_name not in _sql.TABLES:
                 raise
-            row = await self._execute_one(cur, _WRITE, args)
+            row = await self._execute_one(cur, write, args)
         known, first, first_version, inserted, latest = row
         if recorded is not None and is_repeat(recorded, aggregate.id, known, first):
+            if claim is not None:  # the command runs again: its resends wait for it
+                await cur.execute(_CLAIM, args)
             return await self._first_outcome(cur, key, first_version)
         cutoff = self.retention.records_cutoff(now)
         if cutoff is not None:
-            await cur.execute(_PRUNE_RECORDS, {"cutoff": cutoff, "batch": PRUNE_BATCH})
+            prune = {"cutoff": cutoff, "batch": PRUNE_BATCH, "now": now}
+            await cur.execute(_PRUNE_RECORDS, prune)
         if inserted is not None:
             return Outcome("stored", inserted)
         return Outcome("conflict", latest)
@@ -415,6 +450,37 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         await cur.execute(_LATEST_STATE, {"id": key})
         latest_version, state = await cur.fetchone() or (version, None)
         return Outcome("repeat", latest_version, state)
+
+    async def recorded_response(self, command_id: str) -> RecordedResponse | None:
+        """The response recorded for `command_id`, or its live claim, or None: one read."""
+        require_command_id(command_id)
+        async with self._cursor(f"lookup of the response to command {command_id!r}") as cur:
+            await cur.execute(_RESPONSE, {"command_id": command_id, "now": self.clock.time()})
+            row = await cur.fetchone()
+        return None if row is None else RecordedResponse(*row)
+
+    async def record_response(
+        self, command_id: str, fingerprint: bytes, response: bytes, keep_s: float | None
+    ) -> RecordedResponse:
+        """Record `response` unless one is recorded; the one recorded (this, or the first)."""
+        require_command_id(command_id)
+        now = self.clock.time()
+        args = {
+            "command_id": command_id,
+            "fingerprint": fingerprint,
+            "response": response,
+            "now": now,
+            "keep_until": kept_until(now, keep_s, self.retention.keep_commands_s),
+        }
+        async with self._cursor(f"recording the response to command {command_id!r}") as cur:
+            row = await self._execute_one(cur, _RECORD_RESPONSE, args)
+        fingerprint, response = row
+        return RecordedResponse(fingerprint, response)
+
+    async def release_claim(self, command_id: str, owner: str) -> None:
+        """Drop `owner`'s claim on the response of `command_id`, if it still holds it."""
+        async with self._cursor(f"releasing command {command_id!r}") as cur:
+            await cur.execute(_RELEASE_CLAIM, {"command_id": command_id, "owner": owner})
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""

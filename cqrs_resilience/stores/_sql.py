@@ -9,6 +9,11 @@ Tables:
   the fingerprint of its request and the version it stored. A repeat finds it.
 - `command_keys`: one row per command id with the fingerprint of the command that first used
   it, so a different command reusing the id is refused on any aggregate.
+- `command_responses`: one row per command id that `idempotent()` answers for: the fingerprint
+  and the first response (msgpack), kept until `expires_at` (NULL: for good). While the
+  command runs, its writes keep a *claim* there instead (no response, an `owner`, and when
+  the claim lapses), so a resend in another process waits for the response rather than
+  running the command too.
 
 Retention (see `cqrs_resilience._retention`): a write prunes its aggregate's versions older
 than `keep_versions` in the same transaction; now and then a write also prunes a batch of
@@ -22,8 +27,12 @@ from typing import Any
 
 from .._idempotency import WriteKey
 
-TABLES = ("aggregate_versions", "processed_writes", "command_keys")
-INDEXES = ("processed_writes_recorded_at", "command_keys_recorded_at")
+TABLES = ("aggregate_versions", "processed_writes", "command_keys", "command_responses")
+INDEXES = (
+    "processed_writes_recorded_at",
+    "command_keys_recorded_at",
+    "command_responses_expires_at",
+)
 
 
 def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
@@ -49,8 +58,16 @@ def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
             fingerprint {blob} NOT NULL,
             recorded_at DOUBLE PRECISION NOT NULL
         ){table_options}""",
+        f"""CREATE TABLE IF NOT EXISTS command_responses (
+            command_id TEXT NOT NULL PRIMARY KEY,
+            fingerprint {blob} NOT NULL,
+            response {blob},
+            owner TEXT,
+            expires_at DOUBLE PRECISION
+        ){table_options}""",
         "CREATE INDEX IF NOT EXISTS processed_writes_recorded_at ON processed_writes (recorded_at)",
         "CREATE INDEX IF NOT EXISTS command_keys_recorded_at ON command_keys (recorded_at)",
+        "CREATE INDEX IF NOT EXISTS command_responses_expires_at ON command_responses (expires_at)",
     )
 
 
@@ -91,6 +108,30 @@ RECORD_WRITE = """INSERT INTO processed_writes
     VALUES (:command_id, :id, :seq, :fingerprint, :expected + 1, :now)"""
 RECORD_COMMAND = """INSERT INTO command_keys (command_id, fingerprint, recorded_at)
     VALUES (:command_id, :fingerprint, :now)"""
+# A command's response, or its live claim; an expired one is as good as none.
+RESPONSE = """SELECT fingerprint, response, owner, expires_at FROM command_responses
+    WHERE command_id = :command_id AND (expires_at IS NULL OR expires_at > :now)"""
+# Taken by each write of a command that idempotent() runs: a claim replaces another claim (the
+# same command, run again) or an expired response, never a live response.
+CLAIM = """INSERT INTO command_responses (command_id, fingerprint, owner, expires_at)
+    VALUES (:command_id, :fingerprint, :claim_owner, :claim_expires)
+    ON CONFLICT (command_id) DO UPDATE SET fingerprint = excluded.fingerprint,
+        response = NULL, owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE command_responses.response IS NULL OR command_responses.expires_at <= :now"""
+# The first response wins: it replaces a claim or an expired response, never a live response.
+RECORD_RESPONSE = """INSERT INTO command_responses
+        (command_id, fingerprint, response, owner, expires_at)
+    VALUES (:command_id, :fingerprint, :response, NULL, :keep_until)
+    ON CONFLICT (command_id) DO UPDATE SET fingerprint = excluded.fingerprint,
+        response = excluded.response, owner = NULL, expires_at = excluded.expires_at
+    WHERE command_responses.response IS NULL OR command_responses.expires_at <= :now"""
+RECORDED_RESPONSE = (
+    "SELECT fingerprint, response FROM command_responses WHERE command_id = :command_id"
+)
+RELEASE_CLAIM = """DELETE FROM command_responses
+    WHERE command_id = :command_id AND owner = :owner AND response IS NULL"""
+PRUNE_RESPONSES = """DELETE FROM command_responses WHERE command_id IN (
+    SELECT command_id FROM command_responses WHERE expires_at <= :now LIMIT :batch)"""
 WAS_PROCESSED = (
     "SELECT 1 FROM processed_writes WHERE command_id = :command_id AND aggregate_id = :id LIMIT 1"
 )

@@ -45,8 +45,10 @@ from .._checks import setting
 from .._clock import SYSTEM_CLOCK, Clock
 from .._codec import DEFAULT_MAX_STATE_BYTES, AggregateCodec
 from .._errors import StoreClosedError, TransientError, VersionPrunedError
-from .._idempotency import WriteKey, is_repeat
+from .._idempotency import WriteKey, claim_of, is_repeat
+from .._messages import require_command_id
 from .._repository import A, Outcome, Repository, ids_asked, lookup_possible, persist_checked
+from .._response_store import RecordedResponse, kept_until
 from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
 from .._turns import PROCESS_TURNS
 from . import _sql, _sqlite_leases
@@ -61,6 +63,7 @@ from ._sqlite_reads import (
     LoopReader,
     latest,
     one_version,
+    response_of,
     was_processed,
 )
 
@@ -120,6 +123,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         self.retention = Retention(keep_versions, keep_commands_s)
         self.clock = clock or SYSTEM_CLOCK
         self._codec = AggregateCodec(aggregate_type, namespace, max_state_bytes=max_state_bytes)
+        self.max_state_bytes = max_state_bytes
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self.path = os.fspath(path)
@@ -184,9 +188,13 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         yields = not resolving and PROCESS_TURNS.held((id(self), aggregate_id))
 
         async def write(key: str, encoded: bytes, recorded: WriteKey | None) -> Outcome:
-            args = _sql.write_args(key, aggregate.version, encoded, recorded, self.clock.time())
+            now = self.clock.time()
+            args = _sql.write_args(key, aggregate.version, encoded, recorded, now)
             args["resolving"] = resolving
             args["owner"] = self._lease_owner()
+            claim = claim_of(recorded, self)
+            if claim is not None:
+                args.update(claim_owner=claim.owner, claim_expires=now + claim.lease_s)
             outcome: Outcome = await self._write(
                 doing, functools.partial(self._persist, args, aggregate_id, recorded)
             )
@@ -258,10 +266,44 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
         now = self.clock.time()
         args = {"id": self._codec.key(aggregate_id), "owner": self._lease_owner(), "now": now}
         try:
-            released = self._commits.add(functools.partial(self._release, args))
+            released = self._commits.add(
+                functools.partial(self._in_transaction, _sqlite_leases.RELEASE, args)
+            )
         except WriterClosedError:  # closed: the lease expires
             return
         released.add_done_callback(_outcome_not_needed)
+
+    async def recorded_response(self, command_id: str) -> RecordedResponse | None:
+        """The response recorded for `command_id`, or its live claim, or None: one read."""
+        require_command_id(command_id)
+        doing = f"lookup of the response to command {command_id!r}"
+        row = await self._read(doing, response_of, command_id, self.clock.time())
+        return None if row is None else RecordedResponse(*row)
+
+    async def record_response(
+        self, command_id: str, fingerprint: bytes, response: bytes, keep_s: float | None
+    ) -> RecordedResponse:
+        """Record `response` unless one is recorded; the one recorded (this, or the first)."""
+        require_command_id(command_id)
+        now = self.clock.time()
+        args = {
+            "command_id": command_id,
+            "fingerprint": fingerprint,
+            "response": response,
+            "now": now,
+            "keep_until": kept_until(now, keep_s, self.retention.keep_commands_s),
+        }
+        doing = f"recording the response to command {command_id!r}"
+        recorded: RecordedResponse = await self._write(
+            doing, functools.partial(self._record_response, args)
+        )
+        return recorded
+
+    async def release_claim(self, command_id: str, owner: str) -> None:
+        """Drop `owner`'s claim on the response of `command_id`, if it still holds it."""
+        doing = f"releasing command {command_id!r}"
+        args = {"command_id": command_id, "owner": owner}
+        await self._write(doing, functools.partial(self._in_transaction, _sql.RELEASE_CLAIM, args))
 
     async def was_processed(self, command_id: str, aggregate_id: str) -> bool:
         """Whether `command_id` already wrote `aggregate_id`."""
@@ -360,15 +402,23 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             self._read_connection = conn
         return fn(self._read_connection, *args, NO_CAP)
 
+    def _record_response(self, args: dict[str, Any]) -> RecordedResponse:
+        conn = self._connect()
+        with transaction(conn):
+            if conn.execute(_sql.RECORD_RESPONSE, args).rowcount == 1:
+                return RecordedResponse(args["fingerprint"], args["response"])
+            fingerprint, response = conn.execute(_sql.RECORDED_RESPONSE, args).fetchone()
+            return RecordedResponse(fingerprint, response)
+
+    def _in_transaction(self, statement: str, args: dict[str, Any]) -> None:
+        conn = self._connect()
+        with transaction(conn):
+            conn.execute(statement, args)
+
     def _take(self, args: dict[str, Any]) -> bool:
         conn = self._connect()
         with transaction(conn):
             return bool(conn.execute(_sqlite_leases.TAKE, args).rowcount == 1)
-
-    def _release(self, args: dict[str, Any]) -> None:
-        conn = self._connect()
-        with transaction(conn):
-            conn.execute(_sqlite_leases.RELEASE, args)
 
     def _persist(
         self, args: dict[str, Any], aggregate_id: str, recorded: WriteKey | None
@@ -380,6 +430,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 if is_repeat(recorded, aggregate_id, command, first):
                     if state is None:  # its version was pruned: the latest state answers
                         version, state = conn.execute(_sql.LATEST_STATE, args).fetchone()
+                    if "claim_owner" in args:
+                        conn.execute(_sql.CLAIM, args)
                     return Outcome("repeat", version, state)
             if conn.execute(_sqlite_leases.INSERT_NEXT, args).rowcount != 1:
                 return Outcome("conflict", conn.execute(_sql.LATEST_VERSION, args).fetchone()[0])
@@ -387,6 +439,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
                 conn.execute(_sql.RECORD_WRITE, args)
                 if recorded.whole_command and command is None:
                     conn.execute(_sql.RECORD_COMMAND, args)
+                if "claim_owner" in args:
+                    conn.execute(_sql.CLAIM, args)
             self._prune(conn, args)
             return Outcome("stored", args["expected"] + 1)
 
@@ -400,6 +454,7 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             batch = {"cutoff": cutoff, "batch": PRUNE_BATCH}
             conn.execute(_sql.PRUNE_WRITES, batch)
             conn.execute(_sql.PRUNE_COMMANDS, batch)
+            conn.execute(_sql.PRUNE_RESPONSES, {"now": args["now"], "batch": PRUNE_BATCH})
 
 
 def _nothing() -> None:

@@ -59,6 +59,27 @@ def one_version(
     return None, oldest if pruned else None
 
 
+# A command's response (left out when over :cap, its length telling), or its live claim.
+_RESPONSE_CAPPED = """SELECT fingerprint, CASE WHEN length(response) <= :cap THEN response END,
+        length(response), owner, expires_at
+    FROM command_responses
+    WHERE command_id = :command_id AND (expires_at IS NULL OR expires_at > :now)"""
+
+
+def response_of(
+    conn: sqlite3.Connection, command_id: str, now: float, cap: int
+) -> tuple[bytes, bytes | None, str | None, float | None] | None:
+    """(fingerprint, response, owner, expires_at) recorded for `command_id`, or None."""
+    args = {"command_id": command_id, "now": now, "cap": cap}
+    row = conn.execute(_RESPONSE_CAPPED, args).fetchone()
+    if row is None:
+        return None
+    fingerprint, response, size, owner, expires_at = row
+    if response is None and size is not None:
+        raise Elsewhere  # recorded, and bigger than the cap
+    return fingerprint, response, owner, expires_at
+
+
 def was_processed(conn: sqlite3.Connection, command_id: str, key: str, cap: int) -> bool:
     """Whether `command_id` wrote the aggregate stored under `key`."""
     args = {"command_id": command_id, "id": key}
