@@ -8,6 +8,7 @@ pipeline. Mixins listed left to right wrap outermost to innermost.
 
 from __future__ import annotations
 
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -21,6 +22,8 @@ from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
 from ._pipeline import Behavior, async_only, pipeline
 from ._policies import RetryPolicy
+from ._response_store import ResponseStore
+from ._responses import DEFAULT_WAIT_S, Idempotent
 from ._retry import MAX_DELAY_CAP_S, MAX_RETRIES_CAP, Stop, Wait, retry
 from ._retry_on import RetryOn
 from ._timeout import timeout
@@ -40,7 +43,16 @@ class PipelinedCommandHandler(ABC, Generic[R]):
 
     Behaviours apply last-added outermost. `strategy_registry`, `hooks` and `clock` reach
     the built-in behaviours; `dispatcher` is yours (a repository, a unit of work, ...).
+
+    `responses = store` (a class or instance attribute) records each command's first response
+    in `store` and answers a resend with it before any behaviour runs: `idempotent(store)`,
+    outermost, with `responses_keep_s` and `responses_wait_s` as its `keep_s` and `wait_s`.
+    Resends are decoded as `process`'s return annotation (`CommandResponse[R]`).
     """
+
+    responses: ResponseStore | None = None
+    responses_keep_s: float | None = None
+    responses_wait_s: float = DEFAULT_WAIT_S
 
     def __init__(
         self,
@@ -82,9 +94,19 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         return tuple(self._behaviors)
 
     def get_pipeline(self) -> Handle[R]:
-        """`process` wrapped in every behaviour; rebuilt only after `add_behavior`."""
+        """`process` wrapped in every behaviour (and answering resends first, with
+        `responses` set); rebuilt only after `add_behavior`."""
         if self._pipeline is None:
-            self._pipeline = pipeline(*reversed(self._behaviors))(self._process)
+            built: Handle[R] = pipeline(*reversed(self._behaviors))(self._process)
+            if self.responses is not None:
+                answering = Idempotent(
+                    self.responses,
+                    keep_s=self.responses_keep_s,
+                    wait_s=self.responses_wait_s,
+                    response_type=response_type_of(self),
+                )
+                built = answering(built)
+            self._pipeline = built
         return self._pipeline
 
     async def handle(self, command: Any) -> CommandResponse[R]:
@@ -118,6 +140,33 @@ class PipelinedCommandHandler(ABC, Generic[R]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({pipeline(*reversed(self._behaviors))!r})"
+
+
+def response_type_of(handler: PipelinedCommandHandler[Any]) -> Any:
+    """What `handler.process` returns, as its annotation says, with the handler class's type
+    argument for `R` (`ResilientCommandHandler[Receipt]` makes `CommandResponse[R]` a
+    `CommandResponse[Receipt]`): what a resend is decoded as."""
+    try:
+        returned = typing.get_type_hints(type(handler).process).get("return", CommandResponse)
+    except Exception:  # an annotation that does not resolve here
+        returned = CommandResponse
+    if returned is CommandResponse:
+        returned = CommandResponse[R]
+    if R in getattr(returned, "__parameters__", ()):
+        returned = returned[_type_argument(type(handler))]
+    return returned
+
+
+def _type_argument(kind: type) -> Any:
+    """The type a handler class gave `R` (`class H(ResilientCommandHandler[str])`), or Any."""
+    for klass in kind.__mro__:
+        for base in getattr(klass, "__orig_bases__", ()):
+            origin = typing.get_origin(base)
+            if isinstance(origin, type) and issubclass(origin, PipelinedCommandHandler):
+                args = typing.get_args(base)
+                if args and not isinstance(args[0], TypeVar):
+                    return args[0]
+    return Any
 
 
 class TimeoutMixin(PipelinedCommandHandler[R]):

@@ -169,14 +169,15 @@ class Idempotent:
         owner = uuid.uuid4().hex
         previous, root.claim = root.claim, Claim(self.store, owner, self.wait_s)
         try:
-            result = await handler(*args, **kwargs)
-        except BaseException:
+            try:
+                result = await handler(*args, **kwargs)
+            finally:
+                root.claim = previous
+            encoded = codec.encode(result, command_id, self.store.max_state_bytes)
+            kept = await self.store.record_response(command_id, fingerprint, encoded, self.keep_s)
+        except BaseException:  # nothing recorded: a resend runs again, and need not wait
             self._release(command_id, owner)
             raise
-        finally:
-            root.claim = previous
-        encoded = codec.encode(result, command_id, self.store.max_state_bytes)
-        kept = await self.store.record_response(command_id, fingerprint, encoded, self.keep_s)
         return _checked(kept, command_id, fingerprint)
 
     async def _owed(self, command_id: str, fingerprint: bytes, deadline: float) -> bytes | None:
