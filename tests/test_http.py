@@ -10,6 +10,7 @@ import math
 import re
 from http import HTTPStatus
 from http.client import parse_headers
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,6 +33,8 @@ from cqrs_resilience import (
 from cqrs_resilience._messages import check_command_id
 from cqrs_resilience.http import Problem, idempotency_key, problem
 from tests.http_errors import ROWS, SECRET, Row
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def answer_to(exc: BaseException) -> Problem:
@@ -422,3 +425,38 @@ def test_every_library_error_gets_an_answer_that_encodes(
         assert re.fullmatch(r"[1-9][0-9]*", answer.headers["Retry-After"])
     if "command_id" in answer.body:
         assert check_command_id(answer.body["command_id"]) is None
+
+
+# --- The README's table -----------------------------------------------------------------------
+
+
+def readme_table() -> list[tuple[list[str], int, str, str]]:
+    """(errors, status, code, headers) per row of the README's status table."""
+    text = README.read_text()
+    start = text.index("| error | status | `code` | headers |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        errors, status, code, headers, _why = (cell.strip() for cell in line.strip("|").split("|"))
+        names = re.findall(r"`([\w.]+)`", errors)
+        rows.append((names, int(status), code.strip("`"), headers))
+    return rows
+
+
+def test_the_readme_table_is_what_problem_answers() -> None:
+    """Every row of the README's status table holds for the errors it names, and every
+    example error is in the table."""
+    examples = {row.name: row for row in ROWS}
+    documented: set[str] = set()
+    for names, status, code, headers in readme_table():
+        for name in names:
+            documented.add(name)
+            row = examples[name]
+            assert (row.status, row.code) == (status, code), name
+            answer = problem(row.make())
+            assert answer is not None and (answer.status, answer.body["code"]) == (status, code)
+            assert ("Retry-After" in headers) is ("Retry-After" in answer.headers) or (
+                "when" in headers
+            ), name
+    assert documented == {row.name.split(" ")[0] for row in ROWS}
