@@ -9,6 +9,7 @@ is refused rather than dropped (two keys that differ only there must not become 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Protocol, TypeAlias, cast
 
@@ -28,6 +29,8 @@ _NAME = "Idempotency-Key"
 _LOWER = _NAME.lower()
 _SHOWN = 40
 """The most characters of a refused value an error message repeats."""
+_PLAIN_QUOTED = re.compile(r'"([ !#-\[\]-~]*)"')
+"""A quoted string of printable ASCII without `"` or `\\` inside: nothing to unescape."""
 _LONGEST = 2 + 2 * MAX_ID_LENGTH
 """The longest value that may hold a valid key: a quoted one with every character escaped."""
 
@@ -117,6 +120,9 @@ def _unquote(text: str) -> str:
     """An RFC 8941 string (sf-string, section 4.2.5) without its quotes and escapes."""
     if not text.startswith('"'):
         raise _bad_quoting(text, " ends with a quote it does not start with")
+    plain = _PLAIN_QUOTED.fullmatch(text)
+    if plain is not None:  # the usual key, a quoted UUID: no escape to read
+        return plain[1]
     chars: list[str] = []
     escaped = False
     for at, char in enumerate(text[1:], start=1):
