@@ -18,6 +18,7 @@ success rate of plain retries (at least 99.9%).
 
     python benchmarks/bench_outage.py           # full run (about a minute)
     python benchmarks/bench_outage.py --quick   # smoke run
+    python benchmarks/bench_outage.py --failure-ratio 0.5   # a breaker that tolerates 10%
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class Result(msgspec.Struct):
     break_duration_s: float
 
 
-async def simulate(timeline: Timeline, *, budget: bool, breaker: bool, seed: int) -> Result:
+async def simulate(
+    timeline: Timeline, *, budget: bool, breaker: bool, seed: int, failure_ratio: float
+) -> Result:
     clock = FakeClock(autojump=False)
     hooks = HookRegistry()
     rng = random.Random(seed)
@@ -108,7 +111,7 @@ async def simulate(timeline: Timeline, *, budget: bool, breaker: bool, seed: int
             hooks=hooks,
         )
     ]
-    guard = circuit_breaker(clock=clock, hooks=hooks)
+    guard = circuit_breaker(failure_ratio=failure_ratio, clock=clock, hooks=hooks)
     if breaker:
         behaviors.append(guard)
     handler = pipeline(*behaviors)(dependency)
@@ -164,10 +167,12 @@ def table(results: list[Result], timeline: Timeline) -> list[str]:
     return lines
 
 
-async def main_async(timeline: Timeline, seed: int) -> list[Result]:
+async def main_async(timeline: Timeline, seed: int, failure_ratio: float) -> list[Result]:
     sides = [(False, False), (True, False), (False, True), (True, True)]
     return [
-        await simulate(timeline, budget=budget, breaker=breaker, seed=seed)
+        await simulate(
+            timeline, budget=budget, breaker=breaker, seed=seed, failure_ratio=failure_ratio
+        )
         for budget, breaker in sides
     ]
 
@@ -176,16 +181,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a 10x shorter timeline")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--failure-ratio",
+        type=float,
+        default=0.1,
+        help="the breaker's failure_ratio (default: 0.1, the breaker's own default)",
+    )
     args = parser.parse_args()
     timeline = Timeline()
     if args.quick:
         timeline = Timeline(healthy_s=12.0, outage_s=12.0, faulty_s=2.0, rate_per_s=100)
     logging.getLogger("cqrs_resilience").setLevel(logging.ERROR)  # the openings are in the table
-    results = asyncio.run(main_async(timeline, args.seed))
+    results = asyncio.run(main_async(timeline, args.seed, args.failure_ratio))
     print(
         f"{timeline.rate_per_s:,} commands/s: {timeline.healthy_s:g} s healthy, "
         f"{timeline.outage_s:g} s down, {timeline.faulty_s:g} s with "
-        f"{timeline.fault_rate:.0%} faults; test clock, seed {args.seed}\n"
+        f"{timeline.fault_rate:.0%} faults; test clock, seed {args.seed}; breaker "
+        f"failure_ratio={args.failure_ratio:g}\n"
     )
     print("\n".join(table(results, timeline)))
     by = {r.side: r for r in results}

@@ -101,8 +101,8 @@ class CircuitBreaker(Behaviour):
     def __init__(
         self,
         *,
-        failure_ratio: float = 0.5,
-        minimum_throughput: int = 10,
+        failure_ratio: float = 0.1,
+        minimum_throughput: int = 100,
         sampling_duration_s: float = 30.0,
         break_duration_s: float = 5.0,
         on: RetryOn | None = None,
@@ -457,8 +457,8 @@ class CircuitBreaker(Behaviour):
 
 def circuit_breaker(
     *,
-    failure_ratio: float = 0.5,
-    minimum_throughput: int = 10,
+    failure_ratio: float = 0.1,
+    minimum_throughput: int = 100,
     sampling_duration_s: float = 30.0,
     break_duration_s: float = 5.0,
     on: RetryOn | None = None,
@@ -473,6 +473,10 @@ def circuit_breaker(
     (types or a predicate; by default what `retry()` retries). Apply one breaker to several
     functions to make them share one circuit. A sync callable whose call returns an awaitable
     (a lambda around an async function) has the outcome counted when that is awaited.
+
+    The defaults are Polly v8's (10% of at least 100 calls in 30 s; a 5 s break). A small
+    `minimum_throughput` lets a burst open the circuit on its first outcomes: failures that
+    come back at once are counted before the slower successes of the same burst.
     """
     return CircuitBreaker(
         failure_ratio=failure_ratio,

@@ -53,18 +53,19 @@ def check_id(name: str, value: object) -> str | None:
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
-def check_command_id(value: object) -> str | None:
+def check_command_id(value: object, name: str = "command_id") -> str | None:
     """Why `value` cannot be a command id, or None when it can: `check_id`'s rule, and no
     control characters (U+0000-U+001F, U+007F), since an id from outside also travels in
-    headers, logs and traces. Every door that takes a command id applies it (API.md 8)."""
+    headers, logs and traces. Every door that takes a command id applies it (API.md 8);
+    `name` is what the message calls the value (an `Idempotency-Key` header, say)."""
     if isinstance(value, str) and not (value.isascii() and value.isprintable()):
         found = _CONTROL_CHARACTER.search(value)
         if found is not None:
             return (
-                "command_id must not contain control characters (U+0000-U+001F, U+007F); "
+                f"{name} must not contain control characters (U+0000-U+001F, U+007F); "
                 f"it holds U+{ord(found[0]):04X}"
             )
-    return check_id("command_id", value)
+    return check_id(name, value)
 
 
 def require_command_id(value: object) -> str:

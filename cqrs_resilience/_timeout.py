@@ -1,9 +1,9 @@
 """`timeout()`: cancel a call that runs too long, and give everything inside it a deadline.
 
-The call is cancelled at its deadline and the builtin `TimeoutError` raised in its place, so
-an outer `retry()` retries it by default. A cancellation from outside is never mistaken for
-the timeout: it propagates as `CancelledError` (the task's cancel count tells them apart, as
-`asyncio.timeout` does).
+The call is cancelled at its deadline and `CommandTimeoutError` raised in its place: a
+`TimeoutError`, so an outer `retry()` retries it by default and `except TimeoutError` catches
+it. A cancellation from outside is never mistaken for the timeout: it propagates as
+`CancelledError` (the task's cancel count tells them apart, as `asyncio.timeout` does).
 
 A loop timer per call would cost more than the rest of the call, so each behaviour keeps its
 live calls in a queue per event loop, oldest first, under one timer. Every call of one
@@ -29,6 +29,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock, SystemClock
 from ._deadline import DEADLINE, tighten
+from ._errors import CommandTimeoutError
 from ._hooks import describe_handler
 from ._pipeline import async_only
 
@@ -192,7 +193,9 @@ class Timeout:
                     raise
                 # Our timer cancelled the task; more cancels than ours mean one came from outside.
                 if task.uncancel() <= cancelling and isinstance(exc, asyncio.CancelledError):
-                    raise TimeoutError(f"{handler_type} timed out after {seconds:g} s") from exc
+                    raise CommandTimeoutError(
+                        f"{handler_type} timed out after {seconds:g} s"
+                    ) from exc
                 raise
             DEADLINE.reset(token)
             if entry[_TASK] is None:  # timed out, but the call swallowed the cancellation
@@ -211,7 +214,8 @@ class Timeout:
 
 
 def timeout(seconds: float, *, clock: Clock | None = None) -> Timeout:
-    """Cancel an async call after `seconds` and raise `TimeoutError` from it.
+    """Cancel an async call after `seconds` and raise `CommandTimeoutError` from it (a
+    `TimeoutError`: `except TimeoutError` and `retry()`'s defaults handle it).
 
     Everything called inside sees the deadline: a `retry()` there never sleeps past it, and
     a nested `timeout()` keeps whichever deadline is earlier. An outer cancellation still

@@ -29,6 +29,7 @@ from cqrs_resilience import (
     HookRegistry,
     TransientError,
     circuit_breaker,
+    inject_faults,
     pipeline,
     retry,
 )
@@ -64,7 +65,11 @@ def circuit_events(hooks: HookRegistry) -> Events:
 
 
 def breaker(clock: FakeClock, hooks: HookRegistry | None = None, **options: Any) -> CircuitBreaker:
-    settings: dict[str, Any] = {"minimum_throughput": 4, "break_duration_s": 5.0}
+    settings: dict[str, Any] = {
+        "failure_ratio": 0.5,
+        "minimum_throughput": 4,
+        "break_duration_s": 5.0,
+    }
     return circuit_breaker(clock=clock, hooks=hooks, **(settings | options))
 
 
@@ -728,3 +733,48 @@ async def test_a_lambda_call_can_be_the_trial(clock: FakeClock) -> None:
     clock.advance(5.0)
     assert await outcome(cb(lambda: target())) == "TransientError"
     assert cb.state == "open"
+
+
+async def burst(seed: int, **settings: Any) -> tuple[CircuitBreaker, list[str]]:
+    """200 commands through a `circuit_breaker(**settings)`, one a millisecond, 10% of them
+    failing: a fault comes back at once, a success after 0.5 s, so all 200 are in flight
+    together and the first outcomes the breaker counts are all failures. Returns the breaker
+    and each command's outcome."""
+    clock = FakeClock(autojump=False)
+    cb = circuit_breaker(clock=clock, **settings)
+
+    async def work() -> str:
+        await clock.sleep(0.5)
+        return "ok"
+
+    handler = cb(inject_faults(0.1, seed=seed)(work))
+    tasks = []
+    for _ in range(200):
+        tasks.append(asyncio.create_task(outcome(handler)))
+        await asyncio.sleep(0)  # the command runs up to its sleep, or fails, or is refused
+        clock.advance(0.001)
+    clock.advance(0.5)
+    return cb, await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_a_burst_at_a_ten_percent_fault_rate_keeps_the_default_circuit_closed(
+    seed: int,
+) -> None:
+    """With the defaults (Polly v8's), 200 concurrent commands of which 10% fail at once are
+    all let through: the early failures are fewer than minimum_throughput=100."""
+    cb, outcomes = await burst(seed)
+    assert (cb.failure_ratio, cb.minimum_throughput) == (0.1, 100)
+    assert cb.state == "closed" and "refused" not in outcomes
+    assert 10 <= outcomes.count("TransientError") <= 30
+    assert outcomes.count("ok") + outcomes.count("TransientError") == 200
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_the_same_burst_opened_the_circuit_under_the_old_defaults(seed: int) -> None:
+    """The former defaults (failure_ratio=0.5, minimum_throughput=10) opened on the burst's
+    first ten failures and refused the commands after them, though 90% would have succeeded."""
+    cb, outcomes = await burst(seed, failure_ratio=0.5, minimum_throughput=10)
+    assert cb.state == "open"
+    assert outcomes.count("TransientError") == 10  # the tenth failure opened it
+    assert 50 <= outcomes.count("refused") <= 150

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from cqrs_resilience import (
+    CommandTimeoutError,
+    CqrsResilienceError,
     FakeClock,
     FixedRetryPolicy,
     HookRegistry,
@@ -41,14 +43,35 @@ async def test_a_call_within_its_time_returns_its_result(clock: FakeClock) -> No
     assert await timeout(2, clock=clock)(sleeper(clock))(1.5) == 1.5
 
 
-async def test_a_call_past_its_deadline_raises_timeout_error(clock: FakeClock) -> None:
-    """At the deadline the call is cancelled and the builtin TimeoutError raised from it."""
-    with pytest.raises(TimeoutError, match=r"sleep_for timed out after 2 s") as info:
+async def test_a_call_past_its_deadline_raises_command_timeout_error(clock: FakeClock) -> None:
+    """At the deadline the call is cancelled and CommandTimeoutError raised from it."""
+    with pytest.raises(CommandTimeoutError, match=r"sleep_for timed out after 2 s") as info:
         await timeout(2, clock=clock)(sleeper(clock))(5)
-    assert type(info.value) is TimeoutError
+    assert type(info.value) is CommandTimeoutError
     assert isinstance(info.value.__cause__, asyncio.CancelledError)
     assert clock.now == 2  # the fake sleep was cut short at the deadline
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_command_timeout_is_still_a_builtin_timeout_error(clock: FakeClock) -> None:
+    """Code written for the builtin keeps working: `except TimeoutError` catches the timeout,
+    and retry()'s defaults retry it, as they retry any TimeoutError."""
+    try:
+        await timeout(2, clock=clock)(sleeper(clock))(5)
+    except TimeoutError as exc:
+        caught: BaseException = exc
+    assert isinstance(caught, CommandTimeoutError) and isinstance(caught, CqrsResilienceError)
+    attempts: list[float] = []
+
+    async def hangs_twice() -> str:
+        attempts.append(clock.now)
+        if len(attempts) < 3:
+            await clock.sleep(60)
+        return "ok"
+
+    handler = retry(FOUR_SECONDS, clock=clock)(timeout(2, clock=clock)(hangs_twice))
+    assert await handler() == "ok"
+    assert attempts == [2, 8, 14]
 
 
 async def test_fake_time_passing_the_deadline_fires_it() -> None:
