@@ -19,6 +19,7 @@ from cqrs_resilience import (
     CqrsResilienceError,
     IdempotencyKeyReuseError,
     InvalidIdempotencyKeyError,
+    InvalidResponseError,
     InvalidStateError,
     MergeConflictError,
     StoreError,
@@ -183,6 +184,13 @@ ROWS = [
         lambda: CorruptStateError("o1", 3, f"row from {SECRET} does not decode"),
         500,
         "internal_error",
+    ),
+    Row(
+        "InvalidResponseError",
+        lambda: InvalidResponseError("c-1", f"it cannot be encoded: {SECRET}"),
+        500,
+        "internal_error",
+        command_id="c-1",
     ),
     Row(
         "CqrsResilienceError",
