@@ -9,7 +9,8 @@ meant to be outermost). The same id with a different command is `IdempotencyKeyR
 
 In flight:
 - twice in one process, the second send waits for the first (`_in_flight`) and gets its
-  response or its exception; if the first was cancelled, one of the waiters runs the command;
+  response or its exception (a `timeout()` inside bounds both); if the first was cancelled,
+  one of the waiters runs the command;
 - in two processes, each write the first makes to `store` keeps a claim on the response
   (`_response_store`), so the second waits up to `wait_s` for the response, then raises
   `CommandInProgressError`; nothing is applied twice either way (section 8 of the contract);
@@ -128,7 +129,7 @@ class Idempotent:
             if joined is False:
                 raise IdempotencyKeyReuseError(command_id, None)
             if joined is not True:  # sent already, and still running in this process
-                response = await self._wait_for(joined, command_id, deadline)
+                response = await joined  # its outcome: it lands whatever happens to it
                 if response is AGAIN:
                     continue
                 return typing.cast(T, codec.decode(response, command_id))
@@ -142,14 +143,6 @@ class Idempotent:
                 raise
             IN_FLIGHT.land(key, (True, response))
             return typing.cast(T, codec.decode(response, command_id))
-
-    async def _wait_for(self, waiter: asyncio.Future[Any], command_id: str, deadline: float) -> Any:
-        """The outcome of the send this process has in flight, waited for until `deadline`."""
-        left = deadline - self.store.clock.monotonic()
-        try:
-            return await asyncio.wait_for(waiter, max(left, 0.0))
-        except TimeoutError:
-            raise CommandInProgressError(command_id) from None
 
     async def _send(
         self,

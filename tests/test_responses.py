@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
+import os
+import signal
 import threading
 from collections import Counter
 from typing import Any
@@ -19,6 +22,7 @@ from cqrs_resilience import (
     Command,
     CommandInProgressError,
     CommandResponse,
+    CommandTimeoutError,
     FakeClock,
     IdempotencyKeyReuseError,
     InMemoryRepository,
@@ -28,6 +32,7 @@ from cqrs_resilience import (
     circuit_breaker,
     idempotent,
     pipeline,
+    timeout,
 )
 from cqrs_resilience._in_flight import IN_FLIGHT
 
@@ -216,21 +221,27 @@ async def test_when_the_first_send_is_cancelled_a_waiter_runs_the_command(steps)
     assert len(IN_FLIGHT) == 0
 
 
-async def test_a_waiter_waits_at_most_wait_s_then_hears_the_command_is_in_progress():
-    """A send waiting for a first send that does not end gives up after `wait_s` with
-    `CommandInProgressError`, and the first still completes."""
+async def test_a_waiter_gets_the_timeout_of_the_send_it_waits_for():
+    """Sends waiting for a first send that never ends are bounded by the timeout inside:
+    they get its `CommandTimeoutError`, and nothing is left in flight."""
+    store = InMemoryRepository(Order)
     clock = FakeClock(autojump=False)
-    shop = Shop(InMemoryRepository(Order, clock=clock), wait_s=0.5)
-    shop.hold = asyncio.Event()
+    hang = asyncio.Event()
+
+    @idempotent(store)
+    @timeout(5, clock=clock)
+    async def add(command: AddItem) -> Receipt:
+        await hang.wait()
+        raise AssertionError("never")
+
     command = AddItem(order_id="o", item="a")
-    first = asyncio.ensure_future(shop.add(command))
-    await shop.entered.wait()
-    clock.advance(1)  # the second send's deadline is already past when it starts waiting
-    with pytest.raises(CommandInProgressError) as info:
-        await bounded(shop.add(command))
-    assert info.value.command_id == command.command_id
-    shop.hold.set()
-    assert (await first).version == 1
+    sends = [asyncio.ensure_future(add(command)) for _ in range(3)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    clock.advance(5)
+    outcomes = await bounded(asyncio.gather(*sends, return_exceptions=True))
+    assert [type(o) for o in outcomes] == [CommandTimeoutError] * 3
+    assert len(IN_FLIGHT) == 0
 
 
 def test_the_same_command_from_event_loops_on_two_threads_runs_once():
@@ -434,3 +445,44 @@ async def test_a_handler_with_responses_answers_a_resend_before_any_behaviour(ma
 
 async def _failing(command: AddItem) -> None:
     raise TransientError("down")
+
+
+def _send_and_hang(path: str, command: AddItem, written: Any) -> None:
+    """In a child process: send the command, say its write is made, and hang until killed."""
+    from cqrs_resilience.stores import SQLiteRepository
+
+    async def main() -> None:
+        store = SQLiteRepository(path, Order)
+        shop = Shop(store, wait_s=1.0)
+        shop.hold = asyncio.Event()
+        sending = asyncio.ensure_future(shop.add(command))
+        await shop.entered.wait()
+        written.set()
+        await sending
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+async def test_a_process_killed_mid_command_holds_its_resend_up_at_most_wait_s(tmp_path):
+    """SIGKILL a process after its send's write and before its response: a resend in another
+    process waits, runs the command once the claim lapsed (`wait_s` after the write), its
+    write replays (the item is there once), and its response is recorded for the next."""
+    from cqrs_resilience.stores import SQLiteRepository
+
+    path = tmp_path / "db"
+    command = AddItem(order_id="o", item="a")
+    context = multiprocessing.get_context("spawn")
+    written = context.Event()
+    child = context.Process(target=_send_and_hang, args=(str(path), command, written))
+    child.start()
+    assert await asyncio.to_thread(written.wait, BOUND_S), "the child never wrote"
+    os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    await asyncio.to_thread(child.join, BOUND_S)
+    async with SQLiteRepository(path, Order) as store:
+        shop = Shop(store, wait_s=1.0)
+        receipt = await bounded(shop.add(command))
+        assert receipt == Receipt("o", 1, ("a",))
+        assert await shop.items() == ["a"]
+        assert await bounded(shop.add(command)) == receipt
+        assert shop.runs["a"] == 1
