@@ -71,7 +71,7 @@ from ._merge_strategies import (
     TimestampLastWinsStrategy,
 )
 from ._merge_three_way import three_way_merge
-from ._messages import Command, CommandResponse, ConflictResilient, Retryable
+from ._messages import Command, CommandResponse, ConflictResilient, Retryable, new_command_id
 from ._pipeline import Behavior, Pipeline, pipeline
 from ._policies import ExponentialBackoffPolicy, FixedRetryPolicy, RetryPolicy
 from ._repository import Aggregate, InMemoryRepository, Repository
@@ -169,6 +169,7 @@ __all__ = [
     "idempotent",
     "inject_faults",
     "is_testing",
+    "new_command_id",
     "pipeline",
     "resolve_conflicts",
     "retry",

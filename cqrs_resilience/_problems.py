@@ -104,7 +104,9 @@ _KINDS: dict[type[BaseException], _Kind] = {
         "send a new command with a new key",
     ),
     InvalidStateError: _Kind(422, "invalid_state", _invalid_state),
-    msgspec.ValidationError: _Kind(422, "invalid_body", _own_text),
+    # A body that does not decode: malformed (a `DecodeError`) or not the command (its
+    # subclass `ValidationError`). msgspec's message says where, never what else it read.
+    msgspec.DecodeError: _Kind(422, "invalid_body", _own_text),
     # Commands choose their merge strategy (API.md 8): an unknown name came from the command.
     UnknownStrategyError: _Kind(
         422,
@@ -169,7 +171,7 @@ _FALLBACK = "the request failed"
 def problem(exc: BaseException) -> Problem | None:
     """How to answer `exc` over HTTP, or None when it is not an error this library answers.
 
-    Maps every `CqrsResilienceError`, the builtin `TimeoutError` and `msgspec.ValidationError`
+    Maps every `CqrsResilienceError`, the builtin `TimeoutError` and `msgspec.DecodeError`
     (a body that does not decode) to a status, a `Retry-After` header where known, and an
     RFC 9457 body; see the README's table.
     """

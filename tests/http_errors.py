@@ -45,6 +45,14 @@ def invalid_body() -> msgspec.ValidationError:
     raise AssertionError("the body decoded")
 
 
+def malformed_body() -> msgspec.DecodeError:
+    try:
+        msgspec.json.decode(b"not json", type=Pay)
+    except msgspec.DecodeError as exc:
+        return exc
+    raise AssertionError("the body decoded")
+
+
 class Row(msgspec.Struct, frozen=True):
     """An error, and the answer `problem()` must give it."""
 
@@ -113,6 +121,7 @@ ROWS = [
         "invalid_state",
     ),
     Row("msgspec.ValidationError", invalid_body, 422, "invalid_body", own_text=True),
+    Row("msgspec.DecodeError", malformed_body, 422, "invalid_body", own_text=True),
     Row(
         "UnknownStrategyError",
         lambda: UnknownStrategyError("nope", ["deep", "field"]),

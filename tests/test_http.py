@@ -272,7 +272,6 @@ def test_the_detail_of_a_state_the_store_refuses_names_reason_and_path() -> None
         KeyError("x"),
         RuntimeError("x"),
         ConnectionError("x"),  # retried by default, but not the library's error
-        msgspec.DecodeError("malformed JSON"),  # not a ValidationError: the app's to answer
         asyncio.CancelledError(),
         KeyboardInterrupt(),
     ],

@@ -6,7 +6,7 @@
     install(app)  # a Starlette or FastAPI app
 
 Every error `cqrs_resilience.http.problem()` maps (each `CqrsResilienceError`, the builtin
-`TimeoutError`, `msgspec.ValidationError`) raised by an endpoint is answered with its status,
+`TimeoutError`, `msgspec.DecodeError`) raised by an endpoint is answered with its status,
 its headers and an `application/problem+json` body. Other exceptions are left to the app and
 the framework. A server fault (status 500) is logged with its traceback on the
 `cqrs_resilience` logger at ERROR, since the framework no longer sees it; the others are
@@ -40,7 +40,7 @@ logger = logging.getLogger("cqrs_resilience")
 ANSWERED: tuple[type[Exception], ...] = (
     CqrsResilienceError,
     TimeoutError,
-    msgspec.ValidationError,
+    msgspec.DecodeError,
 )
 """The exception classes `install()` adds a handler for: what `problem()` maps."""
 
@@ -49,7 +49,7 @@ def install(app: Starlette) -> None:
     """Answer what `problem()` maps with problem details, on `app` (Starlette or FastAPI).
 
     Call it once, where the app is built. A handler you registered for one of these classes
-    (`CqrsResilienceError`, `TimeoutError`, `msgspec.ValidationError`) stays in place.
+    (`CqrsResilienceError`, `TimeoutError`, `msgspec.DecodeError`) stays in place.
     """
     for kind in ANSWERED:
         if kind not in app.exception_handlers:
