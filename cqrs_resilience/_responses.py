@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import math
 import typing
 import uuid
@@ -55,6 +56,8 @@ DEFAULT_WAIT_S = 30.0
 POLL_S = (0.01, 0.5)
 """The first and the longest pause between looks at a response another process owes."""
 _MISSING: Any = object()
+_PROCESS = uuid.uuid4().hex  # whose claims are whose: this process's sends, numbered
+_SENDS = itertools.count()
 _UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 
@@ -159,7 +162,7 @@ class Idempotent:
         if recorded is not None:
             return recorded
         root = scope.root or scope
-        owner = uuid.uuid4().hex
+        owner = f"{_PROCESS}:{next(_SENDS)}"
         previous, root.claim = root.claim, Claim(self.store, owner, self.wait_s)
         try:
             try:
