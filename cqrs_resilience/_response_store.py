@@ -63,3 +63,21 @@ def replaceable(row: RecordedResponse | None, now: float) -> bool:
         or row.response is None
         or (row.expires_at is not None and row.expires_at <= now)
     )
+
+
+def record_args(
+    command_id: str,
+    fingerprint: bytes,
+    response: bytes,
+    keep_s: float | None,
+    keep_commands_s: float | None,
+    now: float,
+) -> dict[str, object]:
+    """The parameters of the statement that records a response (`_sql.RECORD_RESPONSE`)."""
+    return {
+        "command_id": command_id,
+        "fingerprint": fingerprint,
+        "response": response,
+        "now": now,
+        "keep_until": kept_until(now, keep_s, keep_commands_s),
+    }

@@ -48,7 +48,7 @@ from .._errors import StoreClosedError, TransientError, VersionPrunedError
 from .._idempotency import WriteKey, claim_of, is_repeat
 from .._messages import require_command_id
 from .._repository import A, Outcome, Repository, ids_asked, lookup_possible, persist_checked
-from .._response_store import RecordedResponse, kept_until
+from .._response_store import RecordedResponse, record_args
 from .._retention import DEFAULT_KEEP_COMMANDS_S, DEFAULT_KEEP_VERSIONS, PRUNE_BATCH, Retention
 from .._turns import PROCESS_TURNS
 from . import _sql, _sqlite_leases
@@ -285,14 +285,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
     ) -> RecordedResponse:
         """Record `response` unless one is recorded; the one recorded (this, or the first)."""
         require_command_id(command_id)
-        now = self.clock.time()
-        args = {
-            "command_id": command_id,
-            "fingerprint": fingerprint,
-            "response": response,
-            "now": now,
-            "keep_until": kept_until(now, keep_s, self.retention.keep_commands_s),
-        }
+        keep_commands_s, now = self.retention.keep_commands_s, self.clock.time()
+        args = record_args(command_id, fingerprint, response, keep_s, keep_commands_s, now)
         doing = f"recording the response to command {command_id!r}"
         recorded: RecordedResponse = await self._write(
             doing, functools.partial(self._record_response, args)
