@@ -165,7 +165,7 @@ def test_an_event_loop_ends_while_the_pool_is_connecting():
     """`asyncio.run` ends, promptly, while a pool of the repository is still making a
     connection (the server has not answered yet): the pool's workers end when cancelled
     instead of waiting for the next maintenance task for ever."""
-    from cqrs_resilience.stores._postgres import _pool_type
+    from cqrs_resilience.stores._postgres_pools import _pool_type
 
     with socket.socket() as silent:  # takes connections and never answers them
         silent.bind(("127.0.0.1", 0))

@@ -6,27 +6,16 @@ version is still the latest, and records the command id beside it. Two writers r
 version meet on the primary key; the loser gets `ConcurrencyError`, or the first outcome when
 it is a repeat of the command that won.
 
-Event loops: psycopg's async pool belongs to the event loop it was opened on (its locks and
-worker tasks are that loop's). So a repository given a DSN opens one pool per event loop that
-uses it, on that loop, and closes it when the loop shuts down (`asyncio.run` and test runners
-close every loop's async generators as they end it; a generator of ours then closes the pool
-on its own loop). Any number of loops, one after another or at once on several threads, can
-use the repository. A pool passed in stays the caller's: it serves the loop it was first used
-on, and another loop gets a `StoreConfigurationError` saying so.
+Any number of event loops, one after another or at once on several threads, can use one
+repository given a DSN: it keeps a pool per loop (`_postgres_pools`).
 
 psycopg is imported when a repository is built, so `cqrs_resilience.stores` imports without it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
-import threading
-import types
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -46,6 +35,7 @@ from ._errors import (
     safe_target,
 )
 from ._lifecycle import StoreLifecycle
+from ._postgres_pools import GivenPool, LoopPools
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, AsyncCursor
@@ -55,7 +45,6 @@ if TYPE_CHECKING:
     Cursor: TypeAlias = AsyncCursor[TupleRow]
     Pool: TypeAlias = AsyncConnectionPool[Any]
 
-_pool_log = logging.getLogger("psycopg.pool")  # where the pool's own workers log
 _INSTALL_HINT = (
     "PostgresRepository needs psycopg 3 and psycopg-pool: pip install 'cqrs-resilience[postgres]'"
 )
@@ -203,9 +192,8 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
-        self._owns_pool = isinstance(dsn_or_pool, str)
-        self._given: Pool | None = None  # a pool passed in, and the loop it serves
-        self._given_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
+        self._pools: LoopPools | None = None  # given a DSN: a pool per event loop
+        self._given: GivenPool | None = None  # given a pool: the caller's
         if isinstance(dsn_or_pool, str):
             params = _parse_dsn(dsn_or_pool)
             self._conninfo = (
@@ -214,7 +202,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 else make_conninfo(dsn_or_pool, connect_timeout=10)
             )
             self.target = safe_target(params)
-            self._pool_options: dict[str, Any] = {
+            options = {
                 "open": False,
                 "min_size": min_size,
                 "max_size": max_size,
@@ -222,15 +210,16 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 "kwargs": {"autocommit": True},
                 "name": f"cqrs-resilience {self.target}",
             }
+            self._pools = LoopPools(self._conninfo, options, self.target)
         elif isinstance(dsn_or_pool, AsyncConnectionPool):
             self._conninfo = ""
-            self._given = dsn_or_pool
             conninfo = dsn_or_pool.conninfo
             self.target = (
                 safe_target(conninfo_to_dict(conninfo))
                 if isinstance(conninfo, str)
                 else (f"pool {dsn_or_pool.name!r}")
             )
+            self._given = GivenPool(dsn_or_pool, self.target)
         else:
             raise TypeError(
                 f"dsn_or_pool must be a DSN string or a psycopg_pool.AsyncConnectionPool, "
@@ -238,12 +227,6 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             )
         self._ready = False  # the server took us and the tables exist
         self._closed = False
-        # The pool of each event loop that used this repository (a DSN's pools), with the
-        # generator that closes it when its loop shuts down. Read and written under the lock.
-        self._pools: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Pool, AsyncGenerator[None, None]]
-        ] = weakref.WeakKeyDictionary()
-        self._lock = threading.Lock()
 
     async def open(self) -> None:
         """Check the server takes us, create missing tables, open this event loop's pool.
@@ -258,46 +241,27 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         if self._closed:
             return
         self._closed = True
-        if not self._owns_pool:
-            return
-        with self._lock:
-            pools = list(self._pools.items())
-            self._pools.clear()
-        here = asyncio.get_running_loop()
-        for loop, (pool, closer) in pools:
-            if loop is here:
-                await _close_now(pool, closer)
-            elif loop.is_running():
-                closing = asyncio.run_coroutine_threadsafe(_close_now(pool, closer), loop)
-                with suppress(Exception):
-                    await asyncio.wait_for(asyncio.wrap_future(closing), 10)
+        if self._pools is not None:
+            await self._pools.close()
 
     async def _pool_here(self) -> Pool:
         """The pool serving the running event loop, opened (the first one makes the tables)."""
-        loop = asyncio.get_running_loop()
-        if not self._owns_pool:
-            return await self._given_pool(loop)
-        with self._lock:
-            found = self._pools.get(loop)
+        if self._given is not None:
+            pool = self._given.here()
+            if not self._ready:
+                with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
+                    await pool.open()
+                    async with pool.connection() as conn:
+                        await _ensure_schema(conn)
+                self._ready = True
+            return pool
+        assert self._pools is not None
+        found = self._pools.here()
         if found is not None:
-            return found[0]
+            return found
         if not self._ready:
             await self._check_server()
-        with self._lock:
-            found = self._pools.get(loop)
-            if found is None:
-                if self._closed:  # closed from another loop meanwhile: open no new pool
-                    raise StoreClosedError(f"PostgreSQL {self.target}: the repository is closed")
-                pool: Pool = _pool_type()(self._conninfo, **self._pool_options)
-                closer = _closing(pool)
-                found = self._pools[loop] = (pool, closer)
-            else:
-                closer = None
-        if closer is not None:
-            await anext(closer)  # the loop closes the pool as it shuts its generators down
-        with postgres_errors(f"PostgreSQL {self.target}: opening a connection pool"):
-            await found[0].open()
-        return found[0]
+        return await self._pools.open_here()
 
     async def _check_server(self) -> None:
         """A direct connection reports why it failed (a pool would only time out); then the
@@ -312,27 +276,6 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             async with conn:
                 await _ensure_schema(conn)
         self._ready = True
-
-    async def _given_pool(self, loop: asyncio.AbstractEventLoop) -> Pool:
-        pool = self._given
-        assert pool is not None
-        with self._lock:
-            if self._given_loop is None:
-                self._given_loop = weakref.ref(loop)
-            serves = self._given_loop()
-        if serves is not loop:
-            raise StoreConfigurationError(
-                f"PostgreSQL {self.target}: the connection pool given to this repository "
-                "serves another event loop (a psycopg pool cannot be shared between loops); "
-                "give the repository a DSN instead, and it opens a pool for each event loop"
-            )
-        if not self._ready:
-            with postgres_errors(f"PostgreSQL {self.target}: creating tables"):
-                await pool.open()
-                async with pool.connection() as conn:
-                    await _ensure_schema(conn)
-            self._ready = True
-        return pool
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         storable = self._codec.storable_id
@@ -500,64 +443,6 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 conn.cursor(row_factory=tuple_row) as cur,
             ):
                 yield cur
-
-
-@functools.cache
-def _pool_type() -> type[Pool]:
-    """psycopg_pool's async pool, except that its maintenance workers end when cancelled.
-
-    psycopg_pool (3.3) catches a `CancelledError` met in the middle of a maintenance task (a
-    connection being made, say), logs it and waits for the next task: an event loop that
-    ends while one is under way (`asyncio.run` cancels every task, then waits for them)
-    waits for ever. Here a worker whose task swallowed a cancellation ends after the task.
-    Where psycopg_pool's internals are not the ones this was written against, the pool is
-    used as it comes."""
-    from psycopg_pool import AsyncConnectionPool
-
-    try:
-        from psycopg_pool.pool_async import StopWorker
-    except ImportError:  # pragma: no cover - another psycopg_pool
-        return AsyncConnectionPool
-    if not isinstance(getattr(AsyncConnectionPool, "worker", None), types.MethodType):
-        return AsyncConnectionPool  # pragma: no cover
-
-    class CancellablePool(AsyncConnectionPool):
-        @classmethod
-        async def worker(cls, q: Any) -> None:
-            me = asyncio.current_task()
-            while not isinstance(task := await q.get(), StopWorker):
-                try:
-                    await task.run()
-                except Exception as exc:  # a failed task must not end the worker
-                    _pool_log.warning("task run %s failed: %s: %s", task, type(exc).__name__, exc)
-                if me is not None and me.cancelling():  # cancelled, and the task swallowed it
-                    raise asyncio.CancelledError
-
-    return CancellablePool
-
-
-async def _closing(pool: Pool) -> AsyncGenerator[None, None]:
-    """Closes `pool` when closed itself: by `close()`, or by its event loop shutting down."""
-    try:
-        yield
-    finally:
-        if not pool.closed:
-            # The loop is ending. It cancelled its tasks first, the pool's workers among
-            # them, which makes `close()` stop before it closes the idle connections: close
-            # those first (the replacements `drain()` asks for are never made).
-            await pool.drain()
-            try:
-                await pool.close()
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # our caller is cancelled, not just the workers
-
-
-async def _close_now(pool: Pool, closer: AsyncGenerator[None, None]) -> None:
-    """Close `pool` on its own running loop, and the generator that would close it later."""
-    await pool.close()
-    await closer.aclose()
 
 
 def _parse_dsn(dsn: str) -> dict[str, Any]:
