@@ -1,5 +1,5 @@
 """The PostgreSQL repository under several event loops and threads: a pool per loop, opened
-on it and closed with it (see the top of `cqrs_resilience/stores/_postgres.py`)."""
+on it and closed with it (see the top of `cqrs_resilience/stores/_postgres_pools.py`)."""
 
 from __future__ import annotations
 
