@@ -32,6 +32,7 @@ from cqrs_resilience import (
     circuit_breaker,
     idempotent,
     pipeline,
+    retry,
     timeout,
 )
 from cqrs_resilience._in_flight import IN_FLIGHT
@@ -486,3 +487,22 @@ async def test_a_process_killed_mid_command_holds_its_resend_up_at_most_wait_s(t
         assert await shop.items() == ["a"]
         assert await bounded(shop.add(command)) == receipt
         assert shop.runs["a"] == 1
+
+
+async def test_idempotent_composes_outermost_in_a_pipeline(make_store):
+    """`pipeline(idempotent(store), timeout(...), retry())(fn)`: a transient failure is
+    retried inside, the response recorded once, and a resend answered without a retry."""
+    store = make_store(Order)
+    calls: Counter[str] = Counter()
+
+    async def add(command: AddItem) -> Receipt:
+        calls[command.item] += 1
+        if calls[command.item] == 1:
+            raise TransientError("the first attempt fails")
+        stored = await store.persist(Order(id=command.order_id, items=[command.item]))
+        return Receipt(stored.id, stored.version, tuple(stored.items))
+
+    send = pipeline(idempotent(store), timeout(10), retry(clock=FakeClock()))(add)
+    command = AddItem(order_id="o", item="a")
+    assert await send(command) == await send(command) == Receipt("o", 1, ("a",))
+    assert calls["a"] == 2
