@@ -33,6 +33,7 @@ from ._errors import (
     MergeConflictError,
     StoreError,
     TransientError,
+    UndecodableCommandError,
     VersionPrunedError,
 )
 from ._faults import FaultyRepository
@@ -158,6 +159,7 @@ __all__ = [
     "TimestampLastWinsStrategy",
     "TransientError",
     "Turns",
+    "UndecodableCommandError",
     "UnknownStrategyError",
     "UpdateCommand",
     "VersionPrunedError",

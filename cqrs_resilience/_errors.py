@@ -11,6 +11,7 @@ Exception
       ├── ConfigurationError         (also ValueError) a setting out of range, named in the message
       ├── InvalidIdempotencyKeyError (also ValueError) an Idempotency-Key no command id can be
       ├── InvalidResponseError       (also ValueError) a response `idempotent()` cannot record
+      ├── UndecodableCommandError    (also ValueError) a queued job that carries no command
       └── StoreError                 a store failed in a way the same call will not fix
            ├── StoreClosedError         the repository (or the pool it was given) was closed
            ├── SchemaError              the store's tables are missing or unusable
@@ -290,3 +291,16 @@ class InvalidResponseError(CqrsResilienceError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.command_id, self.reason), self.__dict__
+
+
+class UndecodableCommandError(CqrsResilienceError, ValueError):
+    """A job on a queue carries no command of the type its task takes (the schema changed, or
+    garbage was queued): the job fails at once, never retried, and the queue goes on."""
+
+    def __init__(self, command_type: str, reason: str) -> None:
+        super().__init__(f"a queued job carries no {command_type} command: {reason}")
+        self.command_type = command_type
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.command_type, self.reason), self.__dict__

@@ -24,6 +24,7 @@ from cqrs_resilience import (
     MergeConflictError,
     StoreError,
     TransientError,
+    UndecodableCommandError,
     UnknownStrategyError,
     VersionPrunedError,
 )
@@ -200,6 +201,12 @@ ROWS = [
         500,
         "internal_error",
         command_id="c-1",
+    ),
+    Row(
+        "UndecodableCommandError",
+        lambda: UndecodableCommandError("AddItem", f"JSON is malformed: {SECRET}"),
+        500,
+        "internal_error",
     ),
     Row(
         "CqrsResilienceError",
