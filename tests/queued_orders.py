@@ -40,6 +40,8 @@ class Faults:
         self.broken_after_write: set[str] = set()  # ... the same, once the item is written
         self.runs: dict[str, int] = {}
         self.work_s = 0.0  # time a run takes after its write (to be caught in the middle)
+        self.pause_before_write: Any = None  # async callables a run awaits with its item
+        self.pause_after_write: Any = None
 
 
 def orders_app(
@@ -58,9 +60,13 @@ def orders_app(
             raise TransientError(f"{item}: the store is down for now")
         if item in faults.broken:
             raise ValueError(f"{item}: a bug in the handler")
+        if faults.pause_before_write is not None:
+            await faults.pause_before_write(item)
         found = await orders.retrieve([command.order_id])
         order = found[0] if found else Order(id=command.order_id)
         await orders.persist(msgspec.structs.replace(order, items=[*order.items, item]))
+        if faults.pause_after_write is not None:
+            await faults.pause_after_write(item)
         if faults.work_s:
             await asyncio.sleep(faults.work_s)
         if item in faults.broken_after_write:

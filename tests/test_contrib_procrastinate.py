@@ -326,3 +326,84 @@ async def test_a_worker_killed_mid_jobs_loses_and_doubles_nothing(pg_database: s
     assert items == Counter({command.item: 1 for command in sent})
     for order in orders_now.values():
         assert order.version == len(order.items)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("when", ["before its write", "after its write"])
+async def test_a_worker_cancelled_in_the_middle_of_a_job_loses_and_doubles_nothing(
+    pg_database: str, when: str
+) -> None:
+    """The worker stopped (its task cancelled, with no grace) while a job runs its handler,
+    before or after the command's write: the job is not aborted but runs again, and its item
+    lands once."""
+    app, task, (orders, faults) = orders_app(pg_database)
+    inside = asyncio.Event()
+    hold = asyncio.Event()
+    entered: list[str] = []
+
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        await task.send(AddItem(order_id="o", item="cancelled"))
+
+        async def pause(item: str) -> None:
+            entered.append(item)
+            inside.set()
+            await hold.wait()
+
+        faults.pause_before_write = pause if when == "before its write" else None
+        faults.pause_after_write = pause if when == "after its write" else None
+        worker = asyncio.ensure_future(
+            app.run_worker_async(
+                queues=["commands"],
+                install_signal_handlers=False,
+                update_heartbeat_interval=0.1,
+                stalled_worker_timeout=0.5,
+                shutdown_graceful_timeout=0,
+            )
+        )
+        await asyncio.wait_for(inside.wait(), BOUND_S)
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        faults.pause_before_write = faults.pause_after_write = None
+        assert await job_statuses(pg_database) == Counter({"todo": 1})  # to run again
+        await run_jobs(app, pg_database)
+        statuses = await job_statuses(pg_database)
+        [order] = await orders.retrieve(["o"])
+    await orders.close()
+    assert order.items == ["cancelled"]
+    assert entered == ["cancelled"]
+    assert statuses == Counter({"succeeded": 1})
+
+
+@pytest.mark.postgres
+async def test_a_job_aborted_on_request_stays_aborted(pg_database: str) -> None:
+    """Someone asks to abort a running job: it is aborted, not run again."""
+    app, task, (orders, faults) = orders_app(pg_database)
+    inside = asyncio.Event()
+
+    async def hang(item: str) -> None:
+        inside.set()
+        await asyncio.Event().wait()
+
+    faults.pause_before_write = hang
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+        job_id = await task.send(AddItem(order_id="o", item="unwanted"))
+        worker = asyncio.ensure_future(
+            app.run_worker_async(
+                queues=["commands"], install_signal_handlers=False, abort_job_polling_interval=0.05
+            )
+        )
+        await asyncio.wait_for(inside.wait(), BOUND_S)
+        await app.job_manager.cancel_job_by_id_async(job_id, abort=True)
+        deadline = time.monotonic() + BOUND_S
+        while (statuses := await job_statuses(pg_database))["aborted"] < 1:
+            assert time.monotonic() < deadline, statuses
+            await asyncio.sleep(0.05)
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+        assert await orders.retrieve(["o"]) == []
+    await orders.close()
+    assert faults.runs["unwanted"] == 1

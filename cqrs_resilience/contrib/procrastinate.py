@@ -13,8 +13,10 @@ every run of it is the same command, and the stores make its effect happen once
 (`contrib._jobs`). Transient failures that outlive the handler's own `retry()` become job
 retries with the engine's backoff (`JobRetry`); any other failure fails the job at once, with
 its error logged, never retried; a job that does not decode fails the same way, and the queue
-goes on. Workers send heartbeats; `recover_stalled_jobs()` hands the jobs of a worker that
-died (SIGKILL, a lost machine) back to the queue, to run again.
+goes on. A job whose worker stops while it runs (a deploy) runs again instead of being
+aborted; a job someone asked to abort is aborted. Workers send heartbeats;
+`recover_stalled_jobs()` hands the jobs of a worker that died (SIGKILL, a lost machine) back
+to the queue, to run again.
 
 `lock=` serialises the commands of one aggregate through procrastinate's job locks: one runs
 at a time, in the order they were sent (an alternative to optimistic conflict resolution for
@@ -23,16 +25,18 @@ very hot aggregates).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from .._errors import UndecodableCommandError
+from .._errors import TransientError, UndecodableCommandError
 from ._jobs import CommandJobs, JobRetry
 
 try:
     import procrastinate
     from procrastinate import JobContext
+    from procrastinate.job_context import AbortReason
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "cqrs_resilience.contrib.procrastinate needs procrastinate: "
@@ -131,6 +135,14 @@ def command_task(
     async def run(context: JobContext, command: Any) -> None:
         try:
             await jobs.run(command)
+        except asyncio.CancelledError:
+            if context.abort_reason() != AbortReason.SHUTDOWN:
+                raise  # an abort someone asked for: the job is aborted
+            # Its worker is stopping (a deploy, a scale-down): the job is not done, and runs
+            # again on a worker; its writes so far replay. procrastinate would abort it.
+            raise TransientError(
+                f"job {context.job.id} of {task_name}: its worker stopped while it ran"
+            ) from None
         except UndecodableCommandError as exc:
             logger.error("job %s of %s failed, not retried: %s", context.job.id, task_name, exc)
             raise
