@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from ._demo import (
     DEMO_POLICY,
     MAX_RETRIES_LIMIT,
+    DemoOptions,
+    Report,
     default_options,
     format_report,
     plural,
@@ -20,8 +22,12 @@ from ._demo import (
     temporary_sqlite,
 )
 from ._errors import TransientError
+from ._pg_server import PostgresUnavailableError
 from ._signals import stop_on_signals
 from .stores import StoreError
+
+ENGINES = ("inline", "procrastinate")
+DEFAULT_WORKERS = 2
 
 # Exit statuses of `demo`, one place for the code and its --help.
 EXIT_OK = 0
@@ -43,7 +49,8 @@ exit status:
        nothing was lost or doubled
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
   {EXIT_TERMINATED}  interrupted by SIGTERM ({EXIT_HUNG_UP}: by SIGHUP), which stops the demo
-       as Ctrl-C does: worker processes stopped, temporary folder removed
+       as Ctrl-C does: worker processes stopped, temporary folder (or
+       throwaway server) removed
 """
 
 
@@ -134,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run N concurrent writers that add line items to a few hot orders through a "
             "ResilientCommandHandler with a three-way MERGE, while the store injects "
             "transient faults and commit-then-timeout faults. Ends with a table and a check "
-            "that every update is in the final state exactly once.",
+            "that every update is in the final state exactly once. With --engine "
+            "procrastinate the updates are jobs of a PostgreSQL queue, run by --workers "
+            "worker processes.",
             width=78,
         ),
         epilog=_EXIT_CODES,
@@ -187,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dsn",
         type=_dsn,
         default=None,
-        help="PostgreSQL URL or libpq string (default: a SQLite file in a temporary folder)",
+        help=(
+            "PostgreSQL URL or libpq string (default: a SQLite file in a temporary folder; "
+            "with --engine procrastinate, a throwaway PostgreSQL server)"
+        ),
     )
     demo.add_argument(
         "--sqlite",
@@ -204,9 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--processes",
         type=_positive,
-        default=1,
+        default=None,
         metavar="K",
         help="worker processes sharing the database, 1 to --writers (default 1)",
+    )
+    demo.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="inline",
+        help=(
+            "inline: the writers call the handler themselves; procrastinate: they send "
+            "their updates as jobs of a PostgreSQL queue (procrastinate), run by worker "
+            "processes (default inline)"
+        ),
+    )
+    demo.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=(
+            f"with --engine procrastinate: worker processes running the jobs, 1 to --writers "
+            f"(default {DEFAULT_WORKERS}); PostgreSQL from --dsn, else a throwaway server"
+        ),
+    )
+    demo.add_argument(
+        "--kill-worker",
+        action="store_true",
+        help=(
+            "with --engine procrastinate: SIGKILL one worker process in the middle of a job "
+            "(another takes its place; its jobs are recovered and run again)"
+        ),
     )
     demo.add_argument(
         "--seed",
@@ -227,7 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "demo":
         parser.print_help()
         return EXIT_USAGE
-    if args.processes > args.writers:
+    problem = _engine_problem(args)
+    if problem:
+        command_parser.error(problem)
+    if args.processes is not None and args.processes > args.writers:
         command_parser.error(
             f"--processes ({args.processes}) cannot exceed --writers ({args.writers})"
         )
@@ -252,7 +295,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + stop.signum
 
 
+def _engine_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options for the engine chosen, if anything."""
+    if args.engine != "procrastinate":
+        for option, given in (("--workers", args.workers), ("--kill-worker", args.kill_worker)):
+            if given:
+                return (
+                    f"{option} needs --engine procrastinate (the inline engine takes --processes)"
+                )
+        return None
+    for option, given, why in (
+        ("--processes", args.processes, "its worker processes are --workers"),
+        (
+            "--sqlite",
+            args.sqlite,
+            "the queue runs on PostgreSQL (give --dsn, or neither for a throwaway server)",
+        ),
+        ("--keep", args.keep, "there is no temporary SQLite folder to keep"),
+    ):
+        if given:
+            return f"{option} does not go with --engine procrastinate: {why}"
+    workers = args.workers or DEFAULT_WORKERS
+    if workers > args.writers:
+        return f"--workers ({workers}) cannot exceed --writers ({args.writers})"
+    if args.kill_worker and not hasattr(signal, "SIGKILL"):
+        return "--kill-worker needs SIGKILL, which this system does not have"
+    from ._demo_queue import queue_unavailable
+
+    return queue_unavailable()
+
+
 def _run_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    if args.engine == "procrastinate":
+        return _run_queue_demo(args, cleanup)
     sqlite_path = args.sqlite
     if not args.dsn and sqlite_path is None:
         sqlite_path = cleanup.enter_context(temporary_sqlite(keep=args.keep))
@@ -264,25 +339,61 @@ def _run_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
         orders=args.orders,
         transient_rate=args.transient_rate,
         timeout_rate=args.timeout_rate,
-        processes=args.processes,
+        processes=args.processes or 1,
         dsn=args.dsn,
         sqlite_path=sqlite_path,
         sqlite_removed=not args.dsn and args.sqlite is None and not args.keep,
         seed=args.seed,
         max_retries=args.max_retries,
     )
-    print(
-        f"cqrs-resilience demo: {plural(options.writers, 'writer')} x "
-        f"{plural(options.updates, 'command')} on {plural(options.orders, 'hot order')}, "
-        f"{options.transient_rate:.0%} transient faults, "
-        f"{options.timeout_rate:.0%} commit-then-timeout",
-        flush=True,
-    )
+    _announce(options, "")
     try:
         report = run_demo(options)
     except (StoreError, TransientError, ImportError, OSError) as exc:
         print(f"cqrs-resilience: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return _finish(report)
+
+
+def _run_queue_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
+    from ._demo_queue import QueueOptions, run_queue_demo, throwaway_server
+
+    dsn = args.dsn
+    try:
+        if dsn is None:
+            dsn = cleanup.enter_context(throwaway_server())
+        options = default_options(
+            writers=args.writers,
+            updates=args.updates,
+            orders=args.orders,
+            transient_rate=args.transient_rate,
+            timeout_rate=args.timeout_rate,
+            dsn=dsn,
+            server_removed=args.dsn is None,
+            seed=args.seed,
+            max_retries=args.max_retries,
+        )
+        engine = QueueOptions(workers=args.workers or DEFAULT_WORKERS, kill_worker=args.kill_worker)
+        _announce(options, f", as jobs run by {plural(engine.workers, 'worker')}")
+        report = run_queue_demo(options, engine)
+    except (StoreError, TransientError, ImportError, OSError, PostgresUnavailableError) as exc:
+        print(f"cqrs-resilience: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _finish(report)
+
+
+def _announce(options: DemoOptions, how: str) -> None:
+    print(
+        f"cqrs-resilience demo: {plural(options.writers, 'writer')} x "
+        f"{plural(options.updates, 'command')} on {plural(options.orders, 'hot order')}, "
+        f"{options.transient_rate:.0%} transient faults, "
+        f"{options.timeout_rate:.0%} commit-then-timeout{how}",
+        flush=True,
+    )
+
+
+def _finish(report: Report) -> int:
+    """Print the table; the exit status it calls for."""
     print(format_report(report))
     if not report.exactly_once:
         return EXIT_LOST_OR_DOUBLED

@@ -127,6 +127,7 @@ class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
     dsn: str | None = None
     sqlite_path: str | None = None
     sqlite_removed: bool = False  # a temporary file, removed when the run ends
+    server_removed: bool = False  # a throwaway PostgreSQL server, removed when the run ends
     seed: int = 0
     max_retries: int = DEMO_POLICY.max_retries
     run_id: str = ""
@@ -287,6 +288,13 @@ class Report:
     applied_after_failing: int = 0
     """Commands that failed visibly yet are in the final state (committed, then timed out)."""
     store_bytes: int = 0
+    # What another engine (the queue's) says in the table instead, or besides.
+    layout: str = ""
+    """How the commands ran, when not by writers in processes of their own."""
+    resolved_label: str = "conflicts resolved (commands merged)"
+    failed_label: str = "failed visibly (caller got the error)"
+    engine_rows: list[tuple[str, str]] = field(default_factory=list)
+    """Rows after the injected faults."""
 
     @property
     def exactly_once(self) -> bool:
@@ -482,22 +490,25 @@ def format_report(report: Report) -> str:
     stats, options = report.stats, report.options
     removed = ", removed at exit" if options.sqlite_removed else ""
     store = "PostgreSQL" if options.dsn else f"SQLite ({options.sqlite_path}{removed})"
+    if options.server_removed:
+        store = "PostgreSQL (a throwaway server, removed at exit)"
     total = options.writers * options.updates
     processes = "process" if options.processes == 1 else "processes"
+    layout = (
+        report.layout or f"{options.writers} x {options.updates} in {options.processes} {processes}"
+    )
     rows = [
         ("store", store),
-        (
-            "writers x updates",
-            f"{options.writers} x {options.updates} in {options.processes} {processes}",
-        ),
+        ("writers x updates", layout),
         ("hot orders", str(options.orders)),
         ("commands", f"{stats.commands} ({stats.failed} failed visibly)"),
         ("attempts (process calls)", str(stats.attempts)),
         ("retries (transient)", str(stats.retries)),
         ("conflicts detected (ConcurrencyErrors)", str(stats.conflicts_detected)),
-        ("conflicts resolved (commands merged)", str(stats.conflicts_resolved)),
+        (report.resolved_label, str(stats.conflicts_resolved)),
         ("injected transient faults", str(stats.injected_transient)),
         ("injected commit-then-timeout", str(stats.injected_timeouts)),
+        *report.engine_rows,
         ("throughput", f"{stats.commands / report.elapsed:,.0f} commands/s"),
         ("latency p50", f"{_percentile(stats.latencies_ms, 0.50):.1f} ms"),
         ("latency p99", f"{_percentile(stats.latencies_ms, 0.99):.1f} ms"),
@@ -522,7 +533,7 @@ def format_report(report: Report) -> str:
     if failed:
         rows.append(
             (
-                "failed visibly (caller got the error)",
+                report.failed_label,
                 f"{plural(failed, 'command')}, {report.applied_after_failing} of them applied",
             )
         )

@@ -48,6 +48,18 @@ def pg_dsn() -> Iterator[str]:
         yield dsn
 
 
+@pytest.fixture(scope="session")
+def pg_binaries() -> None:
+    """PostgreSQL server binaries, for tests that start a throwaway server themselves (the
+    demo's); like `pg_dsn`, they skip locally and fail in CI without them."""
+    try:
+        pg_server.find_bin_dir()
+    except pg_server.PostgresUnavailableError as exc:
+        if in_ci() and not os.environ.get(pg_server.ENV_DSN):
+            pytest.fail(f"PostgreSQL server binaries are required here: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
 @pytest.fixture
 def pg_database(pg_dsn: str) -> Iterator[str]:
     """The DSN of a new, empty database, dropped after the test: tests never see each other."""

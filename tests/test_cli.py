@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import select
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,99 +15,18 @@ import cqrs_resilience
 from cqrs_resilience import __main__ as cli
 from cqrs_resilience import _demo
 from cqrs_resilience._demo import Report, WorkerStats, default_options, plural
-
-ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["demo", "--writers", "2", "--updates", "2", "--orders", "1"]
-
-
-def _start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    """`python -m cqrs_resilience ...` with this tree first on the path, temp files in tmp_path."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "TMPDIR": str(tmp_path),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "cqrs_resilience", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def _read_until(
-    run: subprocess.Popen[str], wanted: Callable[[str], bool], timeout_s: float = 60
-) -> str:
-    """The first stderr line `wanted` accepts; the run is killed if none comes in time."""
-    assert run.stderr is not None
-    watchdog = threading.Timer(timeout_s, run.kill)
-    watchdog.start()
-    seen = []
-    try:
-        for line in run.stderr:
-            seen.append(line)
-            if wanted(line):
-                return line
-    finally:
-        watchdog.cancel()
-    pytest.fail(f"the demo ended (or took over {timeout_s} s) before such a line: {seen}")
-
-
-def _children(pid: int) -> dict[int, str]:
-    """The processes whose parent is `pid`, with their command lines."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:  # it ended meanwhile
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found[int(entry.name)] = command
-    return found
-
-
-def _ended(pidfd: int, timeout_s: float) -> bool:
-    """Whether the process behind `pidfd` has ended, waiting up to `timeout_s` for it."""
-    return bool(select.select([pidfd], [], [], timeout_s)[0])
-
-
-@contextlib.contextmanager
-def _watching(pids: list[int]) -> Iterator[dict[int, int]]:
-    """A pidfd per process (immune to pid reuse); any still running afterwards is killed."""
-    pidfds = {pid: os.pidfd_open(pid) for pid in pids}
-    try:
-        yield pidfds
-    finally:
-        for pidfd in pidfds.values():
-            if not _ended(pidfd, 0):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            os.close(pidfd)
-
-
-needs_proc = pytest.mark.skipif(
-    not hasattr(os, "pidfd_open") or not Path("/proc/self/stat").exists(),
-    reason="watches processes through /proc and pidfds (Linux)",
+from tests.demo_runs import (
+    children_of,
+    demo_running,
+    ended,
+    needs_proc,
+    read_until,
+    start_demo,
+    watching,
+    worker_pids,
 )
 
-
-@contextlib.contextmanager
-def _demo_running(args: list[str], tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """`_start`, and the demo and its children killed should a check fail before it ends."""
-    run = _start(args, tmp_path)
-    try:
-        yield run
-    finally:
-        if run.poll() is None:
-            with _watching(list(_children(run.pid))):
-                run.kill()
-        run.wait()
-
-
-def _workers(children: dict[int, str]) -> list[int]:
-    return [pid for pid, command in children.items() if "multiprocessing.spawn" in command]
+SMALL = ["demo", "--writers", "2", "--updates", "2", "--orders", "1"]
 
 
 @needs_proc
@@ -132,21 +46,21 @@ def test_a_stop_signal_stops_every_worker_and_removes_the_temporary_folder(
     """SIGINT, SIGTERM or SIGHUP mid-run: every worker process stopped and reaped, no
     temporary folder left, exit 128 + the signal, "interrupted" on stderr, no traceback."""
     argv = ["demo", "--writers", "4", "--updates", "500", "--processes", processes]
-    with _demo_running(argv, tmp_path) as run:
+    with demo_running(argv, tmp_path) as run:
         # Progress goes to stderr a line per 10% when it is not a terminal: after "  N/2000
         # commands" with N > 0, the writers are busy.
-        line = _read_until(run, lambda line: re.match(r"  [1-9]\d*/2000 ", line) is not None)
+        line = read_until(run, lambda line: re.match(r"  [1-9]\d*/2000 ", line) is not None)
         assert not line.startswith("  2000/"), "finished before the signal; give it more work"
-        children = _children(run.pid)
-        workers = _workers(children)
+        children = children_of(run.pid)
+        workers = worker_pids(children)
         assert len(workers) == (0 if processes == "1" else int(processes)), children
-        with _watching(list(children)) as pidfds:
+        with watching(list(children)) as pidfds:
             run.send_signal(signum)
             assert run.wait(timeout=60) == status
             # The demo waited for its workers. multiprocessing's helper process (the resource
             # tracker) ends by itself once they and the demo are gone.
             assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
-            assert all(_ended(pidfd, timeout_s=10) for pidfd in pidfds.values()), children
+            assert all(ended(pidfd, timeout_s=10) for pidfd in pidfds.values()), children
         assert not list(tmp_path.glob("cqrs-resilience-demo-*"))
         _, err = run.communicate(timeout=60)
         assert "cqrs-resilience: interrupted" in err
@@ -158,15 +72,15 @@ def test_workers_stop_on_their_own_when_the_demo_is_killed(tmp_path: Path) -> No
     """SIGKILL leaves the demo no time to clean up; its worker processes notice that it is
     gone and exit within seconds instead of writing on alone."""
     argv = ["demo", "--writers", "4", "--updates", "5000", "--processes", "2"]
-    with _demo_running(argv, tmp_path) as run:
-        _read_until(run, lambda line: line.startswith("  0/"))  # once the workers started
-        children = _children(run.pid)
-        workers = _workers(children)
+    with demo_running(argv, tmp_path) as run:
+        read_until(run, lambda line: line.startswith("  0/"))  # once the workers started
+        children = children_of(run.pid)
+        workers = worker_pids(children)
         assert len(workers) == 2, children
-        with _watching(list(children)) as pidfds:
-            assert not any(_ended(pidfds[pid], 0) for pid in workers)
+        with watching(list(children)) as pidfds:
+            assert not any(ended(pidfds[pid], 0) for pid in workers)
             run.kill()
-            assert all(_ended(pidfd, timeout_s=5) for pidfd in pidfds.values()), children
+            assert all(ended(pidfd, timeout_s=5) for pidfd in pidfds.values()), children
 
 
 def test_main_runs_from_another_thread(tmp_path: Path) -> None:
@@ -277,7 +191,7 @@ def test_a_bad_demo_option_shows_the_demo_usage(
 def test_max_retries_zero_turns_faults_into_visible_failures_exit_3(tmp_path: Path) -> None:
     """With no retries, injected faults reach callers: reported apart from losses, exit 3."""
     argv = [*SMALL, "--updates", "10", "--max-retries", "0", "--transient-rate", "0.5"]
-    run = _start(argv, tmp_path)
+    run = start_demo(argv, tmp_path)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 3, (out, err)
     assert "acknowledged updates present exactly once" in out

@@ -261,6 +261,28 @@ async def test_a_lock_runs_one_aggregates_commands_one_at_a_time_in_order(
     assert o.version == 12
 
 
+@pytest.mark.postgres
+async def test_stalled_jobs_are_recovered_from_the_queue_named_only(queue: Any) -> None:
+    """`recover_stalled_jobs(queue=...)` sends back the stalled jobs of that queue alone: the
+    database's other queues are left to their own workers."""
+    from cqrs_resilience.contrib.procrastinate import command_task
+
+    app, task, _, _, dsn = queue
+    other = command_task(app, task.jobs.handle, AddItem, name="other", queue="other")
+    await task.send(AddItem(order_id="o", item="mine"))
+    await other.send(AddItem(order_id="o", item="theirs"))
+    worker_id = await app.job_manager.register_worker()  # a worker that then dies
+    for _ in range(2):
+        assert await app.job_manager.fetch_job(queues=None, worker_id=worker_id)
+    assert await job_statuses(dsn) == Counter({"doing": 2})
+    assert await recover_stalled_jobs(app, seconds_since_heartbeat=0, queue="commands") == 1
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute("SELECT queue_name, status FROM procrastinate_jobs")
+        assert sorted(await cursor.fetchall()) == [("commands", "todo"), ("other", "doing")]
+
+
 # --- a worker killed in the middle of jobs ----------------------------------------------------
 
 

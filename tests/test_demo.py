@@ -120,6 +120,25 @@ async def test_the_check_catches_a_doubled_update(tmp_path: Path) -> None:
         (["demo", "--writers", "2", "--processes", "3"], "cannot exceed"),
         (["demo", "--dsn", "postgresql://h/d", "--sqlite", "f"], "not both"),
         (["demo", "--bogus"], "unrecognized"),
+        (["demo", "--engine", "celery"], "invalid choice: 'celery'"),
+        (["demo", "--workers", "2"], "--workers needs --engine procrastinate"),
+        (["demo", "--kill-worker"], "--kill-worker needs --engine procrastinate"),
+        (
+            ["demo", "--engine", "procrastinate", "--sqlite", "f"],
+            "--sqlite does not go with --engine procrastinate",
+        ),
+        (
+            ["demo", "--engine", "procrastinate", "--processes", "2"],
+            "--processes does not go with --engine procrastinate",
+        ),
+        (
+            ["demo", "--engine", "procrastinate", "--keep"],
+            "--keep does not go with --engine procrastinate",
+        ),
+        (
+            ["demo", "--engine", "procrastinate", "--writers", "2", "--workers", "3"],
+            "--workers (3) cannot exceed --writers (2)",
+        ),
     ],
 )
 def test_bad_options_get_a_clear_message(
@@ -149,6 +168,9 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         "--seed",
         "--max-retries",
         "--keep",
+        "--engine",
+        "--workers",
+        "--kill-worker",
     ):
         assert option in out
 

@@ -164,13 +164,16 @@ def command_task(
 
 
 async def recover_stalled_jobs(
-    app: procrastinate.App, *, seconds_since_heartbeat: float = 30.0
+    app: procrastinate.App, *, seconds_since_heartbeat: float = 30.0, queue: str | None = None
 ) -> int:
     """Send the jobs of workers that stopped sending heartbeats (killed, their machine lost)
     back to the queue, to run again; how many. Run it now and then: from a periodic task, a
-    supervisor, or a cron job. A re-run is the same command: its effect still happens once."""
+    supervisor, or a cron job. A re-run is the same command: its effect still happens once.
+    `queue` limits it to that procrastinate queue (the database may hold others' queues)."""
     stalled = list(
-        await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat)
+        await app.job_manager.get_stalled_jobs(
+            seconds_since_heartbeat=seconds_since_heartbeat, queue=queue
+        )
     )
     for job in stalled:
         await app.job_manager.retry_job(job)
