@@ -8,7 +8,10 @@ queue's cost), on one PostgreSQL database, with K = 1, 2 and 4 processes:
 - **in-process, delta**: the same writers sending the queue's command instead (the item
   alone; on a conflict, run again): the baseline the queue is measured against;
 - **queue**: `cqrs-resilience demo --engine procrastinate --workers K`: the writers send the
-  delta commands as jobs, K worker processes run them, `--writers` at a time in all.
+  delta commands as jobs, K worker processes run them, `--writers` at a time in all;
+- **queue, locked**: the same with `--lock-orders`: one order's jobs run one at a time, in
+  the order sent (procrastinate's job locks), so they never conflict: the alternative to
+  optimistic conflict resolution for very hot aggregates.
 
 Then one writer and one process, one command at a time: what the queue adds to each command
 (sending the job, a worker fetching it and marking it done) shows whole there.
@@ -57,7 +60,7 @@ from cqrs_resilience._demo_queue import QueueOptions, run_queue_demo
 from cqrs_resilience._pg_server import PostgresServer
 
 ENV_DSN = "CQRS_RESILIENCE_PG_DSN"
-ENGINES = ("in-process, full-state", "in-process, delta", "queue")
+ENGINES = ("in-process, full-state", "in-process, delta", "queue", "queue, locked")
 
 
 async def writers(
@@ -134,8 +137,10 @@ def run_in_process(engine: str, options: DemoOptions, processes: int) -> float:
     return count / elapsed
 
 
-def run_queue(options: DemoOptions, workers: int) -> float:
+def run_queue(options: DemoOptions, workers: int, *, locked: bool = False) -> float:
     with contextlib.redirect_stderr(io.StringIO()):  # the demo's progress bar
+        if locked:
+            options = msgspec.structs.replace(options, lock_orders=True)
         report = run_queue_demo(options, QueueOptions(workers=workers))
     if not report.ok:
         raise SystemExit(f"the queue lost or failed commands: {report.stats.errors[:3]}")
@@ -147,8 +152,8 @@ def measure(dsn: str, engine: str, processes: int, writers: int, updates: int) -
     options = default_options(
         writers=writers, updates=updates, transient_rate=0.0, timeout_rate=0.0, dsn=dsn
     )
-    if engine == "queue":
-        return run_queue(options, processes)
+    if engine.startswith("queue"):
+        return run_queue(options, processes, locked=engine == "queue, locked")
     return run_in_process(engine, options, processes)
 
 
@@ -194,15 +199,16 @@ def main() -> None:
     )
     print(
         "| processes | in-process, full-state | in-process, delta | queue | queue ÷ delta "
-        "| the queue adds per command |"
+        "| the queue adds per command | queue, locked per order | locked ÷ queue |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, rates in rows:
-        full, delta, queued = (rates[engine] for engine in ENGINES)
+        full, delta, queued, locked = (rates[engine] for engine in ENGINES)
         added_ms = 1000 / queued - 1000 / delta
         print(
             f"| {label} | {full:,.0f} | {delta:,.0f} | {queued:,.0f} | "
-            f"{queued / delta:.2f}x | {added_ms:+.2f} ms |"
+            f"{queued / delta:.2f}x | {added_ms:+.2f} ms | {locked:,.0f} | "
+            f"{locked / queued:.2f}x |"
         )
     print(
         "\nThe queue adds per command: the run's time per command through the queue minus "

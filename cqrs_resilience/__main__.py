@@ -249,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
+        "--lock-orders",
+        action="store_true",
+        help=(
+            "with --engine procrastinate: run each order's jobs one at a time, in the order "
+            "sent (procrastinate's job locks), so they never conflict"
+        ),
+    )
+    demo.add_argument(
         "--seed",
         type=_whole,
         default=0,
@@ -298,7 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _engine_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the options for the engine chosen, if anything."""
     if args.engine != "procrastinate":
-        for option, given in (("--workers", args.workers), ("--kill-worker", args.kill_worker)):
+        for option, given in (
+            ("--workers", args.workers),
+            ("--kill-worker", args.kill_worker),
+            ("--lock-orders", args.lock_orders),
+        ):
             if given:
                 return (
                     f"{option} needs --engine procrastinate (the inline engine takes --processes)"
@@ -372,6 +384,7 @@ def _run_queue_demo(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> 
             server_removed=args.dsn is None,
             seed=args.seed,
             max_retries=args.max_retries,
+            lock_orders=args.lock_orders,
         )
         engine = QueueOptions(workers=args.workers or DEFAULT_WORKERS, kill_worker=args.kill_worker)
         _announce(options, f", as jobs run by {plural(engine.workers, 'worker')}")

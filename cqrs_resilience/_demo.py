@@ -131,6 +131,7 @@ class DemoOptions(msgspec.Struct, kw_only=True, frozen=True):
     seed: int = 0
     max_retries: int = DEMO_POLICY.max_retries
     run_id: str = ""
+    lock_orders: bool = False  # the queue engine: one order's jobs one at a time (job locks)
 
     def order_ids(self) -> list[str]:
         return [f"demo-{self.run_id}-order-{n}" for n in range(1, self.orders + 1)]

@@ -136,9 +136,20 @@ def queue_app(
     connector = procrastinate.PsycopgConnector(conninfo=dsn, min_size=1, max_size=connections)
     app = procrastinate.App(connector=connector)
     task = command_task(
-        app, handler, AddItem, name=TASK_NAME, queue=queue_name(options), retry=DEMO_JOB_RETRY
+        app,
+        handler,
+        AddItem,
+        name=TASK_NAME,
+        queue=queue_name(options),
+        retry=DEMO_JOB_RETRY,
+        lock=_order_of if options.lock_orders else None,
     )
     return app, task
+
+
+def _order_of(command: AddItem) -> str:
+    """The job lock of `--lock-orders`: one order's jobs run one at a time, in order."""
+    return command.order_id
 
 
 class WorkerNews(msgspec.Struct, kw_only=True):

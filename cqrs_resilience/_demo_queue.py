@@ -140,6 +140,8 @@ def run_queue_demo(options: DemoOptions, engine: QueueOptions) -> Report:
             ("stalled jobs recovered", str(run.recovered)),
         ],
     )
+    if options.lock_orders:
+        report.engine_rows.insert(0, ("one order at a time", "yes: procrastinate job locks"))
     if engine.kill_worker:
         killed = "1 (SIGKILL mid-job), replaced" if workers.killed is not None else "0"
         report.engine_rows.append(("worker processes killed", killed))

@@ -123,6 +123,7 @@ async def test_the_check_catches_a_doubled_update(tmp_path: Path) -> None:
         (["demo", "--engine", "celery"], "invalid choice: 'celery'"),
         (["demo", "--workers", "2"], "--workers needs --engine procrastinate"),
         (["demo", "--kill-worker"], "--kill-worker needs --engine procrastinate"),
+        (["demo", "--lock-orders"], "--lock-orders needs --engine procrastinate"),
         (
             ["demo", "--engine", "procrastinate", "--sqlite", "f"],
             "--sqlite does not go with --engine procrastinate",
@@ -171,6 +172,7 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
         "--engine",
         "--workers",
         "--kill-worker",
+        "--lock-orders",
     ):
         assert option in out
 

@@ -63,6 +63,20 @@ def test_failures_that_outlive_the_handler_are_retried_by_the_engine(
 
 
 @pytest.mark.postgres
+def test_with_lock_orders_one_orders_jobs_never_conflict(
+    pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--lock-orders`: each order's jobs run one at a time, in the order sent (job locks):
+    no conflict at all, and every update present exactly once."""
+    code = main([*QUEUE, "--workers", "2", "--lock-orders", "--dsn", pg_database, *SMALL])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert row(out, "one order at a time") == "yes: procrastinate job locks"
+    assert row(out, "conflicts detected (ConcurrencyErrors)") == "0"
+    assert row(out, "every update exactly once").startswith("PASS: 30/30 updates present")
+
+
+@pytest.mark.postgres
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
 def test_a_worker_killed_mid_job_has_its_jobs_recovered(
     pg_database: str, capsys: pytest.CaptureFixture[str]
