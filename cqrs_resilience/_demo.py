@@ -70,8 +70,9 @@ class AddLineItem(Command[str], Retryable, ConflictResilient):
     state: dict[str, Any]
 
 
-class AddLineItemHandler(ResilientCommandHandler[str]):
-    """Writes the command's state at its expected version; conflicts are merged three-way."""
+class DemoHandler(ResilientCommandHandler[str]):
+    """What the demo's handlers share: the orders' repository, a count of `process` calls,
+    and the caps the demo's commands need."""
 
     # The demo's commands ask for more patience than the default caps allow a command (10
     # retries, 10 rounds): dozens of writers race on three orders, with injected faults.
@@ -87,16 +88,20 @@ class AddLineItemHandler(ResilientCommandHandler[str]):
         super().__init__(repository, hooks=hooks, clock=clock)
         self.attempts = 0
 
+    async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
+        found = await self.dispatcher.retrieve([command.order_id])
+        return _state(found[0]) if found else None
+
+
+class AddLineItemHandler(DemoHandler):
+    """Writes the command's state at its expected version; conflicts are merged three-way."""
+
     async def process(self, command: AddLineItem) -> CommandResponse[str]:
         self.attempts += 1
         fields = {k: v for k, v in command.state.items() if k not in ("id", "version")}
         order = DemoOrder(id=command.order_id, version=command.expected_version, **fields)
         stored = await self.dispatcher.persist(order)
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
-
-    async def fetch_latest_state(self, command: AddLineItem) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
-        return _state(found[0]) if found else None
 
     async def fetch_base_state(self, command: AddLineItem) -> dict[str, Any] | None:
         base = await self.dispatcher.retrieve_version(command.order_id, command.expected_version)

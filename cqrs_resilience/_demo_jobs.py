@@ -34,22 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._clock import Clock
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._demo import (
     DEMO_CONFIG,
-    MAX_RETRIES_LIMIT,
+    DemoHandler,
     DemoOptions,
     DemoOrder,
     WorkerStats,
-    _state,
     open_repository,
 )
 from ._faults import FaultyRepository
-from ._handlers import ResilientCommandHandler
 from ._hooks import HookRegistry
 from ._messages import Command, CommandResponse, ConflictResilient, Retryable
-from ._repository import Repository
 from ._signals import follow_parent
 from .contrib._jobs import JobRetry
 
@@ -81,21 +77,9 @@ class AddItem(Command[str], Retryable, ConflictResilient):
     item: dict[str, Any]
 
 
-class AddItemHandler(ResilientCommandHandler[str]):
+class AddItemHandler(DemoHandler):
     """Reads the order, appends the item, writes at the version read; runs again on a
     conflict."""
-
-    max_retries_cap = MAX_RETRIES_LIMIT
-    max_attempts_cap = DEMO_CONFIG.max_attempts
-
-    def __init__(
-        self,
-        repository: Repository[DemoOrder],
-        hooks: HookRegistry | None = None,
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__(repository, hooks=hooks, clock=clock)
-        self.attempts = 0
 
     async def process(self, command: AddItem) -> CommandResponse[str]:
         self.attempts += 1
@@ -103,10 +87,6 @@ class AddItemHandler(ResilientCommandHandler[str]):
         items = [*order.items, command.item]
         stored = await self.dispatcher.persist(msgspec.structs.replace(order, items=items))
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
-
-    async def fetch_latest_state(self, command: AddItem) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
-        return _state(found[0]) if found else None
 
     def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
         return {}
