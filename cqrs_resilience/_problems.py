@@ -173,7 +173,7 @@ def problem(exc: BaseException) -> Problem | None:
 
     Maps every `CqrsResilienceError`, the builtin `TimeoutError` and `msgspec.DecodeError`
     (a body that does not decode) to a status, a `Retry-After` header where known, and an
-    RFC 9457 body; see the README's table.
+    RFC 9457 body; the table is in the docs' HTTP page.
     """
     kind = _kind_of(exc)
     if kind is None:

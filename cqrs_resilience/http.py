@@ -15,7 +15,7 @@ into Starlette and FastAPI):
             raise
         return Response(answer.to_json(), answer.status, answer.headers, answer.media_type)
 
-The README's "HTTP services" section has the status table and what each answer holds.
+The docs' HTTP page (docs/how-to/http.md) has the status table and what each answer holds.
 """
 
 from ._http_headers import idempotency_key

@@ -1,5 +1,5 @@
 """One example of every error `cqrs_resilience.http.problem()` answers, with the answer it must
-get: the status table of the README, as the HTTP tests check it."""
+get: the status table of docs/how-to/http.md, as the HTTP tests check it."""
 
 from __future__ import annotations
 

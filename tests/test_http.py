@@ -34,7 +34,7 @@ from cqrs_resilience._messages import check_command_id
 from cqrs_resilience.http import Problem, idempotency_key, problem
 from tests.http_errors import ROWS, SECRET, Row
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+HTTP_PAGE = Path(__file__).resolve().parent.parent / "docs" / "how-to" / "http.md"
 
 
 def answer_to(exc: BaseException) -> Problem:
@@ -426,12 +426,12 @@ def test_every_library_error_gets_an_answer_that_encodes(
         assert check_command_id(answer.body["command_id"]) is None
 
 
-# --- The README's table -----------------------------------------------------------------------
+# --- The HTTP page's table -----------------------------------------------------------------------
 
 
 def readme_table() -> list[tuple[list[str], int, str, str]]:
-    """(errors, status, code, headers) per row of the README's status table."""
-    text = README.read_text()
+    """(errors, status, code, headers) per row of the status table in docs/how-to/http.md."""
+    text = HTTP_PAGE.read_text()
     start = text.index("| error | status | `code` | headers |")
     rows = []
     for line in text[start:].splitlines()[2:]:
@@ -444,7 +444,7 @@ def readme_table() -> list[tuple[list[str], int, str, str]]:
 
 
 def test_the_readme_table_is_what_problem_answers() -> None:
-    """Every row of the README's status table holds for the errors it names, and every
+    """Every row of the status table in docs/how-to/http.md holds for the errors it names, and every
     example error is in the table."""
     examples = {row.name: row for row in ROWS}
     documented: set[str] = set()

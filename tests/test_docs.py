@@ -1,11 +1,12 @@
-"""Every ```python block of README.md runs on its own, as a reader who pastes it would run it.
+"""Every ```python block of README.md and of the documentation site (docs/) runs on its own, as a
+reader who pastes it into a file of their own folder would run it.
 
 The tool is pytest-examples rather than sybil. pytest-examples runs each block alone, in a
 fresh module namespace, so a block that leans on a name from an earlier block fails here as
 it fails for the reader who pastes only that block; it checks the output comments under each
 `print()` against what it printed, lints the block with ruff (undefined names, unused
-imports) and reports failures at README line numbers. Sybil shines at doctest-style pages
-whose blocks share one namespace, which is exactly what this README must not rely on.
+imports) and reports failures at page line numbers. Sybil shines at doctest-style pages
+whose blocks share one namespace, which is exactly what these pages must not rely on.
 `ruff format` formats the blocks in place and writes pytest-examples' `#> output` comments as
 `# > output`, so that is the form read here; `pytest tests/test_readme.py --update-examples`
 rewrites them from what the blocks print (review the diff: it is the documentation).
@@ -13,7 +14,7 @@ rewrites them from what the blocks print (review the diff: it is the documentati
 No block opts in or out. What a block contains says how it runs:
 
 - a block that defines `test_*` functions is a test file: it runs under pytest in a fresh
-  interpreter, with the pytest settings the README's ```toml block shows;
+  interpreter, in a folder with no project configuration (pytest-asyncio's strict default);
 - a block that reads `CQRS_RESILIENCE_PG_DSN` runs against the tests' PostgreSQL server, in
   a fresh database (it skips where the store tests skip);
 - every other block runs as a script.
@@ -36,23 +37,28 @@ from cqrs_resilience import get_hook_registry, is_testing, set_testing
 from cqrs_resilience._hooks import EVENTS
 from tests.pg_server import ENV_DSN
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-TEXT = README.read_text()
-EXAMPLES = list(find_examples(README))
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+EXAMPLES = list(find_examples(*PAGES))
 OUTPUT = "# > "
 OUTPUT_RE = re.compile(f"^ *{re.escape(OUTPUT)}", re.M)
-PYTEST_SETTINGS = re.findall(r"```toml\n(.*?)```", TEXT, re.S)
 
 
 def is_test_file(example: CodeExample) -> bool:
     return re.search(r"^(async )?def test_", example.source, re.M) is not None
 
 
-def test_every_python_block_is_collected() -> None:
-    """One test per ```python fence: no block escapes by a typo in its fence."""
-    assert len(EXAMPLES) == TEXT.count("\n```python\n") == len(re.findall(r"^```py", TEXT, re.M))
-    assert all(example.prefix == "python" for example in EXAMPLES)
-    assert sum(map(is_test_file, EXAMPLES)) >= 1 and len(PYTEST_SETTINGS) == 1
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_python_block_is_collected(page: Path) -> None:
+    """One test per ```python fence: no block escapes by a typo in its fence (or by an indent)."""
+    text = page.read_text()
+    found = [example for example in EXAMPLES if example.path == page]
+    assert len(found) == text.count("\n```python\n") == len(re.findall(r"^ *```py", text, re.M))
+    assert all(example.prefix == "python" for example in found)
+
+
+def test_some_blocks_are_test_files() -> None:
+    assert sum(map(is_test_file, EXAMPLES)) >= 2
 
 
 @pytest.fixture
@@ -74,7 +80,7 @@ def process_state() -> Iterator[None]:
 
 @pytest.mark.usefixtures("process_state")
 @pytest.mark.parametrize("example", EXAMPLES, ids=str)
-def test_readme_block(
+def test_block(
     example: CodeExample,
     eval_example: EvalExample,
     request: pytest.FixtureRequest,
@@ -107,10 +113,9 @@ def test_readme_block(
 
 
 def run_as_test_file(example: CodeExample, tmp_path: Path) -> None:
-    (tmp_path / "pyproject.toml").write_text(PYTEST_SETTINGS[0])
-    (tmp_path / "test_from_readme.py").write_text(example.source)
+    (tmp_path / "test_from_docs.py").write_text(example.source)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_from_readme.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_from_docs.py"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
