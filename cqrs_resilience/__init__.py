@@ -1,7 +1,7 @@
 """Retry and conflict resolution for CQRS command handlers.
 
-Behaviours are plain higher-order functions (`retry`, `timeout`, `resolve_conflicts`) composed with
-`pipeline()`; the handler classes are thin shells generated from the same behaviours.
+Behaviors are plain higher-order functions (`retry`, `timeout`, `resolve_conflicts`) composed with
+`pipeline()`; the handler classes are thin shells generated from the same behaviors.
 """
 
 from ._breaker import CircuitBreaker, circuit_breaker

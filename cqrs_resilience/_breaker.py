@@ -43,7 +43,7 @@ from ._hooks import (
     get_hook_registry,
     observed,
 )
-from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
+from ._pipeline import NOT_AWAITABLE, BehaviorBase, returns_awaitable
 from ._retry_on import RetryOn, command_of, predicate
 
 P = ParamSpec("P")
@@ -67,8 +67,8 @@ _new_error = BaseException.__new__
 _Change: TypeAlias = tuple[str, float | None, int | None]
 
 
-class CircuitBreaker(Behaviour):
-    """The behaviour `circuit_breaker()` returns: one circuit, whatever it is applied to."""
+class CircuitBreaker(BehaviorBase):
+    """The behavior `circuit_breaker()` returns: one circuit, whatever it is applied to."""
 
     called = "circuit_breaker()"
 

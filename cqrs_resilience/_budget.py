@@ -43,7 +43,7 @@ class RetryBudget:
     """At most `ratio` retries per first attempt over the last `ttl_s` seconds, plus
     `min_retries_per_s` always allowed; pass it as `retry(budget=...)`.
 
-    One budget shared by several behaviours is one budget: share it between everything that
+    One budget shared by several behaviors is one budget: share it between everything that
     calls the same dependency.
     """
 

@@ -1,7 +1,7 @@
-"""`inject_faults()`: a chaos behaviour, to see in tests and drills what the others do.
+"""`inject_faults()`: a chaos behavior, to see in tests and drills what the others do.
 
 It fails calls at random (before they run, so nothing happens) and slows every call down. The
-faults come from one seeded `random.Random` per behaviour, so a seeded run fails the same
+faults come from one seeded `random.Random` per behavior, so a seeded run fails the same
 calls in the same order each time. `FaultyRepository` injects at the store instead, where a
 fault can also strike after a write committed.
 """
@@ -18,7 +18,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import TransientError
-from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
+from ._pipeline import NOT_AWAITABLE, BehaviorBase, returns_awaitable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -27,8 +27,8 @@ FaultError: TypeAlias = type[BaseException] | Callable[[], BaseException]
 """An exception type (called with no arguments) or a factory making a fresh exception."""
 
 
-class FaultInjector(Behaviour):
-    """The behaviour `inject_faults()` returns; `injected` counts the faults it raised."""
+class FaultInjector(BehaviorBase):
+    """The behavior `inject_faults()` returns; `injected` counts the faults it raised."""
 
     called = "inject_faults()"
 

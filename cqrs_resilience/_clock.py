@@ -1,4 +1,4 @@
-"""Time, as the retry behaviour sees it: injectable per behaviour, switchable off for tests.
+"""Time, as the retry behavior sees it: injectable per behavior, switchable off for tests.
 
 Tests pass a `FakeClock` (`retry(clock=...)`, `Handler(clock=...)`) to see every backoff
 without waiting, or call `set_testing()` to remove sleeping process-wide, as stamina does.

@@ -1,4 +1,4 @@
-"""`resolve_conflicts()`: the behaviour that settles optimistic-concurrency conflicts.
+"""`resolve_conflicts()`: the behavior that settles optimistic-concurrency conflicts.
 
 When the handler raises `ConcurrencyError`, the command's intent (its incoming state) is
 laid over, or merged into, the latest stored state, the command is rebuilt from the result
@@ -14,7 +14,7 @@ and run again. Three rules keep this from losing data:
   rebuilt command keeps the original `command_id`, so stores can recognise a repeat.
 
 A command's `conflict_config` is outside input: its `max_attempts` is bounded by the
-behaviour's `max_attempts_cap`. Rounds for one aggregate take turns through the store that
+behavior's `max_attempts_cap`. Rounds for one aggregate take turns through the store that
 raised the conflict (across processes), else process-wide (`_turns`). A base the store pruned
 is merged as an empty base: every path the two sides hold differently is then a conflict.
 """
@@ -85,7 +85,7 @@ _DEFAULT_REGISTRY = MergeStrategyRegistry()
 ALWAYS_PROTECTED = frozenset({"id", "version"})
 
 MAX_ATTEMPTS_CAP = 10
-"""The most resolution rounds a command's own config may ask for, unless the behaviour says
+"""The most resolution rounds a command's own config may ask for, unless the behavior says
 otherwise."""
 
 
@@ -94,7 +94,7 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class ResolveConflicts:
-    """The behaviour `resolve_conflicts()` returns; apply it to a one-command async handler."""
+    """The behavior `resolve_conflicts()` returns; apply it to a one-command async handler."""
 
     def __init__(
         self,
@@ -193,7 +193,7 @@ class ResolveConflicts:
     # The conflict path: everything below runs only after a ConcurrencyError.
 
     def _config(self, command: Any, failure: ConcurrencyError) -> ConflictConfig:
-        """The config for `command`: its own, bounded by this behaviour's limits, or ours.
+        """The config for `command`: its own, bounded by this behavior's limits, or ours.
         The command's own is outside input: one that is no `ConflictConfig` is a `TypeError`
         caused by the conflict it came to resolve."""
         own: ConflictConfig | None = getattr(command, "conflict_config", None)

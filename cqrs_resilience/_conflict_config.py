@@ -45,8 +45,8 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Conflict-resolution settings; travels with a `ConflictResilient` command.
 
     `max_attempts=0` turns resolution off (the conflict propagates), as `max_retries=0` does
-    for retries. From a command, `max_attempts` is bounded by the behaviour's cap and
-    `protected_fields` can only add to the behaviour's.
+    for retries. From a command, `max_attempts` is bounded by the behavior's cap and
+    `protected_fields` can only add to the behavior's.
 
     Field-name sets accept any set or list of names and are stored as frozensets, so a config
     stays hashable and safe to share.

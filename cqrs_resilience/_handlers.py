@@ -1,6 +1,6 @@
-"""Handler classes: a `process()` method wrapped in a pipeline of behaviours.
+"""Handler classes: a `process()` method wrapped in a pipeline of behaviors.
 
-The classes hold no resilience logic of their own. Each mixin contributes one behaviour
+The classes hold no resilience logic of their own. Each mixin contributes one behavior
 (`timeout`, `retry`, `circuit_breaker`, `resolve_conflicts`) built from the same functions
 users decorate with, wired to the handler's settings and methods; `handle()` runs the composed
 pipeline. Mixins listed left to right wrap outermost to innermost.
@@ -39,13 +39,13 @@ Handle = Callable[[Any], Awaitable[CommandResponse[R]]]
 
 
 class PipelinedCommandHandler(ABC, Generic[R]):
-    """Base handler: implement `process`; `handle` runs it inside the behaviours.
+    """Base handler: implement `process`; `handle` runs it inside the behaviors.
 
-    Behaviours apply last-added outermost. `strategy_registry`, `hooks` and `clock` reach
-    the built-in behaviours; `dispatcher` is yours (a repository, a unit of work, ...).
+    Behaviors apply last-added outermost. `strategy_registry`, `hooks` and `clock` reach
+    the built-in behaviors; `dispatcher` is yours (a repository, a unit of work, ...).
 
     `responses = store` (a class or instance attribute) records each command's first response
-    in `store` and answers a resend with it before any behaviour runs: `idempotent(store)`,
+    in `store` and answers a resend with it before any behavior runs: `idempotent(store)`,
     outermost, with `responses_keep_s` and `responses_wait_s` as its `keep_s` and `wait_s`.
     Resends are decoded as `process`'s return annotation (`CommandResponse[R]`).
     """
@@ -78,23 +78,23 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         """The business logic for one command."""
 
     def default_behaviors(self) -> list[Behavior]:
-        """The behaviours this class installs, innermost first; mixins extend the list."""
+        """The behaviors this class installs, innermost first; mixins extend the list."""
         return []
 
     def add_behavior(self, behavior: Behavior) -> None:
-        """Wrap the pipeline in one more behaviour (it becomes the outermost)."""
+        """Wrap the pipeline in one more behavior (it becomes the outermost)."""
         if not callable(behavior):
-            raise TypeError(f"a behaviour is a callable taking a handler, got {behavior!r}")
+            raise TypeError(f"a behavior is a callable taking a handler, got {behavior!r}")
         self._behaviors.append(behavior)
         self._pipeline = None
 
     @property
     def behaviors(self) -> tuple[Behavior, ...]:
-        """The installed behaviours, in the order added."""
+        """The installed behaviors, in the order added."""
         return tuple(self._behaviors)
 
     def get_pipeline(self) -> Handle[R]:
-        """`process` wrapped in every behaviour (and answering resends first, with
+        """`process` wrapped in every behavior (and answering resends first, with
         `responses` set); rebuilt only after `add_behavior`."""
         if self._pipeline is None:
             built: Handle[R] = pipeline(*reversed(self._behaviors))(self._process)
@@ -112,7 +112,7 @@ class PipelinedCommandHandler(ABC, Generic[R]):
     async def handle(self, command: Any) -> CommandResponse[R]:
         """Process `command` through the pipeline; what `process` raises propagates as is.
 
-        The command's idempotency scope is opened here, once, for every behaviour inside.
+        The command's idempotency scope is opened here, once, for every behavior inside.
         """
         scope, token = enter((command,))
         try:
@@ -123,7 +123,7 @@ class PipelinedCommandHandler(ABC, Generic[R]):
                 return await self.get_pipeline()(command)
             record = measure.command(type(self).__name__, command, attempts=scope is not None)
             if scope is not None:
-                scope.telemetry = record  # where the behaviours inside report attempts
+                scope.telemetry = record  # where the behaviors inside report attempts
             try:
                 result = await self.get_pipeline()(command)
             except BaseException as exc:

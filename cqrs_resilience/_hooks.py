@@ -1,9 +1,9 @@
 """Observability hooks: subscribe callables to events by shell-style glob; announcing events.
 
-A behaviour announces an event to three audiences: the log (logger `"cqrs_resilience"`, at the
+A behavior announces an event to three audiences: the log (logger `"cqrs_resilience"`, at the
 event's level in `LEVELS`), the telemetry seam's event sinks (`_telemetry`), and the
 subscribers of its `HookRegistry`. Events happen only off the happy path (a retry, a conflict,
-a circuit changing state), and even there a behaviour asks `observed(hooks, event)` (a dict
+a circuit changing state), and even there a behavior asks `observed(hooks, event)` (a dict
 lookup, a tuple check and `logger.isEnabledFor`) before it builds a context or a message.
 """
 
@@ -204,11 +204,11 @@ _global = HookRegistry()
 
 
 def get_hook_registry() -> HookRegistry:
-    """The process-wide registry that behaviours use unless given `hooks=`."""
+    """The process-wide registry that behaviors use unless given `hooks=`."""
     return _global
 
 
-# Announcing: what the behaviours call, so the log and the telemetry see every event too.
+# Announcing: what the behaviors call, so the log and the telemetry see every event too.
 
 
 def observed(hooks: HookRegistry, event: str) -> bool:

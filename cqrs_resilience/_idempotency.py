@@ -12,7 +12,7 @@ command inside a *scope*, which stores read when they write:
 - a count of writes per aggregate in the current attempt: the n-th write of an aggregate
   replays the n-th write of an earlier attempt and is applied when there was none.
 
-A scope is opened once per command and reused by the behaviours inside it (a `retry()` inside
+A scope is opened once per command and reused by the behaviors inside it (a `retry()` inside
 `handle()` costs a lookup, not a new scope). A re-attempt (a retry, a conflict round) runs in a
 child scope that starts from the counts the retried call started with; when it ends, the
 counts go back to the parent (the higher of the two per aggregate). Writes of one aggregate
@@ -21,7 +21,7 @@ from concurrent tasks of one command are numbered in the order they reach the st
 A command id is checked (`check_command_id`) where it comes in: by `Command` on construction
 and decoding, by `command_scope()`, by `persist(..., command_id=...)`. One that came in past
 them (a plain class, an id assigned later) is checked at the command's first recorded write
-(`Scope.fingerprint`), so the behaviours' per-call path pays nothing for it.
+(`Scope.fingerprint`), so the behaviors' per-call path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Scope(msgspec.Struct, gc=False):
         The first call, made when a store first records a write for the command, checks its
         id too: a command built past its checks (a plain class, an id assigned later) is
         refused there with the `ConfigurationError` of `Command(command_id=...)`, before
-        anything is written, and costs the behaviours' per-call path nothing."""
+        anything is written, and costs the behaviors' per-call path nothing."""
         root = self.root or self
         if root.digest is None:
             require_command_id(root.command_id)
@@ -167,7 +167,7 @@ def enter(args: tuple[Any, ...]) -> tuple[Scope | None, Token[Scope | None] | No
 
     A command already being processed (same `command_id`: a rebuilt or retried one) keeps its
     scope; any other command opens its own; a call without one runs in the current scope. On
-    every behaviour's hot path, so it makes no other call in the usual cases.
+    every behavior's hot path, so it makes no other call in the usual cases.
     """
     scope = CURRENT.get()
     command = args[0] if args else None
@@ -220,7 +220,7 @@ def command_scope(command: Any) -> Iterator[None]:
     Give the command itself to let stores refuse a different command reusing its id; a bare
     id string declares that the id alone identifies the command. `None` turns recording off.
     An id that breaks the command-id rule (`check_command_id`) is a `ConfigurationError`.
-    Behaviours open scopes themselves; this is for code that writes without them.
+    Behaviors open scopes themselves; this is for code that writes without them.
     """
     if command is None:
         token = CURRENT.set(None)

@@ -1,7 +1,7 @@
-"""`pipeline()`: compose behaviours, first listed outermost; and what every behaviour needs to
+"""`pipeline()`: compose behaviors, first listed outermost; and what every behavior needs to
 know about the functions it wraps.
 
-A behaviour wraps async and sync functions alike and picks its wrapper when decorating, by
+A behavior wraps async and sync functions alike and picks its wrapper when decorating, by
 `is_async`. Some callables return an awaitable without saying so: a lambda around an async
 function, a plain decorator that calls one. Their kind shows only in what a call returns, so
 a sync wrapper checks each result (one set lookup, `returns_awaitable`) and, on an awaitable,
@@ -23,7 +23,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 Behavior: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
-"""A behaviour takes a handler and returns one that does more around it."""
+"""A behavior takes a handler and returns one that does more around it."""
 
 # What `asyncio.iscoroutinefunction` recognises, and asgiref's `markcoroutinefunction` sets
 # before Python 3.12 (3.12's own mark is seen by `inspect.iscoroutinefunction`).
@@ -33,7 +33,7 @@ _LEGACY_MARK = getattr(asyncio.coroutines, "_is_coroutine", None)
 def is_async(fn: Callable[..., Any]) -> bool:
     """Whether `fn` is declared async, so calling it gives a coroutine: an async function, one
     marked by `inspect.markcoroutinefunction`, an object whose `__call__` is one, and any of
-    these through `functools.partial` and bound methods. Behaviours pick their async or sync
+    these through `functools.partial` and bound methods. Behaviors pick their async or sync
     wrapper by it.
 
     A `__wrapped__` chain is not followed here: a sync function that wraps an async one may
@@ -103,7 +103,7 @@ def _may_return_awaitable(fn: Callable[..., Any]) -> bool:
 
 
 def async_only(fn: Callable[P, Any], called: str) -> Callable[P, Awaitable[Any]]:
-    """`fn` as the async function a behaviour that wraps only those (`called`) can await, or
+    """`fn` as the async function a behavior that wraps only those (`called`) can await, or
     a `TypeError` naming it, raised now, before anything ran.
 
     An async function is taken as it is. A lambda, or a function whose `__wrapped__` chain
@@ -142,7 +142,7 @@ def _describe(behavior: Behavior) -> str:
 
 
 class Pipeline:
-    """Behaviours composed into one: `Pipeline(a, b)(h)` is `a(b(h))`."""
+    """Behaviors composed into one: `Pipeline(a, b)(h)` is `a(b(h))`."""
 
     __slots__ = ("behaviors",)
 
@@ -150,7 +150,7 @@ class Pipeline:
         for position, behavior in enumerate(behaviors, 1):
             if not callable(behavior):
                 raise TypeError(
-                    f"pipeline() takes behaviours (callables); argument {position} is {behavior!r}"
+                    f"pipeline() takes behaviors (callables); argument {position} is {behavior!r}"
                 )
         self.behaviors = behaviors
 
@@ -177,15 +177,15 @@ class Pipeline:
 
 
 def pipeline(*behaviors: Behavior) -> Pipeline:
-    """Compose behaviours; `pipeline(a, b, c)(h)` is `a(b(c(h)))`, `pipeline()` the identity.
+    """Compose behaviors; `pipeline(a, b, c)(h)` is `a(b(c(h)))`, `pipeline()` the identity.
 
-    The result is itself a behaviour and a decorator.
+    The result is itself a behavior and a decorator.
     """
     return Pipeline(*behaviors)
 
 
-class Behaviour:
-    """What every behaviour that wraps sync and async functions alike shares: its typing (an
+class BehaviorBase:
+    """What every behavior that wraps sync and async functions alike shares: its typing (an
     async function stays a coroutine function, so `asyncio.run(decorated())` type-checks; a
     sync one keeps its signature), refusing what is not callable, and picking the async or
     sync wrapper. Subclasses implement `_wrap_async` and `_wrap_sync` and name themselves in

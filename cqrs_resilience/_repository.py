@@ -45,7 +45,7 @@ def ids_asked(ids: Sequence[str]) -> list[str]:
 
 
 class Repository(Protocol[A]):
-    """What the behaviours, examples and demo need of a store."""
+    """What the behaviors, examples and demo need of a store."""
 
     async def retrieve(self, ids: Sequence[str], uow: Any = None) -> list[A]:
         """The latest state of each id that exists, in the order asked."""

@@ -1,7 +1,7 @@
 """`idempotent(store)`: a resend gets the first response, whatever happened since.
 
 A resend is the normal case behind a queue or an HTTP `Idempotency-Key`: the client did not
-hear the answer and asks again. The behaviour records each command's first successful
+hear the answer and asks again. The behavior records each command's first successful
 response in `store`, under its `command_id` with the command's fingerprint, and answers a
 resend of the same command with it: the same value, byte for byte, without running what it
 wraps, with one read of the store, before any timeout, retry, breaker or conflict round (it is
@@ -62,7 +62,7 @@ _UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 class Idempotent:
-    """The behaviour `idempotent()` returns; apply it to an async one-command handler."""
+    """The behavior `idempotent()` returns; apply it to an async one-command handler."""
 
     called = "idempotent()"
 

@@ -1,19 +1,19 @@
-"""`retry()`: the behaviour that retries transient failures with backoff.
+"""`retry()`: the behavior that retries transient failures with backoff.
 
 The first attempt runs outside tenacity, inside a bare try/except, so a call that succeeds
 pays almost nothing. Only after a retryable failure does tenacity's machinery take over: its
 call state counts attempts, `stop_after_attempt` ends the retries, and the policy becomes a
 tenacity wait strategy; tenacity's own `stop=` and `wait=` strategies plug in the same way,
-with the call state's times read from the behaviour's clock. Each call has its own state;
+with the call state's times read from the behavior's clock. Each call has its own state;
 what calls share is only what the user shares: a `RetryBudget`, or the deadline of a
 `timeout()` around them, which no backoff may sleep past.
 
 A call whose first argument is a command runs in the command's idempotency scope (see
 `_idempotency`), so a write that committed before a timeout is recognised when retried, with
-`retry()` alone as with a handler. What a command asks for is bounded by the behaviour's caps:
+`retry()` alone as with a handler. What a command asks for is bounded by the behavior's caps:
 its own `retry_policy` may not retry more than `max_retries_cap` times nor wait longer than
 `max_delay_cap_s` before one retry; an error's `retry_after` is outside input too and is capped
-the same way. The behaviour's own policy is code, and trusted.
+the same way. The behavior's own policy is code, and trusted.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ._idempotency import (
     attempt_needs_own_counts,
     enter,
 )
-from ._pipeline import NOT_AWAITABLE, Behaviour, returns_awaitable
+from ._pipeline import NOT_AWAITABLE, BehaviorBase, returns_awaitable
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
 from ._retry_on import RetryOn, command_of, predicate
 
@@ -65,10 +65,10 @@ DEFAULT_POLICY = ExponentialBackoffPolicy()
 _POLICY_TYPES: set[type] = set()
 
 MAX_RETRIES_CAP = 10
-"""The most retries a command's own policy may ask for, unless the behaviour says otherwise."""
+"""The most retries a command's own policy may ask for, unless the behavior says otherwise."""
 MAX_DELAY_CAP_S = 60.0
 """The longest wait before one retry that a command's policy or an error's `retry_after` may
-ask for, in seconds, unless the behaviour says otherwise."""
+ask for, in seconds, unless the behavior says otherwise."""
 
 
 def check_cap(name: str, value: object, *, seconds: bool = False) -> None:
@@ -141,8 +141,8 @@ class _Attempts:
         self.skipped = 0.0  # seconds of waits `set_testing()` skipped
 
 
-class Retry(Behaviour):
-    """The behaviour `retry()` returns; apply it to an async or sync function."""
+class Retry(BehaviorBase):
+    """The behavior `retry()` returns; apply it to an async or sync function."""
 
     called = "retry()"
 
@@ -379,7 +379,7 @@ class Retry(Behaviour):
                 _POLICY_TYPES.add(type(policy))
             max_retries, cap_s = min(policy.max_retries, self.max_retries_cap), self.max_delay_cap_s
         else:
-            policy = self.policy or DEFAULT_POLICY  # checked when the behaviour was made
+            policy = self.policy or DEFAULT_POLICY  # checked when the behavior was made
             max_retries, cap_s = policy.max_retries, math.inf
         # Strategies written in code replace the policy's count or delays, and are trusted.
         if self.stop is None:

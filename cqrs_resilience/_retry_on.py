@@ -1,4 +1,4 @@
-"""What a behaviour counts as a failure worth retrying (or, for a breaker, worth counting),
+"""What a behavior counts as a failure worth retrying (or, for a breaker, worth counting),
 and which argument of a call is its command. Shared by `retry()` and `circuit_breaker()`."""
 
 from __future__ import annotations

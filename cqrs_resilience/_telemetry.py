@@ -6,19 +6,19 @@ The core depends on no telemetry library. It knows two slots, both empty unless 
 - `MEASURE`: one `Measure`, told when a handled command starts; the `CommandRecord` it returns
   is told when an attempt fails and when another starts, and when the command ends. While it
   is None everything runs as without this module: `handle()` pays one global read, and a
-  behaviour inside it nothing at all.
-- `EVENT_SINKS`: callables that receive every event the behaviours announce, `(name,
-  context)`, whatever `HookRegistry` the behaviour reports to. Read only on the paths that
+  behavior inside it nothing at all.
+- `EVENT_SINKS`: callables that receive every event the behaviors announce, `(name,
+  context)`, whatever `HookRegistry` the behavior reports to. Read only on the paths that
   emit events (a retry, a conflict, a circuit changing state), never on the happy path.
 
 A handled command is a call of `PipelinedCommandHandler.handle()` for a command not already
 being handled, or of the outermost `retry()` / `resolve_conflicts()` around a function taking
 a command: the call that opens the command's idempotency scope. Its record hangs on that scope
-(`Scope.telemetry`), where the behaviours inside find it.
+(`Scope.telemetry`), where the behaviors inside find it.
 
 An attempt is one run of the innermost handler. The first starts with the command; an attempt
-ends when a behaviour catches its failure to handle it (a retry, a conflict round) and the next
-starts when that behaviour calls again; the last ends with the command. So with
+ends when a behavior catches its failure to handle it (a retry, a conflict round) and the next
+starts when that behavior calls again; the last ends with the command. So with
 `retry → resolve_conflicts → process`, each run of `process` is one attempt, and the backoff
 sleeps and conflict merges between them belong to no attempt. No attempt is measured on the
 happy path: the one attempt is the command, timed by the same two clock reads.
@@ -44,10 +44,10 @@ class CommandRecord(Protocol):
     """One handled command, as the instrumentation follows it."""
 
     def attempt_failed(self, error: BaseException, /) -> None:
-        """A behaviour caught this failure of the current attempt (to retry it, or give up)."""
+        """A behavior caught this failure of the current attempt (to retry it, or give up)."""
 
     def attempt_started(self) -> None:
-        """A behaviour calls its handler again: the next attempt starts."""
+        """A behavior calls its handler again: the next attempt starts."""
 
     def finish(self, error: BaseException | None, /) -> None:
         """The command ended: with this error, or None on success."""
@@ -61,7 +61,7 @@ class Measure(Protocol):
     """What instrumentation implements to follow commands and their attempts."""
 
     def command(self, handler_type: str, command: Any, *, attempts: bool) -> CommandRecord:
-        """A handled command starts. `attempts` is False when the behaviours cannot report
+        """A handled command starts. `attempts` is False when the behaviors cannot report
         its attempts (a handler's argument with no `command_id`: it has no scope)."""
         ...
 
@@ -96,11 +96,11 @@ def add_event_sink(sink: EventSink) -> Callable[[], None]:
     return remove
 
 
-# What the behaviours call on the retry and conflict paths.
+# What the behaviors call on the retry and conflict paths.
 
 
 def record_of(scope: Scope | None, command: Any) -> CommandRecord | None:
-    """The record of the handled command a behaviour's call is about, if it is one: the
+    """The record of the handled command a behavior's call is about, if it is one: the
     scope's command, or a rebuild of it (same `command_id`). A retry deeper inside, around a
     call about something else, has none. Called on the retry and conflict paths only."""
     if scope is None:

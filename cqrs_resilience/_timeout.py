@@ -5,13 +5,13 @@ The call is cancelled at its deadline and `CommandTimeoutError` raised in its pl
 it. A cancellation from outside is never mistaken for the timeout: it propagates as
 `CancelledError` (the task's cancel count tells them apart, as `asyncio.timeout` does).
 
-A loop timer per call would cost more than the rest of the call, so each behaviour keeps its
+A loop timer per call would cost more than the rest of the call, so each behavior keeps its
 live calls in a queue per event loop, oldest first, under one timer. Every call of one
-behaviour waits the same `seconds`, so deadlines arrive in the order calls start: appending
+behavior waits the same `seconds`, so deadlines arrive in the order calls start: appending
 keeps the queue sorted, and the timer only ever needs the oldest live deadline. A call that
 ends marks its entry; the timer, when it fires, cancels what is due and re-arms for the rest.
 
-The timer runs on the behaviour's clock: the loop's for the system clock, `FakeClock`'s own
+The timer runs on the behavior's clock: the loop's for the system clock, `FakeClock`'s own
 timers in tests (so fake time passing the deadline fires it), and a sleeping task on any
 other clock.
 """
@@ -133,7 +133,7 @@ def _check_seconds(seconds: object) -> float:
 
 
 class Timeout:
-    """The behaviour `timeout()` returns; apply it to an async function."""
+    """The behavior `timeout()` returns; apply it to an async function."""
 
     def __init__(self, seconds: float, *, clock: Clock | None = None) -> None:
         self.seconds = _check_seconds(seconds)

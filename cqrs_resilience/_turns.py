@@ -5,7 +5,7 @@ about N/2 attempts each. Taking turns, each round reads the state the previous r
 a round fails only against a first attempt or another process. First attempts never wait; the
 database still arbitrates.
 
-The turns are the process's, not a behaviour's: a handler built per request (as dependency
+The turns are the process's, not a behavior's: a handler built per request (as dependency
 injection frameworks do) still takes turns with every other handler of the process. Each event
 loop has turns of its own (their waiters are futures of that loop, touched only from its
 thread); loops on several threads share only the map from loop to turns, under a lock. A
@@ -157,4 +157,4 @@ class _Holding:
 
 
 PROCESS_TURNS = Turns()
-"""The turns every conflict behaviour of this process shares unless given its own."""
+"""The turns every conflict behavior of this process shares unless given its own."""

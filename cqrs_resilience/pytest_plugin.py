@@ -3,7 +3,7 @@
 - `fake_clock`: a `FakeClock` (autojump): pass it as `clock=` to `retry()` or a handler and
   read the backoff schedule from `fake_clock.sleeps`, without waiting.
 - `no_backoff`: `set_testing()` for one test: retries happen, sleeps do not.
-- `hook_events`: a `HookEvents` recording every event the behaviours announce during the test,
+- `hook_events`: a `HookEvents` recording every event the behaviors announce during the test,
   whatever `HookRegistry` they report to (the global one or a private `hooks=`).
 """
 
@@ -24,7 +24,7 @@ __all__ = ["HookEvents", "fake_clock", "hook_events", "no_backoff"]
 class HookEvents:
     """The events announced during a test, in order, as `(name, context)` pairs.
 
-    It sees what behaviours announce (every `handler.*` event), not what code passes to
+    It sees what behaviors announce (every `handler.*` event), not what code passes to
     `registry.emit()` itself. Iterate it, index it, or ask `names()` / `contexts(pattern)`.
     """
 
@@ -74,7 +74,7 @@ def no_backoff() -> Iterator[None]:
 
 @pytest.fixture
 def hook_events() -> Iterator[HookEvents]:
-    """Every event the behaviours announce during the test, from any hook registry."""
+    """Every event the behaviors announce during the test, from any hook registry."""
     recorder = HookEvents()
     stop = add_event_sink(recorder)
     try:

@@ -1,4 +1,4 @@
-"""Scenarios that make the behaviours announce every event, for the observability tests."""
+"""Scenarios that make the behaviors announce every event, for the observability tests."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class SaveHandler(ResilientCommandHandler[str]):
 
 
 async def every_event(clock: FakeClock, hooks: HookRegistry | None = None) -> None:
-    """Make the behaviours announce each of the nine events at least once."""
+    """Make the behaviors announce each of the nine events at least once."""
     # handler.retry.scheduled, then handler.retry.exhausted
     with contextlib.suppress(TransientError):
         await retry(ONE_RETRY, clock=clock, hooks=hooks)(Flaky(*[TransientError("down")] * 2))(

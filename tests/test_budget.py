@@ -179,8 +179,8 @@ async def test_only_budget_exhausted_is_emitted_when_the_budget_ends_retries(
     assert names == [RETRY_BUDGET_EXHAUSTED]
 
 
-async def test_one_budget_shared_by_two_behaviours_is_one_budget(clock: FakeClock) -> None:
-    """Retries spent through one behaviour are gone for the other."""
+async def test_one_budget_shared_by_two_behaviors_is_one_budget(clock: FakeClock) -> None:
+    """Retries spent through one behavior are gone for the other."""
     budget = RetryBudget(ratio=0, min_retries_per_s=0.3, ttl_s=10, clock=clock)
     first, second = Failing(), Failing()
     with pytest.raises(TransientError):
@@ -233,8 +233,8 @@ def test_sync_functions_use_the_budget_too(clock: FakeClock) -> None:
     assert "retry budget is spent" in info.value.__notes__[0]
 
 
-async def test_the_budget_shows_in_the_behaviours_repr(clock: FakeClock) -> None:
-    """repr() of the behaviour and of the budget say what they are."""
+async def test_the_budget_shows_in_the_behaviors_repr(clock: FakeClock) -> None:
+    """repr() of the behavior and of the budget say what they are."""
     budget = RetryBudget(clock=clock)
     assert repr(budget) == "RetryBudget(ratio=0.2, min_retries_per_s=10, ttl_s=10, balance=100)"
     assert "budget=RetryBudget(" in repr(retry(budget=budget))

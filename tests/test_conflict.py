@@ -194,7 +194,7 @@ class Configured(Command[str], ConflictResilient):
     state: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-async def test_command_config_wins_over_behaviour_config() -> None:
+async def test_command_config_wins_over_behavior_config() -> None:
     """A ConflictResilient command's conflict_config takes precedence over config=."""
     scenario = Scenario(LATEST)
     command = Configured(state=INCOMING, conflict_config=MERGE)
@@ -789,8 +789,8 @@ async def test_a_command_cannot_switch_the_mass_assignment_guard_off(policy: str
     assert seen == [{"id": "a1", "version": 2, "status": "y"}]
 
 
-async def test_a_command_adds_to_the_behaviours_protected_fields() -> None:
-    """The behaviour's protected fields and the command's both hold; neither replaces."""
+async def test_a_command_adds_to_the_behaviors_protected_fields() -> None:
+    """The behavior's protected fields and the command's both hold; neither replaces."""
     scenario = Scenario({"id": "a1", "version": 2, "owner": "ann", "plan": "free"})
     command = hostile(
         {
@@ -822,7 +822,7 @@ async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
     assert "after 10 resolution attempts" in str(info.value.__notes__)
 
 
-async def test_the_resolution_cap_is_settable_on_behaviour_and_class() -> None:
+async def test_the_resolution_cap_is_settable_on_behavior_and_class() -> None:
     """max_attempts_cap bounds a command's rounds, on resolve_conflicts and handler classes."""
     command = hostile({"conflict_config": {"policy": "merge", "max_attempts": 50}})
     scenario = Scenario(LATEST, conflicts=10**6)
@@ -856,7 +856,7 @@ async def test_the_resolution_cap_is_settable_on_behaviour_and_class() -> None:
     assert handler.rounds == 2
 
 
-async def test_the_behaviours_own_config_is_trusted() -> None:
+async def test_the_behaviors_own_config_is_trusted() -> None:
     """A config written in code may ask for more rounds than the cap allows a command."""
     scenario = Scenario(LATEST, conflicts=15)
     config = ConflictConfig(policy=ConflictResolutionPolicy.MERGE, max_attempts=20)
@@ -930,7 +930,7 @@ async def test_a_stale_or_hostile_version_in_incoming_is_no_three_way_conflict()
 
 
 async def test_turns_can_be_scoped_by_passing_your_own() -> None:
-    """Behaviours given one Turns object share it; the process's turns are not used."""
+    """Behaviors given one Turns object share it; the process's turns are not used."""
     turns = Turns()
     behaviors = [
         resolve_conflicts(lambda c: None, lambda c: {}, lambda c, s: c, turns=turns)

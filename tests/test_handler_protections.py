@@ -1,5 +1,5 @@
 """The handler classes get timeouts, budgets, breakers and tenacity strategies as class
-attributes: the same behaviours as the functions, in the production order."""
+attributes: the same behaviors as the functions, in the production order."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Flaky(RetryableCommandHandler[str]):
         return CommandResponse(result="ok")
 
 
-async def test_without_settings_the_classes_install_only_their_own_behaviours() -> None:
+async def test_without_settings_the_classes_install_only_their_own_behaviors() -> None:
     handler = Flaky(0)
     assert [type(b).__name__ for b in handler.behaviors] == ["Retry"]
 

@@ -1,4 +1,4 @@
-"""Handler classes: thin shells over the behaviours, with the reference's shapes."""
+"""Handler classes: thin shells over the behaviors, with the reference's shapes."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ class EchoHandler(PipelinedCommandHandler[str]):
         return CommandResponse(result=command.text)
 
 
-async def test_pipelined_handler_runs_behaviours_last_added_outermost() -> None:
+async def test_pipelined_handler_runs_behaviors_last_added_outermost() -> None:
     """add_behavior: the last added runs first (LIFO), as the reference describes."""
     log: list[str] = []
 

@@ -131,8 +131,8 @@ def test_the_global_registry_is_one_object() -> None:
     assert isinstance(get_hook_registry(), HookRegistry)
 
 
-async def test_global_registry_receives_events_from_behaviours_by_default() -> None:
-    """Behaviours without hooks= report to the process-wide registry."""
+async def test_global_registry_receives_events_from_behaviors_by_default() -> None:
+    """Behaviors without hooks= report to the process-wide registry."""
     from cqrs_resilience import FakeClock, FixedRetryPolicy, TransientError, retry
 
     seen: list[int] = []

@@ -211,12 +211,12 @@ async def test_circuit_events_land_on_the_command_span(
 async def test_function_pipelines_make_one_span_per_command(
     telemetry: Telemetry, clock: FakeClock
 ) -> None:
-    """The outermost behaviour that opens the command's scope makes the span; the inner ones
+    """The outermost behavior that opens the command's scope makes the span; the inner ones
     add none."""
-    behaviours = pipeline(
+    behaviors = pipeline(
         retry(ONE_RETRY, clock=clock), resolve_conflicts(latest, incoming, rebuild)
     )
-    save = behaviours(Flaky(TransientError("blip")))
+    save = behaviors(Flaky(TransientError("blip")))
     for _ in range(3):
         await save(Save())
     spans = telemetry.spans()

@@ -74,7 +74,7 @@ async def test_pipeline_works_as_a_decorator_and_keeps_the_signature() -> None:
 
 
 async def test_pipelines_nest() -> None:
-    """A pipeline is a behaviour, so pipelines compose with pipelines."""
+    """A pipeline is a behavior, so pipelines compose with pipelines."""
     log: list[str] = []
 
     async def handler() -> str:
@@ -85,7 +85,7 @@ async def test_pipelines_nest() -> None:
     assert log == ["a>", "b>", "c>", "<c", "<b", "<a"]
 
 
-def test_repr_names_the_behaviours() -> None:
+def test_repr_names_the_behaviors() -> None:
     """A pipeline reads as what it is."""
     composed = pipeline(retry(FixedRetryPolicy(max_retries=1)), tagging("audit", []))
     assert repr(composed).startswith("pipeline(retry(FixedRetryPolicy(max_retries=1")
@@ -95,7 +95,7 @@ def test_repr_names_the_behaviours() -> None:
 
 
 def test_non_callables_are_rejected() -> None:
-    """Passing something that is not a behaviour fails at composition, naming its position."""
+    """Passing something that is not a behavior fails at composition, naming its position."""
     with pytest.raises(TypeError, match="argument 2"):
         pipeline(retry(), "retry")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="callable handler"):

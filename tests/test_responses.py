@@ -423,9 +423,9 @@ class AddItemHandler(RetryableCommandHandler[Receipt]):
         return CommandResponse(result=Receipt(stored.id, stored.version, tuple(stored.items)))
 
 
-async def test_a_handler_with_responses_answers_a_resend_before_any_behaviour(make_store):
+async def test_a_handler_with_responses_answers_a_resend_before_any_behavior(make_store):
     """`responses = store`: a resend gets the first `CommandResponse[Receipt]` even when the
-    behaviours inside would refuse the call now (an open circuit breaker)."""
+    behaviors inside would refuse the call now (an open circuit breaker)."""
     store = make_store(Order)
     breaker = circuit_breaker(minimum_throughput=2, failure_ratio=0.5)
     handler = AddItemHandler(store)

@@ -212,7 +212,7 @@ class Pong(Command[str]):
 
 
 async def test_command_policy_wins_over_decorator_policy(clock: FakeClock) -> None:
-    """A Retryable command's retry_policy takes precedence over the behaviour's."""
+    """A Retryable command's retry_policy takes precedence over the behavior's."""
     flaky = Flaky(10)
     command = Ping(retry_policy=FixedRetryPolicy(max_retries=1, delay_ms=7, jitter=False))
     with pytest.raises(TransientError):
@@ -236,7 +236,7 @@ async def test_a_command_policy_that_is_no_policy_is_a_type_error(
 
 
 async def test_decorator_policy_applies_to_commands_without_one(clock: FakeClock) -> None:
-    """Without a command policy the behaviour's policy applies."""
+    """Without a command policy the behavior's policy applies."""
     flaky = Flaky(10)
     with pytest.raises(TransientError):
         await retry(NO_JITTER, clock=clock)(flaky)(Pong())
@@ -443,7 +443,7 @@ def test_bad_arguments_are_rejected_up_front() -> None:
 
 
 async def test_retry_composes_in_a_pipeline(clock: FakeClock) -> None:
-    """retry() is a behaviour: it works inside pipeline() like any other."""
+    """retry() is a behavior: it works inside pipeline() like any other."""
     order: list[str] = []
 
     def tag(name: str) -> Any:
@@ -500,7 +500,7 @@ async def test_a_retry_after_commit_then_timeout_does_not_apply_twice(clock: Fak
     assert clock.sleeps == [0.01]
 
 
-# --- what a command may ask for is capped; the behaviour's own policy is trusted -------------
+# --- what a command may ask for is capped; the behavior's own policy is trusted -------------
 
 
 def decoded_ping(policy_json: str) -> Ping:
@@ -570,7 +570,7 @@ async def test_a_nan_retry_after_is_ignored(clock: FakeClock) -> None:
     assert clock.sleeps == [0.01, 0.01, 0.01]
 
 
-async def test_caps_are_settable_on_the_behaviour(clock: FakeClock) -> None:
+async def test_caps_are_settable_on_the_behavior(clock: FakeClock) -> None:
     """max_retries_cap and max_delay_cap_s bound a command's policy and any retry_after."""
     command = decoded_ping('{"type": "fixed", "max_retries": 9, "delay_ms": 5000}')
     flaky = Flaky(100)
@@ -579,7 +579,7 @@ async def test_caps_are_settable_on_the_behaviour(clock: FakeClock) -> None:
     assert (flaky.calls, clock.sleeps) == (3, [1.5, 1.5])
 
 
-async def test_the_behaviours_own_policy_is_trusted(clock: FakeClock) -> None:
+async def test_the_behaviors_own_policy_is_trusted(clock: FakeClock) -> None:
     """A policy written in code is not capped: 20 retries and 2-minute delays are its call."""
     flaky = Flaky(100)
     with pytest.raises(TransientError):

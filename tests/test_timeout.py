@@ -360,7 +360,7 @@ async def test_quick_calls_behind_a_slow_one_do_not_pile_up() -> None:
 
 
 async def test_each_event_loop_gets_its_own_timers() -> None:
-    """One behaviour used from a second event loop (another thread) works there, and a call
+    """One behavior used from a second event loop (another thread) works there, and a call
     still running on the first loop still times out."""
     behavior = timeout(0.05)
 
