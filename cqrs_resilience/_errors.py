@@ -42,10 +42,12 @@ class ConfigurationError(CqrsResilienceError, ValueError):
 
 
 class ConcurrencyError(CqrsResilienceError):
-    """An optimistic-concurrency check failed: the aggregate moved on since it was read.
+    """An optimistic-concurrency check failed: the aggregate moved on since it was read, or
+    another writer is resolving a conflict on it (then `actual_version` equals
+    `expected_version`: the write was not made, so as not to race that writer).
 
-    `turns`, set by the library's stores, is what conflict-resolution rounds for this
-    aggregate take turns through (the store itself, so rounds in other processes wait too).
+    `turns`, set by the library's stores, is what conflict resolution on this aggregate
+    waits through (the store itself, so writers in other processes wait too).
     """
 
     turns: Any = None
@@ -59,9 +61,7 @@ class ConcurrencyError(CqrsResilienceError):
         actual_version: int | None = None,
     ) -> None:
         if message is None:
-            message = f"aggregate {aggregate_id!r} is at version {actual_version}, " + (
-                f"expected {expected_version}"
-            )
+            message = _concurrency_message(aggregate_id, expected_version, actual_version)
         super().__init__(message)
         self.aggregate_id = aggregate_id
         self.expected_version = expected_version
@@ -70,6 +70,16 @@ class ConcurrencyError(CqrsResilienceError):
     def __reduce__(self) -> tuple[Any, ...]:  # a store in `turns` stays in its process
         state = {k: v for k, v in self.__dict__.items() if k != "turns"}
         return type(self), (str(self),), state
+
+
+def _concurrency_message(aggregate_id: Any, expected: int | None, actual: int | None) -> str:
+    if actual is not None and actual == expected:
+        # The stores' way of saying a resolution elsewhere holds the aggregate.
+        return (
+            f"aggregate {aggregate_id!r}: another writer is resolving a conflict on it, so "
+            f"this write (read at version {expected}) was not made"
+        )
+    return f"aggregate {aggregate_id!r} is at version {actual}, expected {expected}"
 
 
 class TransientError(CqrsResilienceError):

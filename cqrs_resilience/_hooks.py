@@ -74,8 +74,8 @@ _MESSAGES: dict[str, str] = {
     "%(attempt)s retries made: %(error)r",
     CONFLICT_DETECTED: "%(handler.type)s (%(command.type)s): conflict %(attempt)s of "
     "%(max_retries)s (%(policy)s): %(error)r",
-    CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved in round "
-    "%(attempt)s (%(policy)s)",
+    CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved after "
+    "%(attempt)s of %(max_retries)s resolutions (%(policy)s)",
     CONFLICT_FAILED: "%(handler.type)s (%(command.type)s): conflict not resolved "
     "(%(policy)s): %(error)r",
     CIRCUIT_OPENED: "circuit opened for %(break_duration_s)s s by %(handler.type)s: %(error)r",

@@ -122,9 +122,7 @@ def _conflict(aggregate: Aggregate, actual: int, turns: Any) -> ConcurrencyError
     error = ConcurrencyError(
         aggregate_id=aggregate.id, expected_version=aggregate.version, actual_version=actual
     )
-    error.turns = turns
-    if actual == aggregate.version:
-        error.add_note("a conflict-resolution round holds this aggregate; this write yields to it")
+    error.turns = turns  # its message says when another writer's resolution held it
     return error
 
 

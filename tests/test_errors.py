@@ -29,6 +29,17 @@ def test_concurrency_error_carries_versions() -> None:
     assert ConcurrencyError().aggregate_id is None
 
 
+def test_a_conflict_at_the_version_read_says_another_writer_is_resolving() -> None:
+    """Equal versions are how a store says another writer is resolving a conflict on the
+    aggregate: the message says that, not "at version 6, expected 6"."""
+    error = ConcurrencyError(aggregate_id="o1", expected_version=6, actual_version=6)
+    assert str(error) == (
+        "aggregate 'o1': another writer is resolving a conflict on it, so this write "
+        "(read at version 6) was not made"
+    )
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+
+
 def test_transient_error_carries_retry_after() -> None:
     """retry_after is kept in seconds, None by default."""
     assert TransientError("x", retry_after=1.5).retry_after == 1.5

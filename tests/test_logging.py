@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from cqrs_resilience import (
@@ -18,12 +22,18 @@ from cqrs_resilience import (
     RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
+    Command,
+    ConflictConfig,
+    ConflictResolutionPolicy,
     FakeClock,
     HookRegistry,
     TransientError,
     circuit_breaker,
+    resolve_conflicts,
     retry,
 )
+from cqrs_resilience._demo import DemoOrder
+from cqrs_resilience.stores import SQLiteRepository
 from tests.observability import ONE_RETRY, Flaky, Save, SaveHandler, every_event
 
 LOGGER = "cqrs_resilience"
@@ -179,3 +189,65 @@ async def test_a_quiet_event_builds_no_context(
             Flaky(TransientError("a"), TransientError("b"))
         )(Save())
     assert built == [1, 1]
+
+
+class Touch(Command[int]):
+    """Sets an order's status, written at the version it was read at."""
+
+    order_id: str
+    version: int
+    status: str = "paid"
+
+
+class TouchHandler:
+    """Writes the order a `Touch` names, with last-wins conflict resolution around it."""
+
+    def __init__(self, store: SQLiteRepository[DemoOrder]) -> None:
+        self.store = store
+
+    async def __call__(self, command: Touch) -> int:
+        order = DemoOrder(id=command.order_id, version=command.version, status=command.status)
+        return (await self.store.persist(order)).version
+
+    async def latest(self, command: Touch) -> dict[str, Any]:
+        [order] = await self.store.retrieve([command.order_id])
+        return msgspec.structs.asdict(order)
+
+
+def _touch_with(state: dict[str, Any]) -> Touch:
+    return Touch(order_id=state["id"], version=state["version"], status=state["status"])
+
+
+async def test_meeting_another_writers_resolution_is_logged_as_that(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write refused because another writer is resolving a conflict on the aggregate is
+    logged as that (not as "version 1, expected 1"); the command then waits for that writer,
+    runs again, and the line saying it was resolved counts resolutions."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    hooks = HookRegistry()
+    detected = asyncio.Event()
+    hooks.subscribe(CONFLICT_DETECTED, lambda context: detected.set())
+    async with SQLiteRepository(tmp_path / "db", DemoOrder) as store:
+        created = await store.persist(DemoOrder(id="o"))
+        touch = TouchHandler(store)
+        last_wins = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS)
+        handler = resolve_conflicts(
+            touch.latest,
+            lambda command: {"status": command.status},
+            lambda command, state: _touch_with(state),
+            config=last_wins,
+            hooks=hooks,
+        )(touch)
+        async with store.turn("o"):  # another writer, resolving a conflict on "o"
+            command = Touch(order_id="o", version=created.version)
+            sent = asyncio.create_task(handler(command), context=contextvars.Context())
+            await detected.wait()
+            await store.persist(created)  # the other writer's write: version 2
+        assert await sent == 3
+    assert [r.getMessage() for r in caplog.records if r.name == LOGGER] == [
+        "TouchHandler (Touch): conflict 1 of 3 (last_wins): ConcurrencyError(\"aggregate 'o': "
+        "another writer is resolving a conflict on it, so this write (read at version 1) was "
+        'not made")',
+        "TouchHandler (Touch): conflict resolved after 1 of 3 resolutions (last_wins)",
+    ]
