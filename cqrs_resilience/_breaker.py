@@ -44,7 +44,7 @@ from ._hooks import (
     observed,
 )
 from ._pipeline import NOT_AWAITABLE, BehaviorBase, returns_awaitable
-from ._retry_on import RetryOn, command_of, predicate
+from ._retry_on import RetryOn, command_of, command_type, predicate
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -414,7 +414,7 @@ class CircuitBreaker(BehaviorBase):
         return {
             "event": event,
             "handler.type": handler_type,
-            "command.type": type(command).__name__ if command is not None else None,
+            "command.type": command_type(command),
             "error": exc,
             "break_duration_s": self.break_duration_s,
             # The window that opened the circuit; None when a failed trial reopened it.

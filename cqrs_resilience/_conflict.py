@@ -46,6 +46,7 @@ from ._merge_registry import MergeStrategyRegistry
 from ._merge_strategies import MergeStrategy
 from ._pipeline import async_only
 from ._retry import check_cap
+from ._retry_on import command_type
 from ._turns import PROCESS_TURNS, TakesTurns
 
 P = ParamSpec("P")
@@ -249,7 +250,7 @@ class ResolveConflicts:
         return {
             "event": event,
             "handler.type": handler_type,
-            "command.type": type(command).__name__,
+            "command.type": command_type(command),
             "attempt": attempt,
             "max_retries": config.max_attempts,
             "delay_ms": None,

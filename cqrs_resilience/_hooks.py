@@ -83,6 +83,18 @@ _MESSAGES: dict[str, str] = {
     CIRCUIT_CLOSED: "circuit closed: %(handler.type)s's trial call succeeded",
 }
 _RESET_MESSAGE = "circuit closed by reset()"
+_COMMAND = " (%(command.type)s)"
+
+
+def _message(event: str, context: HookContext) -> str:
+    """The format of `event`'s log line, for this context: a call about no command (a plain
+    function's arguments) is named by its function alone, `charge: ...`, not `charge (str)`."""
+    message = _MESSAGES.get(event, "%(event)s")
+    if event == CIRCUIT_CLOSED and context.get("handler.type") is None:
+        return _RESET_MESSAGE
+    if context.get("command.type") is None:
+        message = message.replace(_COMMAND, "")
+    return message
 
 
 class HookRegistry:
@@ -185,8 +197,10 @@ class HookRegistry:
 
 
 def describe_handler(fn: Callable[..., Any]) -> str:
-    """The name hooks report: the handler class for bound methods, else the function (or the
-    callable object's class) innermost in the `__wrapped__` chain."""
+    """The name hooks report as `handler.type`: the handler class for bound methods, else the
+    function (or the callable object's class) innermost in the `__wrapped__` chain. With
+    `command.type` (the command's class, or None for a call about no command) it makes the
+    label of log lines: `SendEmailHandler (SendEmail)`, or `charge` alone."""
     target: Any = fn
     while True:
         owner = getattr(target, "__self__", None)
@@ -223,10 +237,7 @@ def observed(hooks: HookRegistry, event: str) -> bool:
 def _log_and_sink(event: str, context: HookContext) -> None:
     level = LEVELS.get(event, logging.DEBUG)
     if logger.isEnabledFor(level):
-        message = _MESSAGES.get(event, "%(event)s")
-        if event == CIRCUIT_CLOSED and context.get("handler.type") is None:
-            message = _RESET_MESSAGE
-        logger.log(level, message, context)
+        logger.log(level, _message(event, context), context)
     for sink in _telemetry.EVENT_SINKS:
         try:
             sink(event, context)

@@ -51,7 +51,7 @@ from ._idempotency import (
 )
 from ._pipeline import NOT_AWAITABLE, BehaviorBase, returns_awaitable
 from ._policies import ExponentialBackoffPolicy, RetryPolicy
-from ._retry_on import RetryOn, command_of, predicate
+from ._retry_on import RetryOn, command_of, command_type, predicate
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -437,7 +437,7 @@ class Retry(BehaviorBase):
         return {
             "event": event,
             "handler.type": handler_type,
-            "command.type": type(run.command).__name__ if run.command is not None else None,
+            "command.type": command_type(run.command),
             # The k-th retry is about to happen (scheduled), or k retries were made (exhausted).
             "attempt": run.state.attempt_number - 1,
             "max_retries": run.max_retries,

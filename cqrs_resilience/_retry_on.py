@@ -53,3 +53,10 @@ def command_of(args: tuple[Any, ...]) -> Any:
         if is_command(arg):
             return arg
     return args[0] if args else None
+
+
+def command_type(command: Any) -> str | None:
+    """`command.type` in hooks and logs: the class name of a command (a value with a
+    `command_id`), or None for anything else, such as a plain function's first argument
+    (`charge("o1", 5)` is about no command of type `str`)."""
+    return type(command).__name__ if is_command(command) else None

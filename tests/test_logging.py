@@ -116,6 +116,26 @@ async def test_messages_say_who_what_and_why(
     assert exhausted.args["error"] is error  # type: ignore[call-overload,index]
 
 
+async def charge(order_id: str, amount_cents: int) -> None:
+    """A legacy function: plain arguments, no command."""
+    raise ConnectionError("card network down")
+
+
+async def test_a_plain_function_is_named_by_itself(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A function whose arguments are no command is labelled by its name alone (`charge`),
+    not by its first argument's type (`charge (str)`); `command.type` is None."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    with pytest.raises(ConnectionError):
+        await retry(ONE_RETRY, clock=clock)(charge)("o1", 500)
+    scheduled = caplog.records[0]
+    assert scheduled.getMessage() == (
+        "charge: retry 1 of 1 in 250 ms after ConnectionError('card network down')"
+    )
+    assert scheduled.args["command.type"] is None  # type: ignore[call-overload,index]
+
+
 async def test_warnings_only_by_default_level(
     clock: FakeClock, hooks: HookRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
