@@ -68,10 +68,10 @@ circuit at WARNING, a circuit probing or recovering at INFO."""
 _MESSAGES: dict[str, str] = {
     RETRY_SCHEDULED: "%(handler.type)s (%(command.type)s): retry %(attempt)s of "
     "%(max_retries)s in %(delay_ms).0f ms after %(error)r",
-    RETRY_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up, %(attempt)s of "
-    "%(max_retries)s retries made: %(error)r",
-    RETRY_BUDGET_EXHAUSTED: "%(handler.type)s (%(command.type)s): the retry budget is spent, "
-    "%(attempt)s retries made: %(error)r",
+    RETRY_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up after %(attempt)s of "
+    "%(max_retries)s retries: %(reason)s: %(error)r",
+    RETRY_BUDGET_EXHAUSTED: "%(handler.type)s (%(command.type)s): gave up after %(attempt)s of "
+    "%(max_retries)s retries: %(reason)s: %(error)r",
     CONFLICT_DETECTED: "%(handler.type)s (%(command.type)s): conflict %(attempt)s of "
     "%(max_retries)s (%(policy)s): %(error)r",
     CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved after "
@@ -84,21 +84,46 @@ _MESSAGES: dict[str, str] = {
 }
 _RESET_MESSAGE = "circuit closed by reset()"
 _COMMAND = " (%(command.type)s)"
+_OF_MAX = " of %(max_retries)s"
 
 
 def _message(event: str, context: HookContext) -> str:
     """The format of `event`'s log line, for this context: a call about no command (a plain
-    function's arguments) is named by its function alone, `charge: ...`, not `charge (str)`."""
+    function's arguments) is named by its function alone, `charge: ...`, not `charge (str)`;
+    retries a tenacity `stop=` strategy counts have no "of N"."""
     message = _MESSAGES.get(event, "%(event)s")
     if event == CIRCUIT_CLOSED and context.get("handler.type") is None:
         return _RESET_MESSAGE
     if context.get("command.type") is None:
         message = message.replace(_COMMAND, "")
+    if "max_retries" in context and context["max_retries"] is None:
+        message = message.replace(_OF_MAX, "")
     return message
 
 
 class HookRegistry:
-    """Subscribers by glob pattern; a raising subscriber is logged, never propagated."""
+    """Subscribers by glob pattern; a raising subscriber is logged, never propagated.
+
+    A subscriber gets one dict, the event's context. Every context has `event` (the event's
+    name), `handler.type` (the handler class, or the function) and `command.type` (the
+    command's class; None for a call about no command, such as a plain function's arguments).
+
+    The retry events add `attempt` (scheduled: k for the k-th retry, about to happen;
+    exhausted: the retries made), `max_retries` (the retries allowed; None when a tenacity
+    `stop=` strategy counts them), `delay_ms` (the wait before the retry, after jitter and
+    `retry_after`; None when giving up), `error` (the exception), `policy`, `strategy` (None),
+    `budget` (the `RetryBudget`, or None) and `reason`: when giving up, why (all retries used,
+    a cap, the deadline, the retry budget, the circuit breaker, a stop strategy), the same text
+    that ends the log line and the error's note; None for a scheduled retry.
+
+    The conflict events add `attempt` (the resolution the event is about, 1 for the first),
+    `max_retries` (the config's `max_attempts`), `delay_ms` (None), `error`, `policy` and
+    `strategy` (the merge strategy's name under MERGE, else None).
+
+    The circuit events add `error` (the failure that opened the circuit; None for the others),
+    `break_duration_s`, and `failure_ratio` and `throughput` (of the window that opened it;
+    None when a failed trial call reopened it).
+    """
 
     def __init__(self) -> None:
         self._subscriptions: list[tuple[str, Hook]] = []

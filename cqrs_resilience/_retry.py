@@ -31,6 +31,7 @@ from ._budget import RetryBudget
 from ._checks import setting
 from ._clock import SYSTEM_CLOCK, Clock, is_testing
 from ._deadline import time_left
+from ._errors import BrokenCircuitError
 from ._hooks import (
     RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
@@ -105,15 +106,36 @@ def _attempts(state: tenacity.RetryCallState) -> str:
     return f"gave up after {count} attempt{'s' if count != 1 else ''}"
 
 
+def _stop_reason(stop: Stop, state: tenacity.RetryCallState) -> str:
+    """Why a tenacity stop strategy ended the retries, in its own terms."""
+    if isinstance(stop, tenacity.stop_any):
+        for part in stop.stops:
+            if part(state):
+                return _stop_reason(part, state)
+    if isinstance(stop, tenacity.stop_after_attempt):
+        return f"all {stop.max_attempt_number} attempts made (stop_after_attempt)"
+    if isinstance(stop, tenacity.stop_after_delay):
+        return f"the deadline of {_seconds(stop.max_delay)} passed (stop_after_delay)"
+    if isinstance(stop, tenacity.stop_before_delay):
+        return (
+            f"the next wait would end after the deadline of {_seconds(stop.max_delay)} "
+            "(stop_before_delay)"
+        )
+    name = getattr(stop, "__qualname__", None) or type(stop).__name__
+    return f"the stop strategy {name} ended them"
+
+
 class _Attempts:
-    """One call's retry state: the tenacity call state, its stop and wait, who it is for, and
-    the idempotency scope its re-attempts run in."""
+    """One call's retry state: the tenacity call state, its stop and wait, who it is for, the
+    idempotency scope its re-attempts run in, and once it gives up, why."""
 
     __slots__ = (
+        "asked",
         "changes",
         "command",
         "max_retries",
         "policy",
+        "reason",
         "scope",
         "skipped",
         "state",
@@ -130,9 +152,12 @@ class _Attempts:
         command: Any,
         call: tuple[Any, tuple[Any, ...], dict[str, Any]],
         scope: tuple[Scope | None, int],
+        asked: int | None = None,
     ):
         self.policy = policy
         self.max_retries = max_retries
+        self.asked = asked  # the retries a command's policy asked for, when a cap cut them
+        self.reason: str | None = None
         self.command = command
         self.state = tenacity.RetryCallState(cast(Any, None), *call)
         self.stop = stop
@@ -377,17 +402,19 @@ class Retry(BehaviorBase):
                         f"got {policy!r}"
                     ) from failure
                 _POLICY_TYPES.add(type(policy))
-            max_retries, cap_s = min(policy.max_retries, self.max_retries_cap), self.max_delay_cap_s
+            wanted = policy.max_retries
+            max_retries, cap_s = min(wanted, self.max_retries_cap), self.max_delay_cap_s
+            cut = wanted if max_retries < wanted else None
         else:
             policy = self.policy or DEFAULT_POLICY  # checked when the behavior was made
-            max_retries, cap_s = policy.max_retries, math.inf
+            max_retries, cap_s, cut = policy.max_retries, math.inf, None
         # Strategies written in code replace the policy's count or delays, and are trusted.
         if self.stop is None:
             stop: Stop = tenacity.stop_after_attempt(max_retries + 1)
         else:
             stop, max_retries = self.stop, None
         wait = self.wait if self.wait is not None else _PolicyWait(policy, cap_s)
-        run = _Attempts(policy, stop, wait, max_retries, command, call, scope)
+        run = _Attempts(policy, stop, wait, max_retries, command, call, scope, cut)
         if self.stop is not None or self.wait is not None:
             run.state.start_time = started
         return run
@@ -417,19 +444,41 @@ class Retry(BehaviorBase):
                 delay = max(delay, min(float(retry_after), self.max_delay_cap_s))
         state.upcoming_sleep = delay
         if run.stop(state):
-            exc.add_note(_attempts(state))
-            return RETRY_EXHAUSTED
+            return self._give_up(run, exc, RETRY_EXHAUSTED, self._stopped(run))
         left = time_left()
         if left is not None and delay > left:
-            exc.add_note(
-                f"{_attempts(state)}: the next wait of {_seconds(delay)} would end after the "
-                f"deadline ({_seconds(left)} left)"
+            reason = (
+                f"the next wait of {_seconds(delay)} would end after the deadline "
+                f"({_seconds(left)} left)"
             )
-            return RETRY_EXHAUSTED
+            return self._give_up(run, exc, RETRY_EXHAUSTED, reason)
         if self.budget is not None and not self.budget.try_withdraw():
-            exc.add_note(f"{_attempts(state)}: the retry budget is spent ({self.budget!r})")
-            return RETRY_BUDGET_EXHAUSTED
+            reason = f"the retry budget is spent ({self.budget!r})"
+            return self._give_up(run, exc, RETRY_BUDGET_EXHAUSTED, reason)
         return delay
+
+    def _stopped(self, run: _Attempts) -> str:
+        """Why the count ran out: the stop strategy, a cap on the command's policy, or the
+        policy's own count."""
+        if self.stop is not None:
+            return _stop_reason(self.stop, run.state)
+        if run.asked is not None:
+            return f"max_retries_cap={run.max_retries} caps the command's max_retries={run.asked}"
+        if run.max_retries == 0:
+            return "retries are off (max_retries=0)"
+        return f"all retries used (max_retries={run.max_retries})"
+
+    def _refused(self, run: _Attempts, refusal: BrokenCircuitError) -> str:
+        """A circuit breaker inside refused a retry (its refusal is not retried): give up."""
+        reason = f"the circuit breaker refused retry {run.state.attempt_number - 1}: {refusal}"
+        return self._give_up(run, refusal, RETRY_EXHAUSTED, reason)
+
+    @staticmethod
+    def _give_up(run: _Attempts, exc: Exception, event: str, reason: str) -> str:
+        """Note on `exc` how many attempts were made and why no more: `event` to announce."""
+        run.reason = reason
+        exc.add_note(f"{_attempts(run.state)}: {reason}")
+        return event
 
     def _context(
         self, event: str, handler_type: str, run: _Attempts, exc: Exception, delay: float | None
@@ -446,6 +495,7 @@ class Retry(BehaviorBase):
             "policy": run.policy,
             "strategy": None,
             "budget": self.budget,
+            "reason": run.reason,
         }
 
     async def _retry_async(
@@ -487,6 +537,11 @@ class Retry(BehaviorBase):
                     return await fn(*args, **kwargs)
             except Exception as new:
                 if not self._should_retry(new):
+                    if isinstance(new, BrokenCircuitError):
+                        event = self._refused(run, new)
+                        if observed(hooks, event):
+                            context = self._context(event, handler_type, run, new, None)
+                            await announce(hooks, event, context)
                     raise
                 exc = new
                 if record is not None:
@@ -531,6 +586,11 @@ class Retry(BehaviorBase):
                     return fn(*args, **kwargs)
             except Exception as new:
                 if not self._should_retry(new):
+                    if isinstance(new, BrokenCircuitError):
+                        event = self._refused(run, new)
+                        if observed(hooks, event):
+                            context = self._context(event, handler_type, run, new, None)
+                            announce_sync(hooks, event, context)
                     raise
                 exc = new
                 if record is not None:

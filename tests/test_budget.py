@@ -213,7 +213,7 @@ async def test_a_spent_policy_does_not_draw_on_the_budget(clock: FakeClock) -> N
         await retry(FixedRetryPolicy(max_retries=2, delay_ms=0), budget=budget, clock=clock)(
             Failing()
         )()
-    assert info.value.__notes__ == ["gave up after 3 attempts"]
+    assert info.value.__notes__ == ["gave up after 3 attempts: all retries used (max_retries=2)"]
     assert budget.balance == 8
 
 

@@ -73,7 +73,7 @@ async def test_exhausted_retries_propagate_the_error_from_handle(clock: FakeCloc
         await SendEmailHandler(service, clock=clock).handle(
             SendEmailCommand(to="x", subject="", body="")
         )
-    assert info.value.__notes__ == ["gave up after 4 attempts"]
+    assert info.value.__notes__ == ["gave up after 4 attempts: all retries used (max_retries=3)"]
 
 
 class Echo(Command[str]):

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import tenacity
 
 from cqrs_resilience import (
     CIRCUIT_CLOSED,
@@ -22,15 +23,21 @@ from cqrs_resilience import (
     RETRY_BUDGET_EXHAUSTED,
     RETRY_EXHAUSTED,
     RETRY_SCHEDULED,
+    BrokenCircuitError,
     Command,
     ConflictConfig,
     ConflictResolutionPolicy,
     FakeClock,
+    FixedRetryPolicy,
     HookRegistry,
+    Retryable,
+    RetryBudget,
     TransientError,
     circuit_breaker,
+    pipeline,
     resolve_conflicts,
     retry,
+    timeout,
 )
 from cqrs_resilience._demo import DemoOrder
 from cqrs_resilience.stores import SQLiteRepository
@@ -111,7 +118,8 @@ async def test_messages_say_who_what_and_why(
         "Flaky (Save): retry 1 of 1 in 250 ms after ConnectionError('reset by peer')"
     )
     assert exhausted.getMessage() == (
-        "Flaky (Save): gave up, 1 of 1 retries made: ConnectionError('reset by peer')"
+        "Flaky (Save): gave up after 1 of 1 retries: all retries used (max_retries=1): "
+        "ConnectionError('reset by peer')"
     )
     assert exhausted.args["error"] is error  # type: ignore[call-overload,index]
 
@@ -134,6 +142,104 @@ async def test_a_plain_function_is_named_by_itself(
         "charge: retry 1 of 1 in 250 ms after ConnectionError('card network down')"
     )
     assert scheduled.args["command.type"] is None  # type: ignore[call-overload,index]
+
+
+FIVE_RETRIES = FixedRetryPolicy(max_retries=5, delay_ms=0, jitter=False)
+
+
+class Resend(Command[str], Retryable):
+    """A command asking for three retries of its own."""
+
+    retry_policy: FixedRetryPolicy = FixedRetryPolicy(max_retries=3, delay_ms=0, jitter=False)
+
+
+def failing() -> Flaky:
+    return Flaky(*(TransientError("down") for _ in range(20)))
+
+
+async def stopped_by_the_deadline(clock: FakeClock) -> None:
+    every_4_s = FixedRetryPolicy(max_retries=5, delay_ms=4000, jitter=False)
+    await pipeline(timeout(10, clock=clock), retry(every_4_s, clock=clock))(failing())(Save())
+
+
+async def stopped_by_the_budget(clock: FakeClock) -> None:
+    one_retry = RetryBudget(ratio=0, min_retries_per_s=0.1, ttl_s=10, clock=clock)
+    await retry(FIVE_RETRIES, budget=one_retry, clock=clock)(failing())(Save())
+
+
+async def stopped_by_the_breaker(clock: FakeClock) -> None:
+    breaker = circuit_breaker(minimum_throughput=2, failure_ratio=0.5, clock=clock)
+    await pipeline(retry(FIVE_RETRIES, clock=clock), breaker)(failing())(Save())
+
+
+async def stopped_by_the_cap(clock: FakeClock) -> None:
+    await retry(clock=clock, max_retries_cap=1)(failing())(Resend())
+
+
+async def stopped_by_a_stop_strategy(clock: FakeClock) -> None:
+    stop = tenacity.stop_after_attempt(10) | tenacity.stop_after_delay(30)
+    await retry(stop=stop, wait=tenacity.wait_fixed(10), clock=clock)(failing())(Save())
+
+
+async def stopped_when_all_retries_are_used(clock: FakeClock) -> None:
+    await retry(FIVE_RETRIES, clock=clock)(failing())(Save())
+
+
+@pytest.mark.parametrize(
+    ("scenario", "line"),
+    [
+        (
+            stopped_by_the_deadline,
+            "Flaky (Save): gave up after 2 of 5 retries: the next wait of 4 s would end after "
+            "the deadline (2 s left): TransientError('down')",
+        ),
+        (
+            stopped_by_the_budget,
+            "Flaky (Save): gave up after 1 of 5 retries: the retry budget is spent "
+            "(RetryBudget(ratio=0, min_retries_per_s=0.1, ttl_s=10, balance=0)): "
+            "TransientError('down')",
+        ),
+        (
+            stopped_by_the_breaker,
+            "Flaky (Save): gave up after 2 of 5 retries: the circuit breaker refused retry 2: "
+            "the circuit is open; a trial call is allowed in 5.000 s: BrokenCircuitError(5.0)",
+        ),
+        (
+            stopped_by_the_cap,
+            "Flaky (Resend): gave up after 1 of 1 retries: max_retries_cap=1 caps the command's "
+            "max_retries=3: TransientError('down')",
+        ),
+        (
+            stopped_by_a_stop_strategy,
+            "Flaky (Save): gave up after 3 retries: the deadline of 30 s passed "
+            "(stop_after_delay): TransientError('down')",
+        ),
+        (
+            stopped_when_all_retries_are_used,
+            "Flaky (Save): gave up after 5 of 5 retries: all retries used (max_retries=5): "
+            "TransientError('down')",
+        ),
+    ],
+    ids=["deadline", "budget", "breaker", "cap", "stop", "all-used"],
+)
+async def test_giving_up_says_why(
+    scenario: Any, line: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line that says retrying stopped names what stopped it: the deadline, the retry
+    budget, the circuit breaker, a cap on the command's policy, a stop strategy, or all
+    retries used; the hook context has it as `reason`, and the error's note ends with it."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with pytest.raises((TransientError, BrokenCircuitError)) as info:
+        await scenario(clock)
+    [record] = [
+        r
+        for r in caplog.records
+        if r.args["event"] in (RETRY_EXHAUSTED, RETRY_BUDGET_EXHAUSTED)  # type: ignore[call-overload,index]
+    ]
+    assert record.getMessage() == line
+    reason = record.args["reason"]  # type: ignore[call-overload,index]
+    assert reason and f": {reason}: " in line
+    assert info.value.__notes__[-1].endswith(f": {reason}")
 
 
 async def test_warnings_only_by_default_level(

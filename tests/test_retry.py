@@ -16,7 +16,9 @@ import pytest
 import tenacity
 
 from cqrs_resilience import (
+    RETRY_EXHAUSTED,
     Aggregate,
+    BrokenCircuitError,
     Command,
     ConcurrencyError,
     ExponentialBackoffPolicy,
@@ -26,6 +28,7 @@ from cqrs_resilience import (
     InMemoryRepository,
     Retryable,
     TransientError,
+    circuit_breaker,
     current_command_id,
     pipeline,
     retry,
@@ -82,7 +85,7 @@ async def test_max_retries_counts_retries_after_the_first_attempt(clock: FakeClo
         await retry(NO_JITTER, clock=clock)(always_fails)()
     assert len(errors) == 4
     assert info.value is errors[-1]
-    assert info.value.__notes__ == ["gave up after 4 attempts"]
+    assert info.value.__notes__ == ["gave up after 4 attempts: all retries used (max_retries=3)"]
     frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
     assert "always_fails" in frames
 
@@ -93,7 +96,7 @@ async def test_zero_retries_means_one_call(clock: FakeClock) -> None:
     with pytest.raises(TransientError) as info:
         await retry(FixedRetryPolicy(max_retries=0), clock=clock)(flaky)()
     assert flaky.calls == 1
-    assert info.value.__notes__ == ["gave up after 1 attempt"]
+    assert info.value.__notes__ == ["gave up after 1 attempt: retries are off (max_retries=0)"]
 
 
 @pytest.mark.parametrize("error", [ConnectionError, TimeoutError, asyncio.TimeoutError])
@@ -310,13 +313,40 @@ def test_sync_functions_are_retried_with_sync_sleeps(clock: FakeClock) -> None:
     assert clock.sleeps == [0.01, 0.01]
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_breaker_refusing_a_retry_ends_the_retries_and_says_so(
+    kind: str, clock: FakeClock, hooks: HookRegistry, events: list[Any]
+) -> None:
+    """When a circuit breaker inside refuses a retry, retrying stops there (the refusal is not
+    retried) and it is a give-up like any other: a note and `handler.retry.exhausted`, both
+    saying the breaker refused it."""
+    flaky = Flaky(10)
+    breaker = circuit_breaker(minimum_throughput=2, failure_ratio=0.5, clock=clock)
+    call = flaky if kind == "async" else flaky.step
+    guarded = pipeline(retry(NO_JITTER, clock=clock, hooks=hooks), breaker)(call)
+
+    async def send() -> None:
+        result = guarded()
+        if kind == "async":
+            await result
+
+    with pytest.raises(BrokenCircuitError) as info:
+        await send()
+    assert flaky.calls == 2
+    reason = "the circuit breaker refused retry 2: " + str(info.value)
+    assert info.value.__notes__ == [f"gave up after 3 attempts: {reason}"]
+    name, context = events[-1]
+    assert (name, context["attempt"], context["reason"]) == (RETRY_EXHAUSTED, 2, reason)
+    assert context["error"] is info.value
+
+
 def test_sync_functions_give_up_with_the_last_error(clock: FakeClock) -> None:
     """Sync retries end like async ones: the last error itself, with a note."""
     flaky = Flaky(10)
     with pytest.raises(TransientError) as info:
         retry(NO_JITTER, clock=clock)(flaky.step)()
     assert flaky.calls == 4
-    assert info.value.__notes__ == ["gave up after 4 attempts"]
+    assert info.value.__notes__ == ["gave up after 4 attempts: all retries used (max_retries=3)"]
 
 
 def legacy_transfer(account: str, amount: int, *, memo: str = "") -> str:
@@ -515,7 +545,10 @@ async def test_a_command_cannot_ask_for_endless_retries(clock: FakeClock) -> Non
     with pytest.raises(TransientError) as info:
         await retry(clock=clock)(flaky)(command)
     assert flaky.calls == 11
-    assert "gave up after 11 attempts" in info.value.__notes__
+    assert info.value.__notes__ == [
+        "gave up after 11 attempts: max_retries_cap=10 caps the command's "
+        "max_retries=1000000000000000000"
+    ]
 
 
 async def test_a_command_cannot_ask_for_an_endless_wait(clock: FakeClock) -> None:
@@ -628,7 +661,9 @@ async def test_tenacity_stop_replaces_the_policys_count(clock: FakeClock) -> Non
             always_failing(clock, calls)
         )()
     assert len(calls) == 3
-    assert info.value.__notes__ == ["gave up after 3 attempts"]
+    assert info.value.__notes__ == [
+        "gave up after 3 attempts: all 3 attempts made (stop_after_attempt)"
+    ]
 
 
 async def test_stop_after_delay_runs_on_our_clock(clock: FakeClock) -> None:
@@ -797,7 +832,9 @@ async def test_an_async_function_behind_a_sync_callable_is_retried(
         with pytest.raises(TransientError) as info:
             await wrapped()
         assert always.calls == 4
-        assert info.value.__notes__[-1] == "gave up after 4 attempts"
+        assert info.value.__notes__[-1] == (
+            "gave up after 4 attempts: all retries used (max_retries=3)"
+        )
 
 
 async def test_nothing_runs_before_the_returned_coroutine_is_awaited(clock: FakeClock) -> None:
