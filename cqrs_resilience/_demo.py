@@ -89,7 +89,7 @@ class DemoHandler(ResilientCommandHandler[str]):
         self.attempts = 0
 
     async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
+        found = await self.repository.retrieve([command.order_id])
         return _state(found[0]) if found else None
 
 
@@ -100,11 +100,11 @@ class AddLineItemHandler(DemoHandler):
         self.attempts += 1
         fields = {k: v for k, v in command.state.items() if k not in ("id", "version")}
         order = DemoOrder(id=command.order_id, version=command.expected_version, **fields)
-        stored = await self.dispatcher.persist(order)
+        stored = await self.repository.persist(order)
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
 
     async def fetch_base_state(self, command: AddLineItem) -> dict[str, Any] | None:
-        base = await self.dispatcher.retrieve_version(command.order_id, command.expected_version)
+        base = await self.repository.retrieve_version(command.order_id, command.expected_version)
         return _state(base) if base else None
 
     def get_incoming_state(self, command: AddLineItem) -> dict[str, Any]:

@@ -83,9 +83,9 @@ class AddItemHandler(DemoHandler):
 
     async def process(self, command: AddItem) -> CommandResponse[str]:
         self.attempts += 1
-        order = (await self.dispatcher.retrieve([command.order_id]))[0]
+        order = (await self.repository.retrieve([command.order_id]))[0]
         items = [*order.items, command.item]
-        stored = await self.dispatcher.persist(msgspec.structs.replace(order, items=items))
+        stored = await self.repository.persist(msgspec.structs.replace(order, items=items))
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
 
     def get_incoming_state(self, command: AddItem) -> dict[str, Any]:

@@ -41,8 +41,10 @@ Handle = Callable[[Any], Awaitable[CommandResponse[R]]]
 class PipelinedCommandHandler(ABC, Generic[R]):
     """Base handler: implement `process`; `handle` runs it inside the behaviors.
 
-    Behaviors apply last-added outermost. `strategy_registry`, `hooks` and `clock` reach
-    the built-in behaviors; `dispatcher` is yours (a repository, a unit of work, ...).
+    `repository` (the first argument, named `dispatcher` in the signature): the repository
+    (unit of work, client) the handler reads and writes through; `dispatcher` is the same
+    object. `strategy_registry`, `hooks` and `clock` reach the built-in behaviors. Behaviors
+    apply last-added outermost (`add_behavior`).
 
     `responses = store` (a class or instance attribute) records each command's first response
     in `store` and answers a resend with it before any behavior runs: `idempotent(store)`,
@@ -72,6 +74,12 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         self._process: Handle[R] = async_only(self.process, f"{type(self).__name__}.handle()")
         for behavior in self.default_behaviors():
             self.add_behavior(behavior)
+
+    @property
+    def repository(self) -> Any:
+        """The repository (unit of work, client) the handler reads and writes through;
+        `dispatcher` is the same object (read-only here: set `dispatcher` to change it)."""
+        return self.dispatcher
 
     @abstractmethod
     async def process(self, command: Any) -> CommandResponse[R]:
@@ -170,10 +178,10 @@ def _type_argument(kind: type) -> Any:
 
 
 class TimeoutMixin(PipelinedCommandHandler[R]):
-    """Adds `timeout(timeout_s)` around what it wraps, when `timeout_s` is set.
+    """Adds `timeout(timeout_s)` around what it wraps, when `timeout_s` (seconds) is set.
 
     Listed first (outermost), it is the command's overall deadline: every `retry` inside
-    honours it and never starts a wait the deadline cannot cover.
+    honors it and never starts a wait the deadline cannot cover.
     """
 
     timeout_s: ClassVar[float | None] = None
@@ -235,18 +243,25 @@ class CircuitBreakerMixin(PipelinedCommandHandler[R]):
 class RetryableCommandHandler(TimeoutMixin[R], RetryBehaviorMixin[R], CircuitBreakerMixin[R]):
     """A handler whose `process` is retried on transient failures.
 
-    Optionally `timeout_s` (outermost) and a `breaker` (inside the retries).
+    By default with `ExponentialBackoffPolicy()` (at most 5 more calls after the first), or
+    the command's own `retry_policy`; set `retry_policy` on the class to change it. Optionally
+    `timeout_s` (outermost) and a `breaker` (inside the retries):
+    `timeout → retry → circuit_breaker → process`.
     """
 
 
 class ConflictResolutionMixin(PipelinedCommandHandler[R]):
-    """Adds `resolve_conflicts` wired to this handler's own state methods.
+    """Adds `resolve_conflicts` wired to this handler's own state methods; it resolves no
+    conflict by default: with `conflict_config` unset, `ConflictConfig()` applies, whose policy
+    is `FIRST_WINS` (the `ConcurrencyError` propagates). Set `conflict_config =
+    ConflictConfig(policy=ConflictResolutionPolicy.MERGE)` (or `LAST_WINS`) to resolve them.
 
     Implement `fetch_latest_state`, `get_incoming_state` and `update_command`; define
     `fetch_base_state` too for a three-way merge. The command's own `conflict_config`
     (`ConflictResilient`) wins over the class's `conflict_config`, bounded by
-    `max_attempts_cap` and adding to (never removing) the class's `protected_fields`. `turns`
-    scopes turn-taking (default: the whole process).
+    `max_attempts_cap` and adding to (never removing) the class's `protected_fields`.
+    Conflicts on one aggregate are resolved one at a time, across every handler of the
+    process and, through the store, across processes; `turns` (a `Turns`) overrides that.
     """
 
     conflict_config: ClassVar[ConflictConfig | None] = None
@@ -285,16 +300,23 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
 
 
 class ConflictCommandHandler(ConflictResolutionMixin[R]):
-    """A handler whose optimistic-concurrency conflicts are resolved by policy."""
+    """A handler whose optimistic-concurrency conflicts are resolved by policy, and none by
+    default (`FIRST_WINS`: the `ConcurrencyError` propagates): set `conflict_config` to merge
+    (`MERGE`) or overwrite (`LAST_WINS`)."""
 
 
 class ResilientCommandHandler(
     TimeoutMixin[R], RetryBehaviorMixin[R], CircuitBreakerMixin[R], ConflictResolutionMixin[R]
 ):
-    """Both: `retry` outside `resolve_conflicts` outside `process`.
+    """Retries transient failures and can resolve conflicts, but resolves none by default:
+    with `conflict_config` unset, `ConflictConfig()` applies, whose policy is `FIRST_WINS`, so
+    a `ConcurrencyError` propagates. Set `conflict_config =
+    ConflictConfig(policy=ConflictResolutionPolicy.MERGE)` (or `LAST_WINS`) on the class to
+    merge; a command's own `conflict_config` (`ConflictResilient`) wins over the class's.
 
-    A transient failure retries the whole command, conflict resolution included; a conflict
-    is resolved without spending the retry budget. Set `timeout_s` for an overall deadline
-    (outermost) and `breaker` for a circuit breaker between the retries and the resolution:
+    `retry` is outside `resolve_conflicts`, outside `process`: a transient failure retries the
+    whole command, conflict resolution included; a conflict is resolved without spending the
+    retries. Set `timeout_s` for an overall deadline (outermost) and `breaker` for a circuit
+    breaker between the retries and the resolution:
     `timeout → retry → circuit_breaker → resolve_conflicts → process`.
     """

@@ -13,12 +13,14 @@ from cqrs_resilience import (
     ConcurrencyError,
     ConflictCommandHandler,
     ConflictConfig,
+    ConflictResolutionMixin,
     ConflictResolutionPolicy,
     ExponentialBackoffPolicy,
     FakeClock,
     FixedRetryPolicy,
     HookRegistry,
     PipelinedCommandHandler,
+    ResilientCommandHandler,
     Retryable,
     RetryableCommandHandler,
     RetryBehaviorMixin,
@@ -133,6 +135,33 @@ def test_constructor_keeps_dispatcher_and_options(hooks: HookRegistry) -> None:
     assert handler.strategy_registry is registry
     assert handler.hooks is hooks
     assert EchoHandler().dispatcher is None
+
+
+def test_repository_is_the_dispatcher_under_its_own_name() -> None:
+    """`repository` is the object passed as `dispatcher`, read-only; `dispatcher` is kept."""
+    store = object()
+    handler = EchoHandler(store)
+    assert handler.repository is store and handler.dispatcher is store
+    handler.dispatcher = other = object()
+    assert handler.repository is other
+    assert EchoHandler().repository is None
+    assert EchoHandler(dispatcher=store).repository is store
+    with pytest.raises(AttributeError):
+        handler.repository = store  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "handler_class", [ResilientCommandHandler, ConflictCommandHandler, ConflictResolutionMixin]
+)
+def test_the_docstring_says_conflicts_are_not_resolved_by_default(
+    handler_class: type[ConflictResolutionMixin[Any]],
+) -> None:
+    """Nothing near a conflict-resolving handler's introduction hides that it resolves no
+    conflict until `conflict_config` says how (the default policy is FIRST_WINS)."""
+    first_paragraph = (handler_class.__doc__ or "").split("\n\n")[0]
+    assert "FIRST_WINS" in first_paragraph and "conflict_config" in first_paragraph
+    assert handler_class.conflict_config is None
+    assert ConflictConfig().policy is ConflictResolutionPolicy.FIRST_WINS
 
 
 async def test_overridden_get_pipeline_is_used_by_handle() -> None:
