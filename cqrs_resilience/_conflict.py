@@ -86,8 +86,8 @@ _DEFAULT_REGISTRY = MergeStrategyRegistry()
 ALWAYS_PROTECTED = frozenset({"id", "version"})
 
 MAX_ATTEMPTS_CAP = 10
-"""The most resolution rounds a command's own config may ask for, unless the behavior says
-otherwise."""
+"""The most resolutions (more calls after the first) a command's own `max_attempts` may ask
+for, unless the behavior says otherwise."""
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -334,9 +334,23 @@ class ResolveConflicts:
                     continue
             await emit(CONFLICT_RESOLVED, round_, error)
             return result
-        error.add_note(f"conflict not resolved after {config.max_attempts} resolution attempts")
+        error.add_note(_unresolved(original, config))
         await emit(CONFLICT_FAILED, config.max_attempts, error)
         raise error
+
+
+def _unresolved(command: Any, config: ConflictConfig) -> str:
+    """Why resolving stopped with every resolution made: the count, or a cap that cut the
+    count the command asked for."""
+    made = config.max_attempts
+    own = getattr(command, "conflict_config", None)
+    asked = own.max_attempts if isinstance(own, ConflictConfig) else made
+    if asked > made:
+        return (
+            f"conflict not resolved after {made} resolutions: max_attempts_cap={made} caps "
+            f"the command's max_attempts={asked}"
+        )
+    return f"conflict not resolved after {made} resolutions (max_attempts={made})"
 
 
 def _keep_identity(rebuilt: Any, original: Any) -> Any:
@@ -366,10 +380,12 @@ def resolve_conflicts(
 
     FIRST_WINS lets the error through; LAST_WINS overlays the command's state on the latest;
     MERGE merges it with the named strategy — three-way when `fetch_base_state` is given.
-    A command's own `conflict_config` (`ConflictResilient`) wins over `config`, but makes at
-    most `max_attempts_cap` rounds and can only add `protected_fields`. Rounds for one
-    aggregate take turns through the store that raised the conflict (so across processes too),
-    else with every other round in the process; `turns` overrides both.
+    Each resolution reads the latest state, resolves, and calls the handler again: at most
+    `max_attempts` more calls after the first. A command's own `conflict_config`
+    (`ConflictResilient`) wins over `config`, but makes at most `max_attempts_cap`
+    resolutions and can only add `protected_fields`. Conflicts on one aggregate are resolved
+    one at a time: through the store that raised the conflict (so across processes too), else
+    among the handlers of the process; `turns` (a `Turns`) overrides both.
 
     The hooks may be sync or async. The handler is awaited, so it must be async: a sync
     function is a `TypeError` when decorating, before it ever runs. A lambda (or a

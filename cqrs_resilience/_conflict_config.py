@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import msgspec
 
+from ._checks import MORE_CALLS
 from ._errors import ConfigurationError
 from ._merge_engine import OnMergeConflict
 
@@ -44,8 +45,9 @@ def _coerce(config: ConflictConfig, name: str, kind: type[E]) -> None:
 class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     """Conflict-resolution settings; travels with a `ConflictResilient` command.
 
-    `max_attempts=0` turns resolution off (the conflict propagates), as `max_retries=0` does
-    for retries. From a command, `max_attempts` is bounded by the behavior's cap and
+    `max_attempts` counts as a retry policy's `max_retries` does: at most N more calls after
+    the first, each after resolving the conflict; `max_attempts=0` turns resolution off (the
+    conflict propagates). From a command, `max_attempts` is bounded by the behavior's cap and
     `protected_fields` can only add to the behavior's.
 
     Field-name sets accept any set or list of names and are stored as frozensets, so a config
@@ -61,6 +63,8 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     timestamp_field: str = "modified_at"
     fallback_to_incoming: bool = True
     max_attempts: int = 3
+    """Resolutions: at most N more calls after the first, each after resolving the conflict
+    (3: at most 4 calls in all); 0 turns resolution off."""
     protected_fields: AbstractSet[str] = frozenset({"id", "version"})
     on_conflict: OnMergeConflict = OnMergeConflict.RAISE
 
@@ -79,6 +83,10 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
                 f"strategy_name must be a non-empty string, got {self.strategy_name!r}"
             )
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigurationError(f"max_attempts must be an int, got {self.max_attempts!r}")
+            raise ConfigurationError(
+                f"max_attempts must be an int ({MORE_CALLS}), got {self.max_attempts!r}"
+            )
         if self.max_attempts < 0:
-            raise ConfigurationError(f"max_attempts must be >= 0, got {self.max_attempts}")
+            raise ConfigurationError(
+                f"max_attempts must be >= 0 ({MORE_CALLS}), got {self.max_attempts}"
+            )

@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
-from ._checks import setting
+from ._checks import MORE_CALLS, setting
 from ._errors import ConfigurationError
 
 
@@ -18,7 +18,7 @@ class RetryPolicy(Protocol):
 
     @property
     def max_retries(self) -> int:
-        """Retries after the first attempt: 3 means at most 4 calls."""
+        """Retries: at most N more calls after the first (3: at most 4 calls in all)."""
         ...
 
     def backoff_ms(self, retry: int) -> float:
@@ -28,9 +28,9 @@ class RetryPolicy(Protocol):
 
 def _check_count(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(f"{name} must be an int, got {value!r}")
+        raise ConfigurationError(f"{name} must be an int ({MORE_CALLS}), got {value!r}")
     if value < 0:
-        raise ConfigurationError(f"{name} must be >= 0, got {value}")
+        raise ConfigurationError(f"{name} must be >= 0 ({MORE_CALLS}), got {value}")
 
 
 def _check_ms(name: str, value: object) -> None:
@@ -52,8 +52,11 @@ class FixedRetryPolicy(msgspec.Struct, kw_only=True, frozen=True, tag_field="typ
     """The same delay before every retry."""
 
     max_retries: int = 3
+    """Retries: at most N more calls after the first (3: at most 4 calls in all)."""
     delay_ms: float = 1000
+    """Milliseconds to wait before each retry (before jitter)."""
     jitter: bool = True
+    """Wait a random time between half the delay and the delay, to spread retries out."""
 
     def __post_init__(self) -> None:
         _check_count("max_retries", self.max_retries)
@@ -69,6 +72,7 @@ class ExponentialBackoffPolicy(
     """Delays growing by `multiplier` from `initial_delay_ms`, capped at `max_delay_ms`."""
 
     max_retries: int = 5
+    """Retries: at most N more calls after the first (5: at most 6 calls in all)."""
     initial_delay_ms: float = 100
     multiplier: float = 2.0
     max_delay_ms: float = 5000

@@ -66,7 +66,8 @@ DEFAULT_POLICY = ExponentialBackoffPolicy()
 _POLICY_TYPES: set[type] = set()
 
 MAX_RETRIES_CAP = 10
-"""The most retries a command's own policy may ask for, unless the behavior says otherwise."""
+"""The most retries (more calls after the first) a command's own policy may ask for, unless
+the behavior says otherwise."""
 MAX_DELAY_CAP_S = 60.0
 """The longest wait before one retry that a command's policy or an error's `retry_after` may
 ask for, in seconds, unless the behavior says otherwise."""

@@ -124,7 +124,7 @@ async def test_attempts_are_bounded_then_the_last_conflict_propagates(
     with pytest.raises(ConcurrencyError) as info:
         await scenario.wrap(config=config, hooks=hooks)(Update(state=INCOMING))
     assert len(scenario.seen) == 4
-    assert "after 3 resolution attempts" in info.value.__notes__[0]
+    assert info.value.__notes__ == ["conflict not resolved after 3 resolutions (max_attempts=3)"]
     names = [name for name, _ in events]
     assert names.count("handler.conflict.detected") == 3
     assert names[-1] == "handler.conflict.failed"
@@ -810,7 +810,8 @@ async def test_a_command_adds_to_the_behaviors_protected_fields() -> None:
 
 
 async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
-    """max_attempts=1000000000 from a command is capped at 10 rounds."""
+    """max_attempts=1000000000 from a command is capped at 10 resolutions, and the note says
+    the cap stopped them."""
     scenario = Scenario(LATEST, conflicts=10**6)
     command = hostile({"conflict_config": {"policy": "merge", "max_attempts": 1_000_000_000}})
     behavior = resolve_conflicts(
@@ -818,8 +819,11 @@ async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
     )
     with pytest.raises(ConcurrencyError) as info:
         await behavior(scenario.handler)(command)
-    assert len(scenario.seen) == 11  # the first attempt and 10 rounds
-    assert "after 10 resolution attempts" in str(info.value.__notes__)
+    assert len(scenario.seen) == 11  # the first attempt and 10 resolutions
+    assert info.value.__notes__ == [
+        "conflict not resolved after 10 resolutions: max_attempts_cap=10 caps the command's "
+        "max_attempts=1000000000"
+    ]
 
 
 async def test_the_resolution_cap_is_settable_on_behavior_and_class() -> None:

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import re
 from pathlib import Path
+
+import pytest
+
+from cqrs_resilience import (
+    ConfigurationError,
+    ConflictConfig,
+    ExponentialBackoffPolicy,
+    FixedRetryPolicy,
+    RetryPolicy,
+)
+from cqrs_resilience.contrib._jobs import JobRetry  # procrastinate's, without procrastinate
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cqrs_resilience"
@@ -20,3 +34,45 @@ def test_behavior_is_spelled_as_the_public_names_spell_it() -> None:
         if re.search("behaviour", line, re.IGNORECASE)
     ]
     assert found == []
+
+
+def attribute_docstring(path: Path, class_name: str, field: str) -> str:
+    """The string literal that follows `field`'s definition in `class_name` (what the API
+    reference shows for it)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    [klass] = [n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name]
+    body = klass.body
+    for statement, following in itertools.pairwise(body):
+        target = getattr(statement, "target", None)
+        if not (isinstance(target, ast.Name) and target.id == field):
+            continue
+        if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            return str(following.value.value)
+    return ""
+
+
+COUNTS = [
+    (FixedRetryPolicy, "max_retries", "at most N more calls after the first"),
+    (ExponentialBackoffPolicy, "max_retries", "at most N more calls after the first"),
+    (ConflictConfig, "max_attempts", "at most N more calls after the first"),
+    (JobRetry, "max_attempts", "at most N calls in all"),
+]
+
+
+@pytest.mark.parametrize(("settings", "field", "meaning"), COUNTS)
+def test_each_count_says_what_it_counts_in_the_same_words(
+    settings: type, field: str, meaning: str
+) -> None:
+    """`max_retries` and the two `max_attempts` count differently: each one's docstring and
+    the error for a wrong value say which, in the same words."""
+    path = Path(inspect.getfile(settings))
+    assert meaning in " ".join(attribute_docstring(path, settings.__name__, field).split())
+    with pytest.raises(ConfigurationError, match=f"^{field} must .*{meaning}"):
+        settings(**{field: -1})
+    with pytest.raises(ConfigurationError, match=f"^{field} must .*{meaning}"):
+        settings(**{field: "3"})
+
+
+def test_a_policys_max_retries_is_described_as_the_policies_describe_it() -> None:
+    """The `RetryPolicy` protocol, which user policies implement, counts as the built-in ones."""
+    assert "at most N more calls after the first" in (RetryPolicy.max_retries.__doc__ or "")

@@ -12,7 +12,7 @@ Celery, arq or Dramatiq one later) only translate this to their engine.
 - **What the queue should do** when the handler raised (`JobRetry.decide`): short transient
   failures are the in-process `retry()`'s; what outlived it and may pass with time is retried
   by the engine, with its backoff, at least the error's `retry_after`, up to `max_attempts`
-  runs; anything else fails the job at once, never retried.
+  runs in all; anything else fails the job at once, never retried.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .._checks import setting
+from .._checks import CALLS_IN_ALL, setting
 from .._errors import (
     BrokenCircuitError,
     CommandInProgressError,
@@ -50,15 +50,32 @@ PASSES_WITH_TIME: tuple[type[BaseException], ...] = (
 
 class JobRetry(msgspec.Struct, frozen=True, kw_only=True):
     """How the queue retries a job whose command failed in a way that may pass with time:
-    at most `max_attempts` runs in all, waiting `wait_s`, then twice as long each time, at
-    most `max_wait_s` (and never less than the error's `retry_after`)."""
+    at most `max_attempts` calls in all (runs of the job, the first included), waiting
+    `wait_s`, then twice as long each time, at most `max_wait_s` (and never less than the
+    error's `retry_after`).
+
+    Note that `max_attempts` counts differently from procrastinate's own
+    `RetryStrategy(max_attempts=N)`, which allows N more runs after the first, and from a
+    `ConflictConfig`'s `max_attempts` and a retry policy's `max_retries` (N more calls after
+    the first): here the first run counts.
+    """
 
     max_attempts: int = 10
+    """Runs of the job: at most N calls in all, the first included (10: at most 9 more
+    after the first); 1 never retries."""
     wait_s: float = 1.0
+    """Seconds to wait before the second run; each later wait doubles it."""
     max_wait_s: float = 300.0
+    """The longest wait before a run, in seconds."""
 
     def __post_init__(self) -> None:
-        setting("max_attempts", self.max_attempts, "an int >= 1", _at_least_one, integer=True)
+        setting(
+            "max_attempts",
+            self.max_attempts,
+            f"an int >= 1 ({CALLS_IN_ALL})",
+            _at_least_one,
+            integer=True,
+        )
         setting("wait_s", self.wait_s, "a finite number of seconds >= 0", _finite)
         setting("max_wait_s", self.max_wait_s, "a finite number of seconds >= 0", _finite)
 
