@@ -186,7 +186,8 @@ class InMemoryRepository(Repository[A]):
         return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
 
     def turn(self, aggregate_id: Any) -> AbstractAsyncContextManager[Any]:
-        """Resolution rounds for `aggregate_id` take turns: within this process, all there is."""
+        """Hold `aggregate_id` while a conflict on it is resolved: resolutions of it run one
+        at a time (within this process, all there is)."""
         return PROCESS_TURNS.turn((id(self), aggregate_id))
 
     def _write(

@@ -4,8 +4,8 @@ A resend is the normal case behind a queue or an HTTP `Idempotency-Key`: the cli
 hear the answer and asks again. The behavior records each command's first successful
 response in `store`, under its `command_id` with the command's fingerprint, and answers a
 resend of the same command with it: the same value, byte for byte, without running what it
-wraps, with one read of the store, before any timeout, retry, breaker or conflict round (it is
-meant to be outermost). The same id with a different command is `IdempotencyKeyReuseError`.
+wraps, with one read of the store, before any timeout, retry, breaker or conflict resolution
+(it is meant to be outermost). The same id with a different command is `IdempotencyKeyReuseError`.
 
 In flight:
 - twice in one process, the second send waits for the first (`_in_flight`) and gets its
@@ -300,7 +300,7 @@ def idempotent(
     """Answer a resent command with its first response, recorded in `store`.
 
     Outermost in a pipeline, so a resend is answered before any timeout, retry, breaker or
-    conflict round. The wrapped function's first argument (or second, after `self`) is the
+    conflict resolution. The wrapped function's first argument (or second, after `self`) is the
     command; a call without one runs as it is. Responses are kept `keep_s` seconds (the
     store's `keep_commands_s` by default). A send of a command another process has in flight
     waits up to `wait_s` for its response, then raises `CommandInProgressError`.

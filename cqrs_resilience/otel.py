@@ -13,12 +13,12 @@ Records, under the instrumentation scope "cqrs_resilience":
 - `cqrs_resilience.command.duration` (histogram, s): one per handled command: a call of
   `PipelinedCommandHandler.handle()`, or of the outermost `retry()` / `resolve_conflicts()`
   around a function taking a command (the one that opens the command's idempotency scope).
-  Retries, backoff sleeps and conflict rounds included. Attributes `handler.type`,
+  Retries, backoff sleeps and conflict resolutions included. Attributes `handler.type`,
   `command.type`, and `exception.type` when it failed.
 - `cqrs_resilience.attempt.duration` (histogram, s): one per run of the innermost handler
-  (`process`, or the decorated function): the first attempt, each retry, each conflict round.
-  Backoff sleeps and merges between attempts belong to none. Same attributes, `exception.type`
-  naming the failure that ended the attempt.
+  (`process`, or the decorated function): the first attempt, each retry, each call after
+  resolving a conflict. Backoff sleeps and merges between attempts belong to none. Same
+  attributes, `exception.type` naming the failure that ended the attempt.
 - A span `handle <command type>` (kind INTERNAL) per handled command, current while it runs
   (spans the handler starts become its children), with attributes `handler.type`,
   `command.type` and `command.id`. Each event is added to the current span as a span event

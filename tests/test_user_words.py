@@ -76,3 +76,37 @@ def test_each_count_says_what_it_counts_in_the_same_words(
 def test_a_policys_max_retries_is_described_as_the_policies_describe_it() -> None:
     """The `RetryPolicy` protocol, which user policies implement, counts as the built-in ones."""
     assert "at most N more calls after the first" in (RetryPolicy.max_retries.__doc__ or "")
+
+
+INTERNAL_WORDS = re.compile(r"\b(turns?|rounds?|yield\w*|scopes?|lease[sd]?)\b", re.IGNORECASE)
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the string nodes that are docstrings (of modules, classes, functions and
+    attributes): text for readers of the code and the API reference, not messages."""
+    found = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(body, list):
+            continue
+        for before, statement in itertools.pairwise([None, *body]):
+            documents = before is None or isinstance(before, ast.Assign | ast.AnnAssign)
+            if documents and isinstance(statement, ast.Expr):
+                found.add(id(statement.value))
+    return found
+
+
+def test_log_lines_and_error_messages_speak_the_users_words() -> None:
+    """Every text the package puts in a log line, an error message or a note (a string with a
+    space in it, docstrings aside) says "retry", "conflict", "resolve", never the internal
+    "turn", "round", "yield", "scope" or "lease"."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = docstrings(tree)
+        for node in ast.walk(tree):
+            text = node.value if isinstance(node, ast.Constant) else None
+            message = isinstance(text, str) and " " in text and id(node) not in skip
+            if message and INTERNAL_WORDS.search(str(text)):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}")
+    assert found == []

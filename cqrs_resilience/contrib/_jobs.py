@@ -42,7 +42,7 @@ PASSES_WITH_TIME: tuple[type[BaseException], ...] = (
     TimeoutError,  # `CommandTimeoutError` too
     BrokenCircuitError,  # the dependency is down: ask again after the break
     CommandInProgressError,  # another worker has this command in flight
-    ConcurrencyError,  # a hot aggregate outlasted the conflict rounds
+    ConcurrencyError,  # a hot aggregate outlasted the conflict resolutions
     StoreClosedError,  # this worker is shutting down; another picks the job up
 )
 """What a job that raised is retried for by its engine: failures that may pass with time."""

@@ -327,7 +327,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         key = self._codec.key(aggregate_id)
         async with (
             PROCESS_TURNS.turn((id(self), aggregate_id)),
-            self._cursor(f"resolution turn on aggregate {aggregate_id!r}") as cur,
+            self._cursor(f"waiting to resolve a conflict on aggregate {aggregate_id!r}") as cur,
             cur.connection.transaction(),
         ):
             await cur.execute(_TURN_LOCK, {"id": key, "lock_timeout": f"{self.lock_timeout}s"})
