@@ -172,7 +172,7 @@ async def test_breaker_sits_inside_retry_and_is_one_circuit_for_every_instance(
     store = Store()
     guarded = breaker_class(clock, hooks)
     # First instance: four failing calls open the circuit; the retry's next call is refused,
-    # and a refusal is not retried.
+    # and a refusal is not retried: the retries end there, saying so.
     with pytest.raises(BrokenCircuitError) as caught:
         await guarded(store, clock=clock, hooks=hooks).handle(Ping())
     assert store.calls == 4
@@ -181,7 +181,9 @@ async def test_breaker_sits_inside_retry_and_is_one_circuit_for_every_instance(
         *["handler.retry.scheduled"] * 3,
         "handler.circuit.opened",
         "handler.retry.scheduled",
+        "handler.retry.exhausted",
     ]
+    assert events[-1][1]["reason"].startswith("the circuit breaker refused retry 4")
     # A second instance (built per request) meets the same open circuit: no call is made.
     with pytest.raises(BrokenCircuitError):
         await guarded(store, clock=clock, hooks=hooks).handle(Ping())
