@@ -17,15 +17,21 @@ No block opts in or out. What a block contains says how it runs:
   interpreter, in a folder with no project configuration (pytest-asyncio's strict default);
 - a block that reads `CQRS_RESILIENCE_PG_DSN` runs against the tests' PostgreSQL server, in
   a fresh database (it skips where the store tests skip);
+- a block that reads `OTEL_EXPORTER_OTLP_ENDPOINT` exports to a small OTLP/HTTP receiver
+  started on 127.0.0.1 for it, which must have received the library's spans on /v1/traces
+  and its metrics on /v1/metrics (protobuf, as an OpenTelemetry collector gets them);
 - every other block runs as a script.
 """
 
 from __future__ import annotations
 
+import gzip
+import http.server
 import logging
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +48,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 EXAMPLES = list(find_examples(*PAGES))
 OUTPUT = "# > "
 OUTPUT_RE = re.compile(f"^ *{re.escape(OUTPUT)}", re.M)
+ENV_OTLP = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
 def is_test_file(example: CodeExample) -> bool:
@@ -102,6 +109,12 @@ def test_block(
         return
     if ENV_DSN in example.source:
         monkeypatch.setenv(ENV_DSN, request.getfixturevalue("pg_database"))
+    receiver: OtlpReceiver | None = None
+    if ENV_OTLP in example.source:
+        receiver = request.getfixturevalue("otlp_receiver")
+        monkeypatch.setenv(ENV_OTLP, receiver.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the exporters honour a proxy otherwise
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
     monkeypatch.chdir(tmp_path)
     if eval_example.update_examples:  # pytest --update-examples rewrites the `#>` comments
         eval_example.run_print_update(example)
@@ -110,6 +123,9 @@ def test_block(
     assert not [record for record in caplog.records if record.exc_info], caplog.text
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err, err
+    if receiver is not None:
+        assert receiver.scopes("/v1/traces") >= {"cqrs_resilience"}, receiver.posts
+        assert receiver.scopes("/v1/metrics") >= {"cqrs_resilience"}, receiver.posts
 
 
 def run_as_test_file(example: CodeExample, tmp_path: Path) -> None:
@@ -124,3 +140,66 @@ def run_as_test_file(example: CodeExample, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\b\d+ passed\b", result.stdout) and " skipped" not in result.stdout
+
+
+class OtlpReceiver:
+    """What an OpenTelemetry collector's OTLP/HTTP receiver does, enough to check an export:
+    takes POSTs on 127.0.0.1 (a free port), keeps each one's path and body, answers 200."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, str, bytes]] = []  # path, content type, body
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                posts.append((self.path, self.headers.get("Content-Type", ""), body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")  # an empty Export*ServiceResponse
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # no line per request on stderr
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def scopes(self, path: str) -> set[str]:
+        """The instrumentation scopes of what was posted to `path`, decoded as OTLP protobuf
+        (nothing for a body that is empty or not protobuf)."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+            ExportMetricsServiceRequest,
+        )
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        found: set[str] = set()
+        for posted, content_type, body in self.posts:
+            if posted != path or content_type != "application/x-protobuf" or not body:
+                continue
+            if path == "/v1/traces":
+                traces = ExportTraceServiceRequest.FromString(body)
+                found |= {s.scope.name for r in traces.resource_spans for s in r.scope_spans}
+            else:
+                metrics = ExportMetricsServiceRequest.FromString(body)
+                found |= {s.scope.name for r in metrics.resource_metrics for s in r.scope_metrics}
+        return found
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A running OTLP/HTTP receiver, for a block that exports to OTEL_EXPORTER_OTLP_ENDPOINT."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
