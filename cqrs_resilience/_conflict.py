@@ -86,8 +86,8 @@ _DEFAULT_REGISTRY = MergeStrategyRegistry()
 ALWAYS_PROTECTED = frozenset({"id", "version"})
 
 MAX_ATTEMPTS_CAP = 10
-"""The most resolutions (more calls after the first) a command's own `max_attempts` may ask
-for, unless the behavior says otherwise."""
+"""The most resolution attempts (more calls after the first) a command's own `max_attempts`
+may ask for, unless the behavior says otherwise."""
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -347,10 +347,10 @@ def _unresolved(command: Any, config: ConflictConfig) -> str:
     asked = own.max_attempts if isinstance(own, ConflictConfig) else made
     if asked > made:
         return (
-            f"conflict not resolved after {made} resolutions: max_attempts_cap={made} caps "
-            f"the command's max_attempts={asked}"
+            f"conflict not resolved after {made} resolution attempts: max_attempts_cap={made} "
+            f"caps the command's max_attempts={asked}"
         )
-    return f"conflict not resolved after {made} resolutions (max_attempts={made})"
+    return f"conflict not resolved after {made} resolution attempts (max_attempts={made})"
 
 
 def _keep_identity(rebuilt: Any, original: Any) -> Any:
@@ -380,10 +380,10 @@ def resolve_conflicts(
 
     FIRST_WINS lets the error through; LAST_WINS overlays the command's state on the latest;
     MERGE merges it with the named strategy — three-way when `fetch_base_state` is given.
-    Each resolution reads the latest state, resolves, and calls the handler again: at most
-    `max_attempts` more calls after the first. A command's own `conflict_config`
-    (`ConflictResilient`) wins over `config`, but makes at most `max_attempts_cap`
-    resolutions and can only add `protected_fields`. Conflicts on one aggregate are resolved
+    Each resolution attempt reads the latest state, resolves, and calls the handler again: at
+    most `max_attempts` more calls after the first. A command's own `conflict_config`
+    (`ConflictResilient`) wins over `config`, but makes at most `max_attempts_cap` resolution
+    attempts and can only add `protected_fields`. Conflicts on one aggregate are resolved
     one at a time: through the store that raised the conflict (so across processes too), else
     among the handlers of the process; `turns` (a `Turns`) overrides both.
 

@@ -63,8 +63,8 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     timestamp_field: str = "modified_at"
     fallback_to_incoming: bool = True
     max_attempts: int = 3
-    """Resolutions: at most N more calls after the first, each after resolving the conflict
-    (3: at most 4 calls in all); 0 turns resolution off."""
+    """Resolution attempts: at most N more calls after the first, each after resolving the
+    conflict (3: at most 4 calls in all); 0 turns resolution off."""
     protected_fields: AbstractSet[str] = frozenset({"id", "version"})
     on_conflict: OnMergeConflict = OnMergeConflict.RAISE
 

@@ -75,7 +75,7 @@ _MESSAGES: dict[str, str] = {
     CONFLICT_DETECTED: "%(handler.type)s (%(command.type)s): conflict %(attempt)s of "
     "%(max_retries)s (%(policy)s): %(error)r",
     CONFLICT_RESOLVED: "%(handler.type)s (%(command.type)s): conflict resolved after "
-    "%(attempt)s of %(max_retries)s resolutions (%(policy)s)",
+    "%(attempt)s of %(max_retries)s resolution attempts (%(policy)s)",
     CONFLICT_FAILED: "%(handler.type)s (%(command.type)s): conflict not resolved "
     "(%(policy)s): %(error)r",
     CIRCUIT_OPENED: "circuit opened for %(break_duration_s)s s by %(handler.type)s: %(error)r",
@@ -116,7 +116,8 @@ class HookRegistry:
     a cap, the deadline, the retry budget, the circuit breaker, a stop strategy), the same text
     that ends the log line and the error's note; None for a scheduled retry.
 
-    The conflict events add `attempt` (the resolution the event is about, 1 for the first),
+    The conflict events add `attempt` (the resolution attempt the event is about, 1 for the
+    first),
     `max_retries` (the config's `max_attempts`), `delay_ms` (None), `error`, `policy` and
     `strategy` (the merge strategy's name under MERGE, else None).
 

@@ -186,7 +186,7 @@ class InMemoryRepository(Repository[A]):
         return await persist_checked(self._codec, aggregate, command_id, write, turns=self)
 
     def turn(self, aggregate_id: Any) -> AbstractAsyncContextManager[Any]:
-        """Hold `aggregate_id` while a conflict on it is resolved: resolutions of it run one
+        """Hold `aggregate_id` while a conflict on it is resolved: resolution attempts run one
         at a time (within this process, all there is)."""
         return PROCESS_TURNS.turn((id(self), aggregate_id))
 

@@ -13,7 +13,7 @@ Records, under the instrumentation scope "cqrs_resilience":
 - `cqrs_resilience.command.duration` (histogram, s): one per handled command: a call of
   `PipelinedCommandHandler.handle()`, or of the outermost `retry()` / `resolve_conflicts()`
   around a function taking a command (the one that opens the command's idempotency scope).
-  Retries, backoff sleeps and conflict resolutions included. Attributes `handler.type`,
+  Retries, backoff sleeps and resolution attempts included. Attributes `handler.type`,
   `command.type`, and `exception.type` when it failed.
 - `cqrs_resilience.attempt.duration` (histogram, s): one per run of the innermost handler
   (`process`, or the decorated function): the first attempt, each retry, each call after

@@ -124,7 +124,9 @@ async def test_attempts_are_bounded_then_the_last_conflict_propagates(
     with pytest.raises(ConcurrencyError) as info:
         await scenario.wrap(config=config, hooks=hooks)(Update(state=INCOMING))
     assert len(scenario.seen) == 4
-    assert info.value.__notes__ == ["conflict not resolved after 3 resolutions (max_attempts=3)"]
+    assert info.value.__notes__ == [
+        "conflict not resolved after 3 resolution attempts (max_attempts=3)"
+    ]
     names = [name for name, _ in events]
     assert names.count("handler.conflict.detected") == 3
     assert names[-1] == "handler.conflict.failed"
@@ -810,8 +812,8 @@ async def test_a_command_adds_to_the_behaviors_protected_fields() -> None:
 
 
 async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
-    """max_attempts=1000000000 from a command is capped at 10 resolutions, and the note says
-    the cap stopped them."""
+    """max_attempts=1000000000 from a command is capped at 10 resolution attempts, and the
+    note says the cap stopped them."""
     scenario = Scenario(LATEST, conflicts=10**6)
     command = hostile({"conflict_config": {"policy": "merge", "max_attempts": 1_000_000_000}})
     behavior = resolve_conflicts(
@@ -819,10 +821,10 @@ async def test_a_command_cannot_ask_for_endless_resolution_rounds() -> None:
     )
     with pytest.raises(ConcurrencyError) as info:
         await behavior(scenario.handler)(command)
-    assert len(scenario.seen) == 11  # the first attempt and 10 resolutions
+    assert len(scenario.seen) == 11  # the first attempt and 10 resolution attempts
     assert info.value.__notes__ == [
-        "conflict not resolved after 10 resolutions: max_attempts_cap=10 caps the command's "
-        "max_attempts=1000000000"
+        "conflict not resolved after 10 resolution attempts: max_attempts_cap=10 caps the "
+        "command's max_attempts=1000000000"
     ]
 
 

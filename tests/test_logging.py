@@ -349,7 +349,7 @@ async def test_meeting_another_writers_resolution_is_logged_as_that(
 ) -> None:
     """A write refused because another writer is resolving a conflict on the aggregate is
     logged as that (not as "version 1, expected 1"); the command then waits for that writer,
-    runs again, and the line saying it was resolved counts resolutions."""
+    runs again, and the line saying it was resolved counts resolution attempts."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     hooks = HookRegistry()
     detected = asyncio.Event()
@@ -375,5 +375,5 @@ async def test_meeting_another_writers_resolution_is_logged_as_that(
         "TouchHandler (Touch): conflict 1 of 3 (last_wins): ConcurrencyError(\"aggregate 'o': "
         "another writer is resolving a conflict on it, so this write (read at version 1) was "
         'not made")',
-        "TouchHandler (Touch): conflict resolved after 1 of 3 resolutions (last_wins)",
+        "TouchHandler (Touch): conflict resolved after 1 of 3 resolution attempts (last_wins)",
     ]
