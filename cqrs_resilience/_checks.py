@@ -8,9 +8,8 @@ from ._errors import ConfigurationError
 
 # What a count of calls means, in the same words wherever a setting or its error states it.
 MORE_CALLS = "at most N more calls after the first"
-"""`max_retries=N` (a retry policy), `max_attempts=N` (a `ConflictConfig`)."""
-CALLS_IN_ALL = "at most N calls in all"
-"""`max_attempts=N` (a queue's `JobRetry`): the first call included."""
+"""`max_retries=N` (a retry policy, a queue's `JobRetry`), `max_attempts=N` (a
+`ConflictConfig`): every count of calls is of calls after the first."""
 
 
 def setting(

@@ -62,7 +62,7 @@ STALLED_AFTER_S = 2.0
 JOB_POLL_S = 0.2
 """How often an idle worker looks for jobs: retried and recovered ones are not announced."""
 NEWS_EVERY_S = 0.25
-DEMO_JOB_RETRY = JobRetry(max_attempts=10, wait_s=0.05, max_wait_s=1.0)
+DEMO_JOB_RETRY = JobRetry(max_retries=10, wait_s=0.05, max_wait_s=1.0)
 """What outlives the handler's own retries is retried by the engine, soon: it is a demo."""
 RUN_AGAIN = ConflictConfig(
     policy=ConflictResolutionPolicy.LAST_WINS, max_attempts=DEMO_CONFIG.max_attempts

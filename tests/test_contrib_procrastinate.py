@@ -47,10 +47,10 @@ def test_transient_failures_wait_longer_each_time_within_the_bounds(
     attempts: int, retry_after: float | None, wait_s: float, max_wait_s: float
 ) -> None:
     """A transient failure is retried after `wait_s` doubled per run, at most `max_wait_s`,
-    never sooner than its `retry_after` (capped too), until `max_attempts` runs."""
-    policy = JobRetry(max_attempts=10, wait_s=wait_s, max_wait_s=max_wait_s)
+    never sooner than its `retry_after` (capped too), for `max_retries` more runs."""
+    policy = JobRetry(max_retries=10, wait_s=wait_s, max_wait_s=max_wait_s)
     wait = policy.decide(TransientError("down", retry_after=retry_after), attempts)
-    if attempts >= 10:
+    if attempts > 10:  # the 11th run was the 10th retry
         assert wait is None
         return
     assert wait is not None
@@ -90,7 +90,7 @@ def test_anything_else_fails_the_job_at_once(error: Exception) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_attempts": 0}, {"wait_s": -1}, {"max_wait_s": float("inf")}, {"max_attempts": 1.5}],
+    [{"max_retries": -1}, {"wait_s": -1}, {"max_wait_s": float("inf")}, {"max_retries": 1.5}],
 )
 def test_a_retry_policy_out_of_range_is_refused(options: dict[str, Any]) -> None:
     """Settings out of range fail at once, naming the setting."""

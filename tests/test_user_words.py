@@ -55,7 +55,7 @@ COUNTS = [
     (FixedRetryPolicy, "max_retries", "at most N more calls after the first"),
     (ExponentialBackoffPolicy, "max_retries", "at most N more calls after the first"),
     (ConflictConfig, "max_attempts", "at most N more calls after the first"),
-    (JobRetry, "max_attempts", "at most N calls in all"),
+    (JobRetry, "max_retries", "at most N more calls after the first"),
 ]
 
 
@@ -63,8 +63,8 @@ COUNTS = [
 def test_each_count_says_what_it_counts_in_the_same_words(
     settings: type, field: str, meaning: str
 ) -> None:
-    """`max_retries` and the two `max_attempts` count differently: each one's docstring and
-    the error for a wrong value say which, in the same words."""
+    """Every count of calls counts the calls after the first: each one's docstring and the
+    error for a wrong value say so, in the same words."""
     path = Path(inspect.getfile(settings))
     assert meaning in " ".join(attribute_docstring(path, settings.__name__, field).split())
     with pytest.raises(ConfigurationError, match=f"^{field} must .*{meaning}"):

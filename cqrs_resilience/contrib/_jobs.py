@@ -11,7 +11,7 @@ Celery, arq or Dramatiq one later) only translate this to their engine.
   queue goes on.
 - **What the queue should do** when the handler raised (`JobRetry.decide`): short transient
   failures are the in-process `retry()`'s; what outlived it and may pass with time is retried
-  by the engine, with its backoff, at least the error's `retry_after`, up to `max_attempts`
+  by the engine, with its backoff, at least the error's `retry_after`, up to `max_retries`
   runs in all; anything else fails the job at once, never retried.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .._checks import CALLS_IN_ALL, setting
+from .._checks import MORE_CALLS, setting
 from .._errors import (
     BrokenCircuitError,
     CommandInProgressError,
@@ -50,19 +50,16 @@ PASSES_WITH_TIME: tuple[type[BaseException], ...] = (
 
 class JobRetry(msgspec.Struct, frozen=True, kw_only=True):
     """How the queue retries a job whose command failed in a way that may pass with time:
-    at most `max_attempts` calls in all (runs of the job, the first included), waiting
-    `wait_s`, then twice as long each time, at most `max_wait_s` (and never less than the
-    error's `retry_after`).
+    at most `max_retries` more runs of the job after the first, waiting `wait_s`, then twice
+    as long each time, at most `max_wait_s` (and never less than the error's `retry_after`).
 
-    Note that `max_attempts` counts differently from procrastinate's own
-    `RetryStrategy(max_attempts=N)`, which allows N more runs after the first, and from a
-    `ConflictConfig`'s `max_attempts` and a retry policy's `max_retries` (N more calls after
-    the first): here the first run counts.
+    `max_retries` counts as a retry policy's `max_retries` and procrastinate's own
+    `RetryStrategy(max_attempts=N)` do: N more runs after the first.
     """
 
-    max_attempts: int = 10
-    """Runs of the job: at most N calls in all, the first included (10: at most 9 more
-    after the first); 1 never retries."""
+    max_retries: int = 10
+    """Runs of the job: at most N more calls after the first (10: at most 11 runs in all);
+    0 never retries."""
     wait_s: float = 1.0
     """Seconds to wait before the second run; each later wait doubles it."""
     max_wait_s: float = 300.0
@@ -70,10 +67,10 @@ class JobRetry(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         setting(
-            "max_attempts",
-            self.max_attempts,
-            f"an int >= 1 ({CALLS_IN_ALL})",
-            _at_least_one,
+            "max_retries",
+            self.max_retries,
+            f"an int >= 0 ({MORE_CALLS})",
+            _at_least_zero,
             integer=True,
         )
         setting("wait_s", self.wait_s, "a finite number of seconds >= 0", _finite)
@@ -82,7 +79,7 @@ class JobRetry(msgspec.Struct, frozen=True, kw_only=True):
     def decide(self, error: BaseException, attempts: int) -> float | None:
         """Seconds to wait before the next run of a job that raised `error` on its
         `attempts`-th run (1 for the first), or None: fail it now."""
-        if not isinstance(error, PASSES_WITH_TIME) or attempts >= self.max_attempts:
+        if not isinstance(error, PASSES_WITH_TIME) or attempts > self.max_retries:
             return None
         wait: float = min(self.wait_s * 2.0 ** (attempts - 1), self.max_wait_s)
         retry_after = getattr(error, "retry_after", None)
@@ -137,8 +134,8 @@ class CommandJobs(Generic[C]):
         return await self.handle(self.decode(payload))
 
 
-def _at_least_one(value: float) -> bool:
-    return value >= 1
+def _at_least_zero(value: float) -> bool:
+    return value >= 0
 
 
 def _finite(value: float) -> bool:
