@@ -55,5 +55,13 @@ class FaultyRepository(Generic[A]):
             raise TimeoutError("injected: the write committed, then the reply timed out")
         return stored
 
+    async def __aenter__(self) -> FaultyRepository[A]:
+        """Opens the wrapped store (`async with FaultyRepository(store)`); faults stay on."""
+        await self.inner.__aenter__()  # type: ignore[attr-defined]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.inner.__aexit__(*exc_info)  # type: ignore[attr-defined]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

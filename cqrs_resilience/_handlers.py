@@ -38,6 +38,9 @@ R = TypeVar("R")
 Handle = Callable[[Any], Awaitable[CommandResponse[R]]]
 
 
+_ANSWERING = frozenset({"responses", "responses_keep_s", "responses_wait_s"})
+
+
 class PipelinedCommandHandler(ABC, Generic[R]):
     """Base handler: implement `process`; `handle` runs it inside the behaviors.
 
@@ -46,10 +49,11 @@ class PipelinedCommandHandler(ABC, Generic[R]):
     object. `strategy_registry`, `hooks` and `clock` reach the built-in behaviors. Behaviors
     apply last-added outermost (`add_behavior`).
 
-    `responses = store` (a class or instance attribute) records each command's first response
-    in `store` and answers a resend with it before any behavior runs: `idempotent(store)`,
-    outermost, with `responses_keep_s` and `responses_wait_s` as its `keep_s` and `wait_s`.
-    Resends are decoded as `process`'s return annotation (`CommandResponse[R]`).
+    `responses=store` (or a class or instance attribute `responses`) records each command's
+    first response in `store` and answers a resend with it before any behavior runs:
+    `idempotent(store)`, outermost, with `responses_keep_s` and `responses_wait_s` as its
+    `keep_s` and `wait_s`. Setting any of the three later takes effect from the next
+    `handle()`. Resends are decoded as `process`'s return annotation (`CommandResponse[R]`).
     """
 
     responses: ResponseStore | None = None
@@ -63,8 +67,11 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         strategy_registry: Any = None,
         hooks: HookRegistry | None = None,
         clock: Clock | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        if responses is not None:
+            self.responses = responses
         self.strategy_registry = strategy_registry
         self.hooks = hooks
         self.clock = clock
@@ -74,6 +81,12 @@ class PipelinedCommandHandler(ABC, Generic[R]):
         self._process: Handle[R] = async_only(self.process, f"{type(self).__name__}.handle()")
         for behavior in self.default_behaviors():
             self.add_behavior(behavior)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The answering of resends is built into the pipeline: a new setting rebuilds it.
+        object.__setattr__(self, name, value)
+        if name in _ANSWERING:
+            object.__setattr__(self, "_pipeline", None)
 
     @property
     def repository(self) -> Any:

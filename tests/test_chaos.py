@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 
 from cqrs_resilience import (
+    Aggregate,
     ConfigurationError,
     FakeClock,
+    FaultyRepository,
     FixedRetryPolicy,
     TransientError,
     circuit_breaker,
@@ -19,6 +21,7 @@ from cqrs_resilience import (
     pipeline,
     retry,
 )
+from cqrs_resilience.stores import SQLiteRepository, StoreClosedError
 
 
 class Counter:
@@ -223,3 +226,20 @@ async def test_an_async_function_behind_a_lambda_is_slowed_on_the_event_loop() -
     pending = fn()  # a fault, if any, is raised by the coroutine, not by the call
     with contextlib.suppress(TransientError):
         await pending
+
+
+async def test_a_faulty_repository_opens_and_closes_its_store_with_async_with(tmp_path):
+    """`async with FaultyRepository(SQLiteRepository(...))` opens the store, injects faults
+    into its writes, and closes it."""
+    store = SQLiteRepository(tmp_path / "notes.sqlite3", Note)
+    async with FaultyRepository(store, transient_rate=1.0) as faulty:
+        assert isinstance(faulty, FaultyRepository)
+        with pytest.raises(TransientError, match="injected"):
+            await faulty.persist(Note(id="n"))
+        assert await faulty.retrieve(["n"]) == []
+    with pytest.raises(StoreClosedError):
+        await store.retrieve(["n"])
+
+
+class Note(Aggregate):
+    text: str = ""

@@ -506,3 +506,24 @@ async def test_idempotent_composes_outermost_in_a_pipeline(make_store):
     command = AddItem(order_id="o", item="a")
     assert await send(command) == await send(command) == Receipt("o", 1, ("a",))
     assert calls["a"] == 2
+
+
+@pytest.mark.parametrize("when", ["constructor", "after a first handle()"])
+async def test_responses_set_at_construction_or_after_a_first_call_answer_resends(
+    make_store, when: str
+):
+    """`responses=` in the constructor, or `handler.responses = store` after the handler has
+    already handled a command, answers resends from then on: never silently ignored."""
+    store = make_store(Order)
+    AddItemHandler.runs = 0
+    if when == "constructor":
+        handler = AddItemHandler(store, responses=store)
+    else:
+        handler = AddItemHandler(store)
+        await handler.handle(AddItem(order_id="o", item="warm-up"))  # builds the pipeline
+        handler.responses = store
+    runs = AddItemHandler.runs
+    command = AddItem(order_id="o", item="a")
+    first = await handler.handle(command)
+    assert await handler.handle(command) == first
+    assert AddItemHandler.runs == runs + 1  # the resend was answered, not run
