@@ -134,7 +134,7 @@ _SPACES = re.compile(r"\s+")
 def _label(sql: str) -> str:
     """A statement as a short label: its first words (and its table)."""
     text = _SPACES.sub(" ", sql).strip()
-    text = re.sub(r"%\(\w+\)s|\$\d+|:\w+|\?|%s", "?", text)
+    text = re.sub(r"%\(\w+\)s|\$\d+|(?<![:\w]):\w+|\?|%s", "?", text)
     return text[:90]
 
 
@@ -214,8 +214,9 @@ def _flush_c_streams() -> None:
     ctypes.CDLL(None).fflush(None)
 
 
-_TRACE_LINE = re.compile(r"^(\S+ \S+)\t([FB])\t\d+\t(\w+)\t?(.*)$")
-_PARSE = re.compile(r'^"([^"]*)" "(.*)" \d+')
+_MESSAGE_START = re.compile(r"\n(?=\d{4}-\d\d-\d\d )")
+_TRACE_LINE = re.compile(r"^(\S+ \S+)\t([FB])\t\d+\t(\w+)\t?(.*)$", re.DOTALL)
+_PARSE = re.compile(r'^"([^"]*)" "(.*)" \d+', re.DOTALL)
 _BIND = re.compile(r'^"[^"]*" "([^"]*)"')
 _QUERY = re.compile(r'^"(.*)"$')
 
@@ -230,12 +231,15 @@ def round_trips(paths: list[str], window: Window) -> tuple[Counter[str], dict[st
         prepared: dict[str, str] = {}
         sent_at: float | None = None
         label = ""
-        with open(path, errors="replace") as lines:
-            for line in lines:
-                match = _TRACE_LINE.match(line.rstrip("\n"))
+        with open(path, errors="replace") as trace:
+            # A message per line, but a statement's text keeps its own line breaks.
+            messages = _MESSAGE_START.split(trace.read())
+            for message in messages:
+                match = _TRACE_LINE.match(message.rstrip("\n"))
                 if match is None:
                     continue
                 stamp, side, kind, rest = match.groups()
+                rest = rest.strip()
                 at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
                 if side == "F":
                     if sent_at is None:
@@ -361,7 +365,10 @@ def profile_side(db: Database, side: Side, plan: Any, warm: Any) -> SideProfile:
     profiles = Profiles()
     asyncio.run(_run(db, side, plan, warm, profiles.start, profiles.stop))
     top: list[tuple[str, str, float, float]] = []
-    for thread, profile in (("event loop", profiles.loop), ("writer", profiles.writer)):
+    threads = [("event loop", profiles.loop)]
+    if profiles.executor is not None:
+        threads.append(("writer", profiles.writer))
+    for thread, profile in threads:
         stats = _stats(profile)
         for name, function in _COUNTED_CALLS.items():
             n = sum(c for k, (c, _) in stats.items() if k[2] == function)

@@ -22,8 +22,9 @@ command again. What each side is:
   `eventsourcing.utils.retry`; its persistence modules `eventsourcing.sqlite` /
   `eventsourcing.postgres`. The library is synchronous: each writer task hands its command
   to a thread of its own. Modes: `cache` (an aggregate cache, fast-forwarded on each get),
-  `snapshots` (a snapshot every 10 events), `plain` (every get replays the stream); on
-  PostgreSQL also `cache, db functions` (events inserted by its plpgsql function).
+  `snapshots` (a snapshot every 10 events), `plain` (every get replays the stream: Zipf rows
+  only, see `es_modes`); on PostgreSQL also `cache, db functions` (events inserted by its
+  plpgsql function, one round trip).
 """
 
 from __future__ import annotations
@@ -569,9 +570,14 @@ class EventsourcingSide:
         return app_class(env=env)
 
 
-def es_modes(db: Database) -> list[str]:
-    """The modes eventsourcing runs in on `db`."""
-    modes = ["cache", "snapshots", "plain"]
+def es_modes(db: Database, load: str | None = None) -> list[str]:
+    """The modes eventsourcing runs in on `db`, for a row of `load` ("hot", "zipf"; None:
+    every row). `plain` replays each order's whole stream on every get: on the hot rows, where
+    a stream grows to a thousand events, that is an order of magnitude behind the others
+    (71 commands/s on SQLite with one writer, against 569 cached), so it runs on Zipf only."""
+    modes = ["cache", "snapshots"]
+    if load in (None, "zipf"):
+        modes.append("plain")
     if isinstance(db, PostgresDatabase):
         modes.append("cache, db functions")
     return modes

@@ -364,11 +364,10 @@ def postgres(args: argparse.Namespace) -> Iterator[PostgresDatabase | None]:
             asyncio.run(db.drop_all())
 
 
-def sides_for(db: Database, args: argparse.Namespace) -> list[Side]:
-    modes = args.es_modes or es_modes(db)
-    sides: list[Side] = [Ours(), Floor(), SQLAlchemySide()]
-    sides += [EventsourcingSide(m) for m in modes if m in es_modes(db)]
-    return sides
+def sides_for(db: Database, args: argparse.Namespace, load: str | None = None) -> list[Side]:
+    """The sides of a row of `load` ("hot", "zipf"; None: of any row) on `db`."""
+    modes = [m for m in args.es_modes or es_modes(db, load) if m in es_modes(db, load)]
+    return [Ours(), Floor(), SQLAlchemySide(), *(EventsourcingSide(m) for m in modes)]
 
 
 def seed(db: Database, sides: Sequence[Side], ids: list[str]) -> None:
@@ -408,15 +407,18 @@ def main(args: argparse.Namespace) -> None:
             databases.append(pg)
         for db in databases:
             sides = sides_for(db, args)
-            seed(db, sides, [*order_ids(orders), HOT_ID, WARM_ID])
             if args.profile:
                 from _peers_profile import profile_rows
 
+                sides = [side for side in sides if side.key in ("ours", "floor")]
+                seed(db, sides, [*order_ids(orders), HOT_ID, WARM_ID])
                 plans = [(row, plan_for(row, orders), warm_plan(row.writers)) for row in rows]
-                profile_rows(db, [s for s in sides if s.key in ("ours", "floor")], plans)
+                profile_rows(db, sides, plans)
                 continue
+            seed(db, sides, [*order_ids(orders), HOT_ID, WARM_ID])
             for row in rows:
-                results.append(compare(db, sides, row, plan_for(row, orders), args.runs))
+                row_sides = sides_for(db, args, row.key.split("-")[0])
+                results.append(compare(db, row_sides, row, plan_for(row, orders), args.runs))
             resent += [(db.name, side.name, resend(db, side)) for side in sides]
     if args.profile:
         return
