@@ -323,6 +323,7 @@ class SideProfile(msgspec.Struct):
     calls: dict[str, float]  # per command
     statements: list[tuple[str, str, float, float]]  # thread, statement, per command, µs each
     top: list[tuple[str, str, float, float]]  # thread, where, calls per command, µs per command
+    groups: dict[str, float]  # "thread: what" -> own µs per command
 
 
 def profile_side(db: Database, side: Side, plan: Any, warm: Any) -> SideProfile:
@@ -365,6 +366,7 @@ def profile_side(db: Database, side: Side, plan: Any, warm: Any) -> SideProfile:
     profiles = Profiles()
     asyncio.run(_run(db, side, plan, warm, profiles.start, profiles.stop))
     top: list[tuple[str, str, float, float]] = []
+    groups: defaultdict[str, float] = defaultdict(float)
     threads = [("event loop", profiles.loop)]
     if profiles.executor is not None:
         threads.append(("writer", profiles.writer))
@@ -377,7 +379,35 @@ def profile_side(db: Database, side: Side, plan: Any, warm: Any) -> SideProfile:
         ranked = sorted(stats.items(), key=lambda kv: kv[1][1], reverse=True)
         for key, (n, own_s) in ranked[:TOP_FUNCTIONS]:
             top.append((thread, _where(key), n * per, own_s * per * 1e6))
-    return SideProfile(window=window, calls=calls, statements=statements, top=top)
+        for key, (_, own_s) in stats.items():
+            groups[f"{thread}: {_group(key)}"] += own_s * per * 1e6
+    return SideProfile(window=window, calls=calls, statements=statements, top=top, groups=groups)
+
+
+# Own time, grouped by what it was spent on: the first rule that matches a function names it.
+_GROUPS = (
+    ("waiting (epoll, queue get: idle)", ("<method 'poll' of", "<method 'get' of '_queue")),
+    ("msgspec encode/decode", ("msgspec.",)),
+    ("digests", ("_blake2", "hashlib")),
+    ("sqlite3 (statements, commit)", ("sqlite3.",)),
+    ("psycopg (statements, adaptation)", ("psycopg/",)),
+    ("psycopg_pool (checkouts)", ("psycopg_pool/",)),
+    ("cqrs_resilience/stores", ("cqrs_resilience/stores/",)),
+    ("cqrs_resilience (behaviours, write path)", ("cqrs_resilience/",)),
+    ("the side's own code (benchmarks/)", ("benchmarks/",)),
+    (
+        "asyncio, threads, selectors",
+        ("asyncio/", "concurrent/", "threading", "selectors", "socket"),
+    ),
+)
+
+
+def _group(key: tuple[str, int, str]) -> str:
+    where = f"{key[0]} {key[2]}"
+    for name, markers in _GROUPS:
+        if any(marker in where for marker in markers):
+            return name
+    return "other"
 
 
 def profile_rows(db: Database, sides: Sequence[Side], rows: Sequence[tuple[Any, Any, Any]]) -> None:
@@ -408,6 +438,11 @@ def profile_rows(db: Database, sides: Sequence[Side], rows: Sequence[tuple[Any, 
             for thread, sql, n, us in found[name].statements:
                 if n >= 0.005:
                     print(f"| {thread} | `{sql}` | {n:.2f} | {us:,.0f} |")
+        print("\nOwn time by what it was spent on (cProfile, so inflated; µs per command)\n")
+        print(f"| thread: spent on | {' | '.join(names)} |\n|---|{'---:|' * len(names)}")
+        for group in sorted({g for n in names for g in found[n].groups}):
+            cells = [f"{found[n].groups.get(group, 0):,.0f}" for n in names]
+            print(f"| {group} | {' | '.join(cells)} |")
         for name in names:
             print(f"\n{name}: functions by own time (cProfile; µs per command)\n")
             print("| thread | function | calls per command | own µs per command |")

@@ -268,11 +268,12 @@ def ratios(result: RowResult, side: str) -> list[float]:
     return [o.rate / s.rate for o, s in zip(ours, result.runs[side], strict=True)]
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    median = statistics.median(values)
+def _spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """The median, and the lowest and highest when there are several."""
+    median = f"{statistics.median(values):{fmt}}{unit}"
     if len(values) == 1:
-        return format(median, fmt)
-    return f"{median:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+        return median
+    return f"{median} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def _ms(value: float) -> str:
@@ -296,7 +297,7 @@ def format_rows(result: RowResult) -> list[str]:
     for side, outcomes in result.runs.items():
         median = median_outcome(outcomes)
         rate = _spread([o.rate for o in outcomes], ",.0f")
-        ratio = "1" if side == Ours.name else _spread(ratios(result, side), ".2f") + "x"
+        ratio = "1" if side == Ours.name else _spread(ratios(result, side), ".2f", "x")
         lines.append(
             f"| {result.db}, {result.row.label} | {side} | {rate} "
             f"| {median.attempts_per_command:.2f} ({max(median.attempts)}) "
@@ -327,7 +328,7 @@ def format_summary(results: list[RowResult]) -> str:
                 cells.append("-")
                 continue
             mode = side.removeprefix("eventsourcing ") + " " if side.startswith("event") else ""
-            cells.append(f"{mode}{_spread(ratios(result, side), '.2f')}x")
+            cells.append(f"{mode}{_spread(ratios(result, side), '.2f', 'x')}")
         lines.append(f"| {result.db}, {result.row.label} | {ours:,.0f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -395,7 +396,7 @@ def rows_for(args: argparse.Namespace) -> list[RowSpec]:
 
 
 def main(args: argparse.Namespace) -> None:
-    began = time.perf_counter()
+    began, load = time.perf_counter(), _load()
     check_sqlite_default()
     orders = args.orders or (1_000 if args.quick else 10_000)
     rows = rows_for(args)
@@ -444,7 +445,10 @@ def main(args: argparse.Namespace) -> None:
     print("| database | side | times applied |\n|---|---|---:|")
     for db_name, side_name, times in resent:
         print(f"| {db_name} | {side_name} | {times}{' (twice)' if times > 1 else ''} |")
-    print(f"\n({time.perf_counter() - began:.0f} s; load {_load()})", file=sys.stderr)
+    took = time.perf_counter() - began
+    print(
+        f"\n({took:.0f} s; load average (1, 5, 15 min) at the start {load}, at the end {_load()})"
+    )
 
 
 def _load() -> str:
