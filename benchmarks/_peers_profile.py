@@ -4,8 +4,8 @@ Each side runs each row three more times, each run measuring one thing, so that 
 slows the others' figures:
 
 1. **timed**: wall time per command, and CPU per command (`time.process_time`: every thread
-   of the process; `time.thread_time`: the event loop's thread alone). The database server's
-   CPU is not in it.
+   of the process; `time.thread_time`: the event loop's thread alone; PostgreSQL: its client
+   backends' CPU from /proc, when the server runs on this machine).
 2. **counted**: what a command asks of the database and of threads. SQLite: every statement
    each connection runs, by thread, with the time its `execute` took (a connection factory
    that times `execute`; COMMIT's time is the sync to disk). PostgreSQL: libpq's trace of
@@ -54,6 +54,7 @@ class Window(msgspec.Struct):
     loop_cpu_s: float = 0.0
     started_at: float = 0.0  # time.time(), to pick trace lines
     ended_at: float = 0.0
+    server_cpu_s: float | None = None  # PostgreSQL's client backends, when on this machine
 
 
 Hook = Callable[[], Any]
@@ -93,6 +94,49 @@ async def _run(
         await writer.close()
     window.commands = sum(len(commands) for commands in plan)
     return window
+
+
+class ServerCPU:
+    """CPU time of the PostgreSQL server's client backends between `start` and `stop`, read
+    from /proc (a server on this machine); None for SQLite or when /proc does not show it."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.pids: list[int] = []
+        self.began = 0.0
+        self.used_s: float | None = None
+
+    async def start(self, writer: Any) -> None:
+        if not isinstance(self.db, PostgresDatabase):
+            return
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(self.db.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid()"
+            )
+            self.pids = [row[0] for row in await cur.fetchall()]
+        self.began = _cpu_of(self.pids) or 0.0
+
+    async def stop(self, writer: Any) -> None:
+        ended = _cpu_of(self.pids)
+        if self.pids and ended is not None:
+            self.used_s = ended - self.began
+
+
+def _cpu_of(pids: list[int]) -> float | None:
+    """User + system seconds of the processes `pids` (those still alive)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / ticks if pids else None
 
 
 # --- counting ------------------------------------------------------------------------------
@@ -332,7 +376,9 @@ def profile_side(db: Database, side: Side, plan: Any, warm: Any) -> SideProfile:
         gc.collect()
 
     fresh()
-    window = asyncio.run(_run(db, side, plan, warm))
+    server = ServerCPU(db)
+    window = asyncio.run(_run(db, side, plan, warm, server.start, server.stop))
+    window.server_cpu_s = server.used_s
     per = 1 / window.commands
 
     fresh()
@@ -427,6 +473,9 @@ def profile_rows(db: Database, sides: Sequence[Side], rows: Sequence[tuple[Any, 
         ):
             cells = [f"{getattr(w, field) / w.commands * 1e6:,.0f}" for w in windows]
             print(f"| {label} | {' | '.join(cells)} |")
+        if all(w.server_cpu_s is not None for w in windows):
+            cells = [f"{(w.server_cpu_s or 0) / w.commands * 1e6:,.0f}" for w in windows]
+            print(f"| CPU, PostgreSQL's backends (µs) | {' | '.join(cells)} |")
         keys = sorted({k for n in names for k in found[n].calls})
         for key in keys:
             cells = [f"{found[n].calls.get(key, 0):.2f}" for n in names]
