@@ -12,8 +12,11 @@ command again. What each side is:
 - **floor**: the raw driver, hand-written: read the row, `UPDATE ... SET state, version =
   version + 1 WHERE id AND version`, again on a miss; msgspec JSON; no idempotency, no
   history. SQLite: stdlib `sqlite3` on one thread of its own, each attempt one job there (the
-  read, the update: one thread hop, the fewest); PostgreSQL: psycopg 3 async and its pool,
-  one checkout per attempt, autocommit.
+  read, the update: one thread hop, the fewest). The fastest of three tried, on the hot row
+  with 8 writers: 2,064 commands/s, against 1,702 for a connection and a thread per writer
+  (SQLite takes one writer at a time anyway, and they conflicted) and 684 for aiosqlite (a
+  thread hop per call); with one writer, 2,098 / 2,134 / 1,503. PostgreSQL: psycopg 3 async
+  and its pool, one checkout per attempt, autocommit.
 - **SQLAlchemy**: 2.x async ORM (aiosqlite, psycopg), a JSON column of items and
   `version_id_col`, each attempt a session (`session.get`, assign, commit); tenacity retries
   `StaleDataError`, with no wait, as the floor does.
