@@ -55,18 +55,35 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     """
 
     policy: ConflictResolutionPolicy = ConflictResolutionPolicy.FIRST_WINS
+    """What a conflict does: propagate (`FIRST_WINS`, the default), or run the command again
+    on the latest state with the command's state laid over it (`LAST_WINS`) or merged into
+    it (`MERGE`)."""
     strategy_name: str = "deep"
+    """The merge strategy `MERGE` uses, by its name in the registry: "deep", "field",
+    "timestamp", or one you registered. With a base state (`fetch_base_state`) the merge is
+    three-way instead."""
     append_lists: bool = False
+    """"deep": append the command's new list items instead of replacing the list."""
     list_identity_key: str | None = None
+    """"deep" and three-way merges: lists of dicts are matched item by item on this key
+    (e.g. "sku"); without it a list is one value."""
     include_fields: AbstractSet[str] | None = None
+    """"field": the top-level fields the command's value wins for (None: every field)."""
     exclude_fields: AbstractSet[str] | None = None
+    """"field": the top-level fields that keep the stored value (beats `include_fields`)."""
     timestamp_field: str = "modified_at"
+    """"timestamp": the field whose later instant wins the whole state."""
     fallback_to_incoming: bool = True
+    """"timestamp": when neither side has a valid timestamp, or both denote the same
+    instant, the command's state wins (False: the stored one)."""
     max_attempts: int = 3
     """Resolution attempts: at most N more calls after the first, each after resolving the
     conflict (3: at most 4 calls in all); 0 turns resolution off."""
     protected_fields: AbstractSet[str] = frozenset({"id", "version"})
+    """Fields always taken from the latest state, never from the command."""
     on_conflict: OnMergeConflict = OnMergeConflict.RAISE
+    """What a three-way merge does with a field both sides changed differently: raise
+    `MergeConflictError` (the default: nothing lost silently), or prefer one side."""
 
     def __post_init__(self) -> None:
         # Coerce the friendly spellings users write (sets, lists, strings) into the real types.
