@@ -5,13 +5,15 @@ A three-way merge only needs the version its command was issued against, which u
 contention lags the latest by about the number of writers racing on the aggregate; and a
 resend only needs its command's record for as long as a queue or a client may redeliver it.
 
-- `keep_versions` (default 100): each write prunes the aggregate's versions older than the
-  newest `keep_versions`, in the same transaction. A merge whose base was pruned gets
-  `VersionPrunedError` from `retrieve_version`; `resolve_conflicts` then merges against an
-  empty base, so every path the two sides hold differently is a conflict, never a silent
-  overwrite. (Measured: in `cqrs-resilience demo --writers 64 --updates 50`, a conflicting
-  command's base lags the latest by at most a few dozen versions; 100 leaves room for twice
-  that.) `None` keeps every version.
+- `keep_versions` (default 100): the newest `keep_versions` versions of each aggregate are
+  always kept. Older ones are pruned in the transaction of a write: SQLite prunes a batch at a
+  time (`versions_to_prune`: on every `keep_versions // 4`-th version, at most every 16th, so
+  up to that many more stay between prunings), the other stores on every write. A merge
+  whose base was pruned gets `VersionPrunedError` from `retrieve_version`; `resolve_conflicts`
+  then merges against an empty base, so every path the two sides hold differently is a
+  conflict, never a silent overwrite. (Measured: in `cqrs-resilience demo --writers 64
+  --updates 50`, a conflicting command's base lags the latest by at most a few dozen
+  versions; 100 leaves room for twice that.) `None` keeps every version.
 - `keep_commands_s` (default 7 days, a common queue redelivery window): idempotency records
   older than this are pruned, a batch at a time, at most once a minute, with a write. A resend
   within the window gets its first outcome (the latest state if its own version was pruned);
@@ -31,6 +33,8 @@ PRUNE_EVERY_S = 60.0
 """How often, at most, a store prunes expired idempotency records (with a write)."""
 PRUNE_BATCH = 1000
 """How many expired records of each table one pruning deletes, at most."""
+PRUNE_VERSIONS_EVERY = 16
+"""Versions pruned a batch at a time: on every n-th version (fewer for a small keep_versions)."""
 
 
 class Retention:
@@ -59,6 +63,16 @@ class Retention:
     def oldest_kept(self, latest: int) -> int:
         """The oldest version kept when `latest` is the newest (1 when all are kept)."""
         return 1 if self.keep_versions is None else max(1, latest - self.keep_versions + 1)
+
+    def versions_to_prune(self, latest: int) -> int | None:
+        """The version below which a write storing `latest` prunes, when a batch is due; else
+        None. It never prunes one of the newest `keep_versions`, and each write of a multiple
+        of the batch prunes all older ones, so at most `batch - 1` more than that stay."""
+        keep = self.keep_versions
+        if keep is None or latest <= keep:
+            return None
+        batch = max(1, min(PRUNE_VERSIONS_EVERY, keep // 4))
+        return latest - keep + 1 if latest % batch == 0 else None
 
     def records_cutoff(self, now: float) -> float | None:
         """The time before which idempotency records go, if a pruning is due now; else None."""

@@ -3,8 +3,9 @@
 The database, not Python, enforces the version check: a persist is one `BEGIN IMMEDIATE`
 transaction that inserts row (`namespace:id`, version + 1) only when the latest stored version
 is the one the aggregate was read at, records the command id beside it, and prunes what the
-retention settings no longer keep. Several processes may share the file; a writer that finds it
-locked for longer than `busy_timeout` gets a `TransientError`.
+retention settings no longer keep (old versions a batch at a time). Several processes may
+share the file; a writer that finds it locked for longer than `busy_timeout` gets a
+`TransientError`.
 
 Threads, event loops and transactions, the rules every method here follows:
 
@@ -440,8 +441,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
 
     def _prune(self, conn: sqlite3.Connection, args: dict[str, Any]) -> None:
         """Drop what retention no longer keeps, in the writing transaction."""
-        oldest = self.retention.oldest_kept(args["expected"] + 1)
-        if oldest > 1:
+        oldest = self.retention.versions_to_prune(args["expected"] + 1)
+        if oldest is not None:
             conn.execute(_sql.PRUNE_VERSIONS, {"id": args["id"], "oldest": oldest})
         cutoff = self.retention.records_cutoff(args["now"])
         if cutoff is not None:
