@@ -130,7 +130,8 @@ _WRITE_CLAIMING = _WRITE_TEMPLATE.format(claimed="    " + _CLAIMED.strip() + "\n
 _HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
     "cqrs_resilience.postgres_turns", default=frozenset()
 )
-# The newest row of each id: one index probe per id, however long its history.
+# The newest row of each id: one index probe per id, however long its history. PostgreSQL
+# plans it anew on every execution (a generic plan cannot know the array's length).
 _LATEST = """SELECT k.id, v.version, v.state FROM unnest(%s::text[]) AS k(id)
     CROSS JOIN LATERAL (SELECT version, state FROM aggregate_versions
         WHERE aggregate_id = k.id ORDER BY version DESC LIMIT 1) AS v"""
@@ -282,9 +283,17 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         if not wanted:
             return []
+        keys = list(dict.fromkeys(key for _, key in wanted))
         async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
-            await cur.execute(_LATEST, (list(dict.fromkeys(key for _, key in wanted)),))
-            rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+            if len(keys) == 1:
+                # One id (a command's read): a statement PostgreSQL plans once for all ids,
+                # where `_LATEST`'s array makes it plan again on every execution.
+                await cur.execute(_LATEST_STATE, {"id": keys[0]})
+                row = await cur.fetchone()
+                rows = {} if row is None else {keys[0]: row}
+            else:
+                await cur.execute(_LATEST, (keys,))
+                rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
