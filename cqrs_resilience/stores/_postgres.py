@@ -14,6 +14,7 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -334,17 +335,33 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then a
         transaction-level advisory lock on a pooled connection, held while the block runs."""
         key = self._codec.key(aggregate_id)
+        lock = {"id": key, "lock_timeout": f"{self.lock_timeout}s"}
         async with (
             PROCESS_TURNS.turn((id(self), aggregate_id)),
             self._cursor(f"waiting to resolve a conflict on aggregate {aggregate_id!r}") as cur,
-            cur.connection.transaction(),
         ):
-            await cur.execute(_TURN_LOCK, {"id": key, "lock_timeout": f"{self.lock_timeout}s"})
-            token = _HELD.set(_HELD.get() | {(id(self), key)})
+            conn = cur.connection
             try:
-                yield
-            finally:
-                _HELD.reset(token)
+                # BEGIN and the lock in one round trip, which ends with the pipeline (held
+                # from then on); COMMIT in one more. psycopg's `transaction()` would make it
+                # three: it waits for BEGIN on its own.
+                async with conn.pipeline():
+                    if conn.autocommit:  # otherwise psycopg begins one itself
+                        await cur.execute("BEGIN")
+                    await cur.execute(_TURN_LOCK, lock)
+                token = _HELD.set(_HELD.get() | {(id(self), key)})
+                try:
+                    yield
+                finally:
+                    _HELD.reset(token)
+                await conn.commit()
+            except BaseException:
+                # The lock ends with the transaction. A connection left in one (the rollback
+                # failed, or was cancelled) is not idle: the pool rolls it back or discards it.
+                if conn.info.transaction_status in _in_transaction():
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                raise
 
     async def _write(
         self, cur: Cursor, key: str, aggregate: A, encoded: bytes, recorded: WriteKey | None
@@ -468,6 +485,13 @@ def _parse_dsn(dsn: str) -> dict[str, Any]:
     raise StoreConfigurationError(
         "invalid PostgreSQL connection string (not shown: it may hold a password)"
     )
+
+
+def _in_transaction() -> tuple[Any, ...]:
+    """psycopg's transaction statuses of a connection inside a transaction block."""
+    from psycopg.pq import TransactionStatus
+
+    return (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 
 async def _ensure_schema(conn: AsyncConnection[Any]) -> None:
