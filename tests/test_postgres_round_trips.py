@@ -4,6 +4,7 @@ and round trips per conflict-resolution turn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,30 @@ def test_turns_on_two_event_loops_never_overlap(pg_database):
         thread.join(60)
     asyncio.run(store.close())
     assert most[0] == 1
+
+
+@pytest.mark.parametrize("steps", range(12))
+async def test_an_uncontended_turn_cancelled_at_any_point_leaves_no_lock(pg_database, steps):
+    """A turn nobody else wants, cancelled at any await (taking the lock, the round,
+    committing), holds no lock afterwards, and the next turn and write work."""
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=5.0) as store,
+    ):
+        await store.persist(DemoOrder(id="a"))
+
+        async def take() -> None:
+            async with store.turn("a"):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(take())
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        assert [o.version for o in await store.retrieve(["a"])] == [1]
+        assert await advisory_locks(pg_database) == 0
