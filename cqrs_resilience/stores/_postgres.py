@@ -14,6 +14,7 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -130,7 +131,8 @@ _WRITE_CLAIMING = _WRITE_TEMPLATE.format(claimed="    " + _CLAIMED.strip() + "\n
 _HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
     "cqrs_resilience.postgres_turns", default=frozenset()
 )
-# The newest row of each id: one index probe per id, however long its history.
+# The newest row of each id: one index probe per id, however long its history. PostgreSQL
+# plans it anew on every execution (a generic plan cannot know the array's length).
 _LATEST = """SELECT k.id, v.version, v.state FROM unnest(%s::text[]) AS k(id)
     CROSS JOIN LATERAL (SELECT version, state FROM aggregate_versions
         WHERE aggregate_id = k.id ORDER BY version DESC LIMIT 1) AS v"""
@@ -282,9 +284,17 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         wanted = [(i, self._codec.key(i)) for i in ids_asked(ids) if storable(i)]
         if not wanted:
             return []
+        keys = list(dict.fromkeys(key for _, key in wanted))
         async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
-            await cur.execute(_LATEST, (list(dict.fromkeys(key for _, key in wanted)),))
-            rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
+            if len(keys) == 1:
+                # One id (a command's read): a statement PostgreSQL plans once for all ids,
+                # where `_LATEST`'s array makes it plan again on every execution.
+                await cur.execute(_LATEST_STATE, {"id": keys[0]})
+                row = await cur.fetchone()
+                rows = {} if row is None else {keys[0]: row}
+            else:
+                await cur.execute(_LATEST, (keys,))
+                rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
@@ -325,17 +335,33 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then a
         transaction-level advisory lock on a pooled connection, held while the block runs."""
         key = self._codec.key(aggregate_id)
+        lock = {"id": key, "lock_timeout": f"{self.lock_timeout}s"}
         async with (
             PROCESS_TURNS.turn((id(self), aggregate_id)),
             self._cursor(f"waiting to resolve a conflict on aggregate {aggregate_id!r}") as cur,
-            cur.connection.transaction(),
         ):
-            await cur.execute(_TURN_LOCK, {"id": key, "lock_timeout": f"{self.lock_timeout}s"})
-            token = _HELD.set(_HELD.get() | {(id(self), key)})
+            conn = cur.connection
             try:
-                yield
-            finally:
-                _HELD.reset(token)
+                # BEGIN and the lock in one round trip, which ends with the pipeline (held
+                # from then on); COMMIT in one more. psycopg's `transaction()` would make it
+                # three: it waits for BEGIN on its own.
+                async with conn.pipeline():
+                    if conn.autocommit:  # otherwise psycopg begins one itself
+                        await cur.execute("BEGIN")
+                    await cur.execute(_TURN_LOCK, lock)
+                token = _HELD.set(_HELD.get() | {(id(self), key)})
+                try:
+                    yield
+                finally:
+                    _HELD.reset(token)
+                await conn.commit()
+            except BaseException:
+                # The lock ends with the transaction. A connection left in one (the rollback
+                # failed, or was cancelled) is not idle: the pool rolls it back or discards it.
+                if conn.info.transaction_status in _in_transaction():
+                    with contextlib.suppress(Exception):
+                        await conn.rollback()
+                raise
 
     async def _write(
         self, cur: Cursor, key: str, aggregate: A, encoded: bytes, recorded: WriteKey | None
@@ -459,6 +485,13 @@ def _parse_dsn(dsn: str) -> dict[str, Any]:
     raise StoreConfigurationError(
         "invalid PostgreSQL connection string (not shown: it may hold a password)"
     )
+
+
+def _in_transaction() -> tuple[Any, ...]:
+    """psycopg's transaction statuses of a connection inside a transaction block."""
+    from psycopg.pq import TransactionStatus
+
+    return (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
 
 async def _ensure_schema(conn: AsyncConnection[Any]) -> None:

@@ -1,0 +1,248 @@
+"""What the PostgreSQL repository costs the server per command: statements it can plan once,
+and round trips per conflict-resolution turn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from cqrs_resilience import TransientError
+from cqrs_resilience._demo import DemoOrder
+from cqrs_resilience.stores import PostgresRepository
+
+pytestmark = pytest.mark.postgres
+
+
+def one_connection_pool(dsn: str) -> AsyncConnectionPool[Any]:
+    """A pool of one connection: the server's per-session statistics are then the store's."""
+    return AsyncConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False)
+
+
+async def plans_of_reads(pool: AsyncConnectionPool[Any]) -> tuple[int, int]:
+    """(custom plans, generic plans) the session made for its prepared reads of versions."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(custom_plans), 0), coalesce(sum(generic_plans), 0)"
+            " FROM pg_prepared_statements WHERE statement LIKE 'SELECT%aggregate_versions%'"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+async def test_reading_one_aggregate_again_and_again_is_planned_once(pg_database):
+    """A command's read of its one aggregate reuses the server's plan instead of planning it
+    on every read (planning cost more than running it)."""
+    async with one_connection_pool(pg_database) as pool:
+        async with PostgresRepository(pool, DemoOrder) as store:
+            await store.persist(DemoOrder(id="a"))
+            for _ in range(30):
+                [order] = await store.retrieve(["a"])
+                assert order.version == 1
+        custom, generic = await plans_of_reads(pool)
+    assert generic > 0
+    assert custom <= 5  # PostgreSQL's trial plans before it settles on a generic one
+
+
+async def test_a_read_of_several_aggregates_still_returns_each_once(pg_database):
+    """Reading several ids (repeated, missing or not) returns each stored one once, in the
+    order asked; reading one id returns it alone."""
+    async with PostgresRepository(pg_database, DemoOrder) as store:
+        await store.persist(DemoOrder(id="a"))
+        await store.persist(DemoOrder(id="b"))
+        assert [o.id for o in await store.retrieve(["b", "x", "a", "b"])] == ["b", "a", "b"]
+        assert [o.id for o in await store.retrieve(["a", "a"])] == ["a", "a"]
+        assert await store.retrieve(["x"]) == []
+
+
+def round_trips_in(trace: Path) -> int:
+    """Round trips in a libpq trace: each ends with the server's ReadyForQuery."""
+    return sum("ReadyForQuery" in line for line in trace.read_text().splitlines())
+
+
+async def test_a_conflict_resolution_turn_costs_two_round_trips(pg_database, tmp_path):
+    """Taking a turn (begin, the aggregate's lock) is one round trip and ending it (commit)
+    one more: contended commands wait less for the server."""
+    trace = tmp_path / "trace"
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder) as store,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        with trace.open("w") as out:
+            async with pool.connection() as conn:
+                conn.pgconn.trace(out.fileno())
+            async with store.turn("a"):
+                assert await advisory_locks(pg_database) == 1
+            async with pool.connection() as conn:
+                conn.pgconn.untrace()
+        assert await advisory_locks(pg_database) == 0
+    assert round_trips_in(trace) == 2
+
+
+async def test_a_turn_on_a_pool_not_in_autocommit_holds_the_lock_until_it_ends(pg_database):
+    """On a pool passed in whose connections are not in autocommit, a turn still holds the
+    aggregate's lock while it runs and releases it after, and writes in it are committed."""
+    async with (
+        AsyncConnectionPool(pg_database, min_size=1, max_size=2, open=False) as pool,
+        PostgresRepository(pool, DemoOrder) as store,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+    async with PostgresRepository(pg_database, DemoOrder) as fresh:
+        [order] = await fresh.retrieve(["a"])
+    assert order.version == 2
+
+
+async def advisory_locks(dsn: str) -> int:
+    """Advisory locks held (granted or waited for) in the database."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("steps", range(12))
+async def test_a_turn_cancelled_at_any_point_leaves_no_lock_and_a_usable_pool(pg_database, steps):
+    """A turn cancelled while it waits for another process's round, at any await, holds no
+    lock afterwards, and the repository's next turn and writes work."""
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=5.0) as store,
+        PostgresRepository(pg_database, DemoOrder) as other,  # another process's
+    ):
+        await store.persist(DemoOrder(id="a"))
+        async with other.turn("a"):
+
+            async def take() -> None:
+                async with store.turn("a"):
+                    pytest.fail("took the turn another process holds")
+
+            task = asyncio.create_task(take())
+            for _ in range(steps):
+                await asyncio.sleep(0)  # one event-loop step, not a wait for time
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+        assert stored.version == 2
+        assert await advisory_locks(pg_database) == 0
+
+
+@pytest.mark.parametrize("steps", range(12))
+async def test_a_turn_cancelled_while_held_releases_the_lock(pg_database, steps):
+    """A round cancelled at any await while it holds its turn releases the aggregate's lock:
+    another process's round takes it next."""
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder) as store,
+        PostgresRepository(pg_database, DemoOrder, lock_timeout=5.0) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        held = asyncio.Event()
+
+        async def hold() -> None:
+            async with store.turn("a"):
+                held.set()
+                await asyncio.Future()  # until cancelled
+
+        task = asyncio.create_task(hold())
+        if steps:
+            await held.wait()
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with other.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        async with store.turn("a"):
+            pass
+        assert await advisory_locks(pg_database) == 0
+
+
+async def test_a_turn_that_waits_past_lock_timeout_fails_transiently(pg_database):
+    """Waiting longer than `lock_timeout` for another process's round fails with
+    `TransientError`, and the repository's next turn works once that round ends."""
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=0.05) as store,
+        PostgresRepository(pg_database, DemoOrder) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        async with other.turn("a"):
+            with pytest.raises(TransientError):
+                async with store.turn("a"):
+                    pytest.fail("took the turn another process holds")
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        assert await advisory_locks(pg_database) == 0
+
+
+def test_turns_on_two_event_loops_never_overlap(pg_database):
+    """Two event loops on two threads sharing one repository take an aggregate's turns one
+    at a time: the database's lock keeps them apart."""
+    store = PostgresRepository(pg_database, DemoOrder, lock_timeout=30.0)
+    inside: list[int] = []
+    most = [0]
+    guard = threading.Lock()
+
+    async def turns() -> None:
+        for _ in range(20):
+            async with store.turn("a"):
+                with guard:
+                    inside.append(1)
+                    most[0] = max(most[0], len(inside))
+                await asyncio.sleep(0)
+                with guard:
+                    inside.pop()
+
+    threads = [threading.Thread(target=asyncio.run, args=(turns(),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    asyncio.run(store.close())
+    assert most[0] == 1
+
+
+@pytest.mark.parametrize("steps", range(12))
+async def test_an_uncontended_turn_cancelled_at_any_point_leaves_no_lock(pg_database, steps):
+    """A turn nobody else wants, cancelled at any await (taking the lock, the round,
+    committing), holds no lock afterwards, and the next turn and write work."""
+    async with (
+        one_connection_pool(pg_database) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=5.0) as store,
+    ):
+        await store.persist(DemoOrder(id="a"))
+
+        async def take() -> None:
+            async with store.turn("a"):
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(take())
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        assert [o.version for o in await store.retrieve(["a"])] == [1]
+        assert await advisory_locks(pg_database) == 0
