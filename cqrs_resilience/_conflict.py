@@ -2,7 +2,9 @@
 
 When the handler raises `ConcurrencyError`, the command's intent (its incoming state) is
 laid over, or merged into, the latest stored state, the command is rebuilt from the result
-and run again. Three rules keep this from losing data:
+and run again; with RUN_AGAIN (delta commands) the original command simply runs again and
+its handler reads the latest state itself, so no hook is needed. Three rules keep this from
+losing data:
 
 - the incoming state is always the *original* command's, and every round merges it into the
   newest latest state (never into an earlier round's merge);
@@ -14,9 +16,11 @@ and run again. Three rules keep this from losing data:
   rebuilt command keeps the original `command_id`, so stores can recognise a repeat.
 
 A command's `conflict_config` is outside input: its `max_attempts` is bounded by the
-behavior's `max_attempts_cap`. Rounds for one aggregate take turns through the store that
-raised the conflict (across processes), else process-wide (`_turns`). A base the store pruned
-is merged as an empty base: every path the two sides hold differently is then a conflict.
+behavior's `max_attempts_cap`, and a policy needing hooks (LAST_WINS, MERGE) where none were
+given is refused (the conflict propagates). Rounds for one aggregate take turns through the
+store that raised the conflict (across processes), else process-wide (`_turns`). A base the
+store pruned is merged as an empty base: every path the two sides hold differently is then a
+conflict.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ import msgspec
 
 from . import _telemetry
 from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
-from ._errors import ConcurrencyError, MergeConflictError, VersionPrunedError
+from ._errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    MergeConflictError,
+    VersionPrunedError,
+)
 from ._hooks import (
     CONFLICT_DETECTED,
     CONFLICT_FAILED,
@@ -84,6 +93,9 @@ class UpdateCommand(Protocol):
 DEFAULT_CONFIG = ConflictConfig()
 _DEFAULT_REGISTRY = MergeStrategyRegistry()
 ALWAYS_PROTECTED = frozenset({"id", "version"})
+_NEEDS_HOOKS = frozenset({ConflictResolutionPolicy.LAST_WINS, ConflictResolutionPolicy.MERGE})
+HOOK_NAMES = ("fetch_latest_state", "get_incoming_state", "update_command")
+"""The hooks LAST_WINS and MERGE need; FIRST_WINS and RUN_AGAIN need none."""
 
 MAX_ATTEMPTS_CAP = 10
 """The most resolution attempts (more calls after the first) a command's own `max_attempts`
@@ -99,9 +111,9 @@ class ResolveConflicts:
 
     def __init__(
         self,
-        fetch_latest_state: FetchLatestState,
-        get_incoming_state: GetIncomingState,
-        update_command: UpdateCommand,
+        fetch_latest_state: FetchLatestState | None = None,
+        get_incoming_state: GetIncomingState | None = None,
+        update_command: UpdateCommand | None = None,
         *,
         config: ConflictConfig | None = None,
         registry: MergeStrategyRegistry | None = None,
@@ -111,17 +123,24 @@ class ResolveConflicts:
         turns: TakesTurns | None = None,
     ) -> None:
         check_cap("max_attempts_cap", max_attempts_cap)
-        for name, hook in (
-            ("fetch_latest_state", fetch_latest_state),
-            ("get_incoming_state", get_incoming_state),
-            ("update_command", update_command),
-        ):
-            if not callable(hook):
+        given = (fetch_latest_state, get_incoming_state, update_command)
+        for name, hook in zip(HOOK_NAMES, given, strict=True):
+            if hook is not None and not callable(hook):
                 raise TypeError(f"resolve_conflicts() needs a callable {name}, got {hook!r}")
         if fetch_base_state is not None and not callable(fetch_base_state):
             raise TypeError(f"fetch_base_state must be callable, got {fetch_base_state!r}")
         if config is not None and not isinstance(config, ConflictConfig):
             raise TypeError(f"config must be a ConflictConfig, got {config!r}")
+        # Without the three hooks, conflicts can only be resolved by running the command again.
+        self.missing_hooks = tuple(
+            name for name, hook in zip(HOOK_NAMES, given, strict=True) if hook is None
+        )
+        policy = (config or DEFAULT_CONFIG).policy
+        if self.missing_hooks and policy in _NEEDS_HOOKS:
+            raise ConfigurationError(
+                f"resolve_conflicts(config=ConflictConfig(policy={policy.name})) needs "
+                f"{', '.join(self.missing_hooks)}; RUN_AGAIN and FIRST_WINS need no hooks"
+            )
         self.fetch_latest_state = fetch_latest_state
         self.get_incoming_state = get_incoming_state
         self.update_command = update_command
@@ -211,6 +230,23 @@ class ResolveConflicts:
             return own
         return msgspec.structs.replace(own, protected_fields=protected, max_attempts=max_attempts)
 
+    def _hook(self, name: str) -> Any:
+        """A hook known to be given (`missing_hooks` was checked before any is called)."""
+        return getattr(self, name)
+
+    def _cannot_merge(self, config: ConflictConfig) -> str:
+        """Why a command's LAST_WINS or MERGE was refused: the hooks it needs are missing."""
+        trusted = (self.config or DEFAULT_CONFIG).policy
+        how = (
+            "it resolves conflicts only by running the command again"
+            if trusted is ConflictResolutionPolicy.RUN_AGAIN
+            else "it cannot merge"
+        )
+        return (
+            f"conflict not resolved: the command asked for {config.policy.value}, but this "
+            f"handler has no {', '.join(self.missing_hooks)}: {how}"
+        )
+
     def _strategy(self, config: ConflictConfig) -> MergeStrategy:
         return (self.registry or _DEFAULT_REGISTRY).get(config.strategy_name, config)
 
@@ -287,8 +323,16 @@ class ResolveConflicts:
             await emit(CONFLICT_FAILED, 1, error)
             raise error
 
-        incoming = await _maybe_await(self.get_incoming_state(original))
+        run_again = config.policy is ConflictResolutionPolicy.RUN_AGAIN
+        if not run_again and self.missing_hooks:
+            # A command's own config asked for a merge this handler has no hooks for.
+            error.add_note(self._cannot_merge(config))
+            await emit(CONFLICT_FAILED, 1, error)
+            raise error
+        incoming: State = {}
         base: State | None = None
+        if not run_again:
+            incoming = await _maybe_await(self._hook("get_incoming_state")(original))
         if self.fetch_base_state is not None and config.policy is ConflictResolutionPolicy.MERGE:
             try:
                 base = await _maybe_await(self.fetch_base_state(original))
@@ -304,19 +348,21 @@ class ResolveConflicts:
         command = original
         for round_ in range(1, config.max_attempts + 1):
             async with turns.turn(error.aggregate_id):
-                latest = await _maybe_await(self.fetch_latest_state(command))
-                if latest is None:
-                    error.add_note("conflict not resolved: the aggregate no longer exists")
-                    await emit(CONFLICT_FAILED, round_, error)
-                    raise error
-                try:
-                    merged = self._merge(config, base, latest, incoming)
-                except MergeConflictError as merge_error:
-                    merge_error.__cause__ = error
-                    await emit(CONFLICT_FAILED, round_, merge_error)
-                    raise
-                rebuilt = await _maybe_await(self.update_command(original, merged))
-                command = _keep_identity(rebuilt, original)
+                # RUN_AGAIN: the same command again; its handler reads the latest state.
+                if not run_again:
+                    latest = await _maybe_await(self._hook("fetch_latest_state")(command))
+                    if latest is None:
+                        error.add_note("conflict not resolved: the aggregate no longer exists")
+                        await emit(CONFLICT_FAILED, round_, error)
+                        raise error
+                    try:
+                        merged = self._merge(config, base, latest, incoming)
+                    except MergeConflictError as merge_error:
+                        merge_error.__cause__ = error
+                        await emit(CONFLICT_FAILED, round_, merge_error)
+                        raise
+                    rebuilt = await _maybe_await(self._hook("update_command")(original, merged))
+                    command = _keep_identity(rebuilt, original)
                 if record is not None:
                     record.attempt_started()
                 try:
@@ -365,9 +411,9 @@ def _keep_identity(rebuilt: Any, original: Any) -> Any:
 
 
 def resolve_conflicts(
-    fetch_latest_state: FetchLatestState,
-    get_incoming_state: GetIncomingState,
-    update_command: UpdateCommand,
+    fetch_latest_state: FetchLatestState | None = None,
+    get_incoming_state: GetIncomingState | None = None,
+    update_command: UpdateCommand | None = None,
     *,
     config: ConflictConfig | None = None,
     registry: MergeStrategyRegistry | None = None,
@@ -379,9 +425,13 @@ def resolve_conflicts(
     """Settle `ConcurrencyError`s of a one-command handler by the config's policy.
 
     FIRST_WINS lets the error through; LAST_WINS overlays the command's state on the latest;
-    MERGE merges it with the named strategy — three-way when `fetch_base_state` is given.
-    Each resolution attempt reads the latest state, resolves, and calls the handler again: at
-    most `max_attempts` more calls after the first. A command's own `conflict_config`
+    MERGE merges it with the named strategy — three-way when `fetch_base_state` is given;
+    RUN_AGAIN calls the handler again with the same command (which reads the latest state
+    itself). Each resolution attempt reads the latest state, resolves, and calls the handler
+    again: at most `max_attempts` more calls after the first. The three hooks are needed only
+    for LAST_WINS and MERGE: without them (FIRST_WINS, RUN_AGAIN) they may be left out, a
+    configured LAST_WINS or MERGE is a `ConfigurationError`, and a command's own config asking
+    for one lets the conflict propagate with a note. A command's own `conflict_config`
     (`ConflictResilient`) wins over `config`, but makes at most `max_attempts_cap` resolution
     attempts and can only add `protected_fields`. Conflicts on one aggregate are resolved
     one at a time: through the store that raised the conflict (so across processes too), else

@@ -22,6 +22,9 @@ class ConflictResolutionPolicy(enum.StrEnum):
     """The command's state is laid over the latest state and the command runs again."""
     MERGE = "merge"
     """The command's state is merged into the latest state and the command runs again."""
+    RUN_AGAIN = "run_again"
+    """The command runs again, unchanged, and its handler reads the latest state itself:
+    for delta commands ("add this item"). Nothing is read, merged or rebuilt for it."""
 
 
 E = TypeVar("E", bound=enum.Enum)
@@ -55,9 +58,10 @@ class ConflictConfig(msgspec.Struct, kw_only=True, frozen=True):
     """
 
     policy: ConflictResolutionPolicy = ConflictResolutionPolicy.FIRST_WINS
-    """What a conflict does: propagate (`FIRST_WINS`, the default), or run the command again
-    on the latest state with the command's state laid over it (`LAST_WINS`) or merged into
-    it (`MERGE`)."""
+    """What a conflict does: propagate (`FIRST_WINS`, the default), run the command again on
+    the latest state with the command's state laid over it (`LAST_WINS`) or merged into it
+    (`MERGE`), or run the command again unchanged (`RUN_AGAIN`: its handler reads the latest
+    state itself, no hooks needed; `protected_fields` is moot, nothing is merged)."""
     strategy_name: str = "deep"
     """The merge strategy `MERGE` uses, by its name in the registry: "deep", "field",
     "timestamp", or one you registered. With a base state (`fetch_base_state`) the merge is

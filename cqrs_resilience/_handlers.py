@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from . import _telemetry
 from ._breaker import CircuitBreaker
 from ._budget import RetryBudget
-from ._conflict import MAX_ATTEMPTS_CAP, resolve_conflicts
-from ._conflict_config import ConflictConfig
+from ._conflict import HOOK_NAMES, MAX_ATTEMPTS_CAP, resolve_conflicts
+from ._conflict_config import ConflictConfig, ConflictResolutionPolicy
 from ._idempotency import CURRENT, enter
 from ._messages import CommandResponse
 from ._pipeline import Behavior, async_only, pipeline
@@ -269,7 +269,9 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
     is `FIRST_WINS` (the `ConcurrencyError` propagates). Set `conflict_config =
     ConflictConfig(policy=ConflictResolutionPolicy.MERGE)` (or `LAST_WINS`) to resolve them.
 
-    Implement `fetch_latest_state`, `get_incoming_state` and `update_command`; define
+    `RUN_AGAIN` (delta commands: `process` reads the latest state itself) needs nothing more.
+    For `LAST_WINS` and `MERGE`, implement `fetch_latest_state`, `get_incoming_state` and
+    `update_command` (a missing one is a `TypeError` when the handler is built); define
     `fetch_base_state` too for a three-way merge. The command's own `conflict_config`
     (`ConflictResilient`) wins over the class's `conflict_config`, bounded by
     `max_attempts_cap` and adding to (never removing) the class's `protected_fields`.
@@ -281,27 +283,46 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
     max_attempts_cap: ClassVar[int] = MAX_ATTEMPTS_CAP
     turns: ClassVar[TakesTurns | None] = None
 
-    @abstractmethod
+    # The three state methods: needed for LAST_WINS and MERGE only, so not abstract. One left
+    # as defined here is "not implemented": resolve_conflicts() gets None for it.
+
     async def fetch_latest_state(self, command: Any) -> dict[str, Any] | None:
-        """The aggregate's latest state, or None if it no longer exists."""
+        """The aggregate's latest state, or None if it no longer exists (LAST_WINS, MERGE)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def get_incoming_state(self, command: Any) -> dict[str, Any] | Awaitable[dict[str, Any]]:
-        """The state the command wants to write (a sync or an async method)."""
+        """The state the command wants to write (a sync or an async method; LAST_WINS, MERGE)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def update_command(self, command: Any, merged_state: dict[str, Any]) -> Any:
-        """A command like `command`, carrying `merged_state` (a sync or an async method)."""
+        """A command like `command`, carrying `merged_state` (sync or async; LAST_WINS, MERGE)."""
+        raise NotImplementedError
 
     async def fetch_base_state(self, command: Any) -> dict[str, Any] | None:
         """The state the command was issued against; override it for a three-way merge."""
         return None
 
     def default_behaviors(self) -> list[Behavior]:
+        cls = type(self)
+        implemented = [
+            getattr(cls, name) is not getattr(ConflictResolutionMixin, name) for name in HOOK_NAMES
+        ]
+        missing = [name for name, done in zip(HOOK_NAMES, implemented, strict=True) if not done]
+        policy = getattr(self.conflict_config or ConflictConfig(), "policy", None)
+        if missing and policy in (
+            ConflictResolutionPolicy.LAST_WINS,
+            ConflictResolutionPolicy.MERGE,
+        ):
+            raise TypeError(
+                f"Can't instantiate {cls.__name__}: conflict_config's {policy.name} needs the "
+                f"methods {', '.join(missing)} (RUN_AGAIN and FIRST_WINS need none)"
+            )
+        hooks = [
+            getattr(self, name) if done else None
+            for name, done in zip(HOOK_NAMES, implemented, strict=True)
+        ]
         behavior = resolve_conflicts(
-            self.fetch_latest_state,
-            self.get_incoming_state,
-            self.update_command,
+            *hooks,
             config=self.conflict_config,
             registry=self.strategy_registry,
             hooks=self.hooks,
@@ -315,7 +336,7 @@ class ConflictResolutionMixin(PipelinedCommandHandler[R]):
 class ConflictCommandHandler(ConflictResolutionMixin[R]):
     """A handler whose optimistic-concurrency conflicts are resolved by policy, and none by
     default (`FIRST_WINS`: the `ConcurrencyError` propagates): set `conflict_config` to merge
-    (`MERGE`) or overwrite (`LAST_WINS`)."""
+    (`MERGE`), overwrite (`LAST_WINS`) or run a delta command again (`RUN_AGAIN`)."""
 
 
 class ResilientCommandHandler(

@@ -345,7 +345,7 @@ async def test_other_errors_pass_through_untouched() -> None:
 def test_bad_hooks_are_rejected() -> None:
     """Non-callable hooks and a non-ConflictConfig config fail up front."""
     with pytest.raises(TypeError, match="fetch_latest_state"):
-        resolve_conflicts(None, dict, lambda c, m: c)  # type: ignore[arg-type]
+        resolve_conflicts(1, dict, lambda c, m: c)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="config"):
         resolve_conflicts(dict, dict, lambda c, m: c, config={"policy": "merge"})  # type: ignore[arg-type,arg-type]
 
@@ -622,15 +622,17 @@ def test_resilient_handler_puts_retry_outside_conflict_resolution() -> None:
     assert issubclass(UpdateOrderHandler, ConflictResolutionMixin)
 
 
-def test_conflict_handlers_must_implement_the_state_methods() -> None:
-    """A ConflictCommandHandler without the state methods cannot be instantiated."""
+def test_merging_conflict_handlers_must_implement_the_state_methods() -> None:
+    """A ConflictCommandHandler set to MERGE without the state methods cannot be built."""
 
     class Incomplete(ConflictCommandHandler[str]):
+        conflict_config = MERGE
+
         async def process(self, command: Any) -> CommandResponse[str]:
             return CommandResponse()
 
     with pytest.raises(TypeError, match="fetch_latest_state"):
-        Incomplete()  # type: ignore[abstract]
+        Incomplete()
 
 
 # Many writers at once, with the demo's full-state handler.
