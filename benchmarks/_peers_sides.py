@@ -6,9 +6,9 @@ command again. What each side is:
 
 - **ours**: `ResilientCommandHandler` with default settings over `SQLiteRepository` /
   `PostgresRepository` (default settings), the delta shape of `examples/orders_service.py`:
-  `process` reads, appends and persists; a conflict runs it again (LAST_WINS, nothing
-  incoming). Every write is recorded under the command's id (a resend is not applied
-  twice), the version kept, the state checked to read back.
+  `process` reads, appends and persists; a conflict runs it again (`RUN_AGAIN`: nothing
+  fetched, merged or rebuilt). Every write is recorded under the command's id (a resend is
+  not applied twice), the version kept, the state checked to read back.
 - **floor**: the raw driver, hand-written: read the row, `UPDATE ... SET state, version =
   version + 1 WHERE id AND version`, again on a miss; msgspec JSON; no idempotency, no
   history. SQLite: stdlib `sqlite3` on one thread of its own, each attempt one job there (the
@@ -101,7 +101,7 @@ class AddItemHandler(ResilientCommandHandler[str]):
     """Reads the order, appends the item, writes at the version read; on a conflict, runs
     again on the order as it is then."""
 
-    conflict_config = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS)
+    conflict_config = ConflictConfig(policy=ConflictResolutionPolicy.RUN_AGAIN)
 
     async def process(self, command: AddItem) -> CommandResponse[str]:
         _attempts.get()[0] += 1
@@ -109,16 +109,6 @@ class AddItemHandler(ResilientCommandHandler[str]):
         items = [*order.items, command.item]
         stored = await self.dispatcher.persist(msgspec.structs.replace(order, items=items))
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
-
-    async def fetch_latest_state(self, command: AddItem) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
-        return msgspec.structs.asdict(found[0]) if found else None
-
-    def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
-        return {}
-
-    def update_command(self, command: AddItem, merged_state: dict[str, Any]) -> AddItem:
-        return command
 
 
 class OursWriter:

@@ -7,7 +7,7 @@ every run, its payload grows with the order, and the version it was built on is 
 (`keep_versions`) before a deep queue drains, so the three-way merge has no base. A job
 carries a delta instead, `AddItem`: the item alone. Its handler reads the order, appends the
 item and writes at the version it read; on a conflict it runs again on the order as it is then
-(LAST_WINS with nothing incoming: the pattern of `examples/orders_service.py`). Every run of a
+(`RUN_AGAIN`: nothing to fetch, merge or rebuild). Every run of a
 job is the same command, its `command_id` included, so a write that committed and then timed
 out, a job the engine retries and a killed worker's job run again all add the item once.
 
@@ -65,7 +65,7 @@ NEWS_EVERY_S = 0.25
 DEMO_JOB_RETRY = JobRetry(max_retries=10, wait_s=0.05, max_wait_s=1.0)
 """What outlives the handler's own retries is retried by the engine, soon: it is a demo."""
 RUN_AGAIN = ConflictConfig(
-    policy=ConflictResolutionPolicy.LAST_WINS, max_attempts=DEMO_CONFIG.max_attempts
+    policy=ConflictResolutionPolicy.RUN_AGAIN, max_attempts=DEMO_CONFIG.max_attempts
 )
 """On a conflict, run the command again on the order as it is now (nothing to merge)."""
 
@@ -81,18 +81,14 @@ class AddItemHandler(DemoHandler):
     """Reads the order, appends the item, writes at the version read; runs again on a
     conflict."""
 
+    conflict_config = RUN_AGAIN
+
     async def process(self, command: AddItem) -> CommandResponse[str]:
         self.attempts += 1
         order = (await self.repository.retrieve([command.order_id]))[0]
         items = [*order.items, command.item]
         stored = await self.repository.persist(msgspec.structs.replace(order, items=items))
         return CommandResponse(result=f"{stored.id}@v{stored.version}")
-
-    def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
-        return {}
-
-    def update_command(self, command: AddItem, merged_state: dict[str, Any]) -> AddItem:
-        return command
 
 
 def queue_name(options: DemoOptions) -> str:
