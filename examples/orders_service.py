@@ -79,9 +79,9 @@ class AddItem(Command[OrderView]):
     quantity: int
 
 
-# On a conflict, run the command again on the order as it is now (its state is not the
-# command's: nothing to merge). Rounds for one order take turns, so they do not race.
-RUN_AGAIN = ConflictConfig(policy=ConflictResolutionPolicy.LAST_WINS, max_attempts=10)
+# On a conflict, run the command again on the order as it is now (the command carries the
+# item, not the order: nothing to merge). Conflicts on one order are resolved one at a time.
+RUN_AGAIN = ConflictConfig(policy=ConflictResolutionPolicy.RUN_AGAIN, max_attempts=10)
 
 
 class AddItemHandler(ResilientCommandHandler[OrderView]):
@@ -94,23 +94,12 @@ class AddItemHandler(ResilientCommandHandler[OrderView]):
     conflict_config = RUN_AGAIN
 
     async def process(self, command: AddItem) -> CommandResponse[OrderView]:
-        orders: Repository[Order] = self.dispatcher
+        orders: Repository[Order] = self.repository
         found = await orders.retrieve([command.order_id])
         order = found[0] if found else Order(id=command.order_id)
         item = LineItem(id=command.command_id, sku=command.sku, quantity=command.quantity)
         stored = await orders.persist(msgspec.structs.replace(order, items=[*order.items, item]))
         return CommandResponse(result=OrderView(stored.id, stored.version, stored.items))
-
-    # A conflict: the latest order (to check it still exists); the command runs again as is.
-    async def fetch_latest_state(self, command: AddItem) -> dict[str, Any] | None:
-        found = await self.dispatcher.retrieve([command.order_id])
-        return found[0].to_dict() if found else None
-
-    def get_incoming_state(self, command: AddItem) -> dict[str, Any]:
-        return {}
-
-    def update_command(self, command: AddItem, merged_state: dict[str, Any]) -> AddItem:
-        return command
 
 
 def open_orders() -> Any:
