@@ -6,7 +6,7 @@ import pytest
 
 from cqrs_resilience import FakeClock, HookRegistry
 
-pytest_plugins = ["tests.conftest_stores", "pytester"]
+pytest_plugins = ["tests.conftest_stores", "tests.no_skips_in_ci", "pytester"]
 
 
 @pytest.fixture
