@@ -4,6 +4,7 @@ it while the command runs; a model-based test against each store."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ KEEP_S = 10.0
 LEASE_S = 3.0
 
 
+_EXAMPLES = itertools.count()
+
+
 class Note(Aggregate):
     text: str = ""
 
@@ -51,18 +55,20 @@ class ResponseRows(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock(start=1000.0)
         self.folder = tempfile.TemporaryDirectory()
+        self.run_id = next(_EXAMPLES)
         self.store: Any = self._open()
         self.model: dict[str, RecordedResponse] = {}
         self.writes = 0
-        # Command ids are the database's, not a namespace's: each example has its own.
-        self.ids = [f"{id(self):x}-{n}" for n in range(2)]
+        # Command ids are the database's, not a namespace's: each example has its own. Not
+        # id(self): a finished example's object id is reused, and with it its rows.
+        self.ids = [f"example-{self.run_id}-{n}" for n in range(2)]
 
     def _open(self) -> Any:
         if self.kind == "memory":
             return InMemoryRepository(Note, clock=self.clock)
         if self.kind == "sqlite":
             return SQLiteRepository(Path(self.folder.name) / "db", Note, clock=self.clock)
-        namespace = f"n{id(self):x}"
+        namespace = f"n{self.run_id}"
         return PostgresRepository(self.target, Note, namespace=namespace, clock=self.clock)
 
     def run(self, coroutine: Any) -> Any:
