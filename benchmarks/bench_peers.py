@@ -368,7 +368,12 @@ def postgres(args: argparse.Namespace) -> Iterator[PostgresDatabase | None]:
 def sides_for(db: Database, args: argparse.Namespace, load: str | None = None) -> list[Side]:
     """The sides of a row of `load` ("hot", "zipf"; None: of any row) on `db`."""
     modes = [m for m in args.es_modes or es_modes(db, load) if m in es_modes(db, load)]
-    return [Ours(), Floor(), SQLAlchemySide(), *(EventsourcingSide(m) for m in modes)]
+    sides: list[Side] = [Ours(), Floor(), SQLAlchemySide(), *(EventsourcingSide(m) for m in modes)]
+    if args.sides is None:
+        return sides
+    # eventsourcing's modes answer to "eventsourcing" as a whole
+    es = "eventsourcing" in args.sides
+    return [s for s in sides if s.key in args.sides or (es and s.key.startswith("es_"))]
 
 
 def seed(db: Database, sides: Sequence[Side], ids: list[str]) -> None:
@@ -403,7 +408,7 @@ def main(args: argparse.Namespace) -> None:
     results: list[RowResult] = []
     resent: list[tuple[str, str, int]] = []
     with tempfile.TemporaryDirectory() as folder, postgres(args) as pg:
-        databases: list[Database] = [SQLiteDatabase(folder=folder)]
+        databases: list[Database] = [] if args.pg_only else [SQLiteDatabase(folder=folder)]
         if pg is not None:
             databases.append(pg)
         for db in databases:
@@ -463,6 +468,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--sqlite-only", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--pg-only", action="store_true", help="skip SQLite")
+    parser.add_argument(
+        "--sides", type=_names, help="sides to run: ours, floor, sqlalchemy, eventsourcing"
+    )
     parser.add_argument("--dsn", default=os.environ.get(ENV_DSN), help="PostgreSQL to use")
     parser.add_argument("--runs", type=int, default=1, help="runs per side and row (median)")
     parser.add_argument("--orders", type=int, help="orders of the Zipf rows (default 10,000)")
