@@ -65,6 +65,7 @@ from _peers_common import (
     check_sqlite_default,
     seed_items,
 )
+from _peers_records import FloorRecords
 from _peers_sides import EventsourcingSide, Floor, Ours, SQLAlchemySide, es_modes
 
 ENV_DSN = "CQRS_RESILIENCE_PG_DSN"
@@ -317,13 +318,13 @@ def best_es(result: RowResult) -> str | None:
 def format_summary(results: list[RowResult]) -> str:
     lines = [
         "| row | ours (cmd/s) | ours vs SQLAlchemy + tenacity | ours vs eventsourcing "
-        "(best mode) | ours vs the floor |",
-        "|---|---:|---:|---:|---:|",
+        "(best mode) | ours vs the floor | ours vs the floor + our records |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         ours = statistics.median(o.rate for o in result.runs[Ours.name])
         cells = []
-        for side in (SQLAlchemySide.name, best_es(result), Floor.name):
+        for side in (SQLAlchemySide.name, best_es(result), Floor.name, FloorRecords.name):
             if side is None or side not in result.runs:
                 cells.append("-")
                 continue
@@ -368,7 +369,13 @@ def postgres(args: argparse.Namespace) -> Iterator[PostgresDatabase | None]:
 def sides_for(db: Database, args: argparse.Namespace, load: str | None = None) -> list[Side]:
     """The sides of a row of `load` ("hot", "zipf"; None: of any row) on `db`."""
     modes = [m for m in args.es_modes or es_modes(db, load) if m in es_modes(db, load)]
-    sides: list[Side] = [Ours(), Floor(), SQLAlchemySide(), *(EventsourcingSide(m) for m in modes)]
+    sides: list[Side] = [
+        Ours(),
+        Floor(),
+        FloorRecords(),
+        SQLAlchemySide(),
+        *(EventsourcingSide(m) for m in modes),
+    ]
     if args.sides is None:
         return sides
     # eventsourcing's modes answer to "eventsourcing" as a whole
@@ -470,7 +477,9 @@ if __name__ == "__main__":
     parser.add_argument("--sqlite-only", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--pg-only", action="store_true", help="skip SQLite")
     parser.add_argument(
-        "--sides", type=_names, help="sides to run: ours, floor, sqlalchemy, eventsourcing"
+        "--sides",
+        type=_names,
+        help="sides to run: ours, floor, floor_records, sqlalchemy, eventsourcing",
     )
     parser.add_argument("--dsn", default=os.environ.get(ENV_DSN), help="PostgreSQL to use")
     parser.add_argument("--runs", type=int, default=1, help="runs per side and row (median)")
