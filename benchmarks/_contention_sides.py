@@ -24,15 +24,16 @@ that as a snapshot; `restore` brings the side back to the snapshot before every 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import msgspec
+from _one_thread import OneThread
 
 from cqrs_resilience import (
     CommandResponse,
@@ -246,47 +247,34 @@ class SQLiteLockedWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="locked-sqlite")
-        self._conn: sqlite3.Connection | None = None  # used on the worker thread only
+        self._thread = OneThread(functools.partial(_sqlite_connect, path), "locked-sqlite")
 
     async def open(self) -> None:
-        await self._run(self._connect)
+        await self._thread.open()
 
     async def add(self, order_id: str, item_id: str) -> int:
-        await self._run(self._add, order_id, item_id)
+        await self._thread.run(_locked_add, order_id, item_id)
         return 1
 
     async def close(self) -> None:
-        await self._run(self._disconnect)
-        self._executor.shutdown()
+        await self._thread.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _connect(self) -> None:
-        self._conn = _sqlite_connect(self.path)
-
-    def _disconnect(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-    def _add(self, order_id: str, item_id: str) -> None:
-        conn = self._conn
-        assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version, state = conn.execute(
-                "SELECT version, state FROM locked_orders WHERE id = ?", (order_id,)
-            ).fetchone()
-            conn.execute(
-                "UPDATE locked_orders SET version = ?, state = ? WHERE id = ?",
-                (version + 1, appended(state, item_id), order_id),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+def _locked_add(conn: sqlite3.Connection, order_id: str, item_id: str) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version, state = conn.execute(
+            "SELECT version, state FROM locked_orders WHERE id = ?", (order_id,)
+        ).fetchone()
+        conn.execute(
+            "UPDATE locked_orders SET version = ?, state = ? WHERE id = ?",
+            (version + 1, appended(state, item_id), order_id),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 class PostgresStore(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,13 +16,14 @@ is what the records cost, whoever writes them.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
+import sqlite3
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
+from _one_thread import OneThread, until_applied
 from _peers_common import (
     PG_POOL_SIZE,
     Database,
@@ -83,85 +84,67 @@ class RecordsSQLiteWriter:
     """One connection, used on one thread; each attempt one job there, one transaction."""
 
     def __init__(self, path: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records-sqlite")
-        self._path = path
-        self._conn: Any = None  # the thread's only
+        self._thread = OneThread(functools.partial(sqlite_connect, path), "records-sqlite")
 
     async def open(self) -> None:
-        await self._run(self._connect)
+        await self._thread.open()
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
-        attempts = 0
-        while True:
-            attempts += 1
-            if await self._run(self._attempt, order_id, item, command_id):
-                return attempts
-            if attempts >= MOST_ATTEMPTS:
-                raise RuntimeError(f"records: {order_id} still conflicting after {attempts}")
+        attempt = functools.partial(self._thread.run, _attempt, order_id, item, command_id)
+        return await until_applied(attempt, "records", order_id, MOST_ATTEMPTS)
 
     async def close(self) -> None:
-        await self._run(self._disconnect)
-        self._executor.shutdown()
+        await self._thread.close()
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _connect(self) -> None:
-        self._conn = sqlite_connect(self._path)
-
-    def _disconnect(self) -> None:
-        self._conn.close()
-
-    def _attempt(self, order_id: str, item: LineItem, command_id: str) -> bool:
-        conn = self._conn
-        _, state = conn.execute(
-            "SELECT version, state FROM aggregate_versions WHERE aggregate_id = ?"
-            " ORDER BY version DESC LIMIT 1",
-            (order_id,),
+def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id: str) -> bool:
+    _, state = conn.execute(
+        "SELECT version, state FROM aggregate_versions WHERE aggregate_id = ?"
+        " ORDER BY version DESC LIMIT 1",
+        (order_id,),
+    ).fetchone()
+    version, encoded = _next_state(state, item)
+    fingerprint = _fingerprint(order_id, item, command_id)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        known, done = conn.execute(
+            "SELECT (SELECT fingerprint FROM command_keys WHERE command_id = ?),"
+            " (SELECT version FROM processed_writes WHERE command_id = ? AND aggregate_id = ?)",
+            (command_id, command_id, order_id),
         ).fetchone()
-        version, encoded = _next_state(state, item)
-        fingerprint = _fingerprint(order_id, item, command_id)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            known, done = conn.execute(
-                "SELECT (SELECT fingerprint FROM command_keys WHERE command_id = ?),"
-                " (SELECT version FROM processed_writes"
-                " WHERE command_id = ? AND aggregate_id = ?)",
-                (command_id, command_id, order_id),
-            ).fetchone()
-            if known not in (None, fingerprint):
-                raise RuntimeError(f"records: command id {command_id!r} reused")
-            if done is not None:
-                conn.execute("COMMIT")
-                return True  # a resend: applied already
-            inserted = conn.execute(
-                "INSERT INTO aggregate_versions SELECT ?, ?, ? WHERE"
-                " (SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = ?) = ?",
-                (order_id, version + 1, encoded, order_id, version),
-            )
-            if inserted.rowcount != 1:
-                conn.execute("ROLLBACK")
-                return False
-            now = 0.0
-            conn.execute(
-                "INSERT INTO processed_writes VALUES (?, ?, ?, ?, ?)",
-                (command_id, order_id, fingerprint, version + 1, now),
-            )
-            if known is None:
-                conn.execute(
-                    "INSERT INTO command_keys VALUES (?, ?, ?)", (command_id, fingerprint, now)
-                )
-            oldest = _oldest_kept(version + 1)
-            if oldest is not None:
-                conn.execute(
-                    "DELETE FROM aggregate_versions WHERE aggregate_id = ? AND version < ?",
-                    (order_id, oldest),
-                )
+        if known not in (None, fingerprint):
+            raise RuntimeError(f"records: command id {command_id!r} reused")
+        if done is not None:
             conn.execute("COMMIT")
-            return True
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            return True  # a resend: applied already
+        inserted = conn.execute(
+            "INSERT INTO aggregate_versions SELECT ?, ?, ? WHERE"
+            " (SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = ?) = ?",
+            (order_id, version + 1, encoded, order_id, version),
+        )
+        if inserted.rowcount != 1:
+            conn.execute("ROLLBACK")
+            return False
+        now = 0.0
+        conn.execute(
+            "INSERT INTO processed_writes VALUES (?, ?, ?, ?, ?)",
+            (command_id, order_id, fingerprint, version + 1, now),
+        )
+        if known is None:
+            conn.execute(
+                "INSERT INTO command_keys VALUES (?, ?, ?)", (command_id, fingerprint, now)
+            )
+        oldest = _oldest_kept(version + 1)
+        if oldest is not None:
+            conn.execute(
+                "DELETE FROM aggregate_versions WHERE aggregate_id = ? AND version < ?",
+                (order_id, oldest),
+            )
+        conn.execute("COMMIT")
+        return True
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
 
 
 # One statement, so one round trip and atomic: insert the next version unless the write is a
@@ -193,37 +176,37 @@ class RecordsPostgresWriter:
         self.pool = pool
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
+        fingerprint = _fingerprint(order_id, item, command_id)
+        attempt = functools.partial(self._attempt, order_id, item, command_id, fingerprint)
+        return await until_applied(attempt, "records", order_id, MOST_ATTEMPTS)
+
+    async def _attempt(
+        self, order_id: str, item: LineItem, command_id: str, fingerprint: bytes
+    ) -> bool:
         import psycopg
 
-        fingerprint = _fingerprint(order_id, item, command_id)
-        attempts = 0
-        while True:
-            attempts += 1
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT state FROM aggregate_versions WHERE aggregate_id = %s"
-                    " ORDER BY version DESC LIMIT 1",
-                    (order_id,),
-                )
-                (state,) = await cur.fetchone()
-                version, encoded = _next_state(state, item)
-                args = {
-                    "id": order_id,
-                    "version": version,
-                    "state": encoded,
-                    "command_id": command_id,
-                    "fingerprint": fingerprint,
-                    "oldest": _oldest_kept(version + 1) or 0,
-                }
-                try:
-                    cur = await conn.execute(_PG_WRITE, args)
-                    inserted, done = await cur.fetchone()
-                except psycopg.errors.UniqueViolation:  # another writer's version: a miss
-                    inserted, done = False, False
-                if inserted or done:
-                    return attempts
-            if attempts >= MOST_ATTEMPTS:
-                raise RuntimeError(f"records: {order_id} still conflicting after {attempts}")
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT state FROM aggregate_versions WHERE aggregate_id = %s"
+                " ORDER BY version DESC LIMIT 1",
+                (order_id,),
+            )
+            (state,) = await cur.fetchone()
+            version, encoded = _next_state(state, item)
+            args = {
+                "id": order_id,
+                "version": version,
+                "state": encoded,
+                "command_id": command_id,
+                "fingerprint": fingerprint,
+                "oldest": _oldest_kept(version + 1) or 0,
+            }
+            try:
+                cur = await conn.execute(_PG_WRITE, args)
+                inserted, done = await cur.fetchone()
+            except psycopg.errors.UniqueViolation:  # another writer's version: a miss
+                return False
+            return bool(inserted or done)
 
     async def close(self) -> None:
         await self.pool.close()

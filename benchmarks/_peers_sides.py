@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import sqlite3
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
 import tenacity
+from _one_thread import OneThread, until_applied
 from _peers_common import (
     PG_POOL_SIZE,
     Database,
@@ -189,48 +192,31 @@ def _appended(state: bytes, item: LineItem) -> bytes:
 
 
 class FloorSQLiteWriter:
-    """One connection, used on one thread; each attempt is one job there."""
+    """One connection, used on one thread; each attempt one job there."""
 
     def __init__(self, path: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floor-sqlite")
-        self._path = path
-        self._conn: Any = None  # the thread's only
+        self._thread = OneThread(functools.partial(sqlite_connect, path), "floor-sqlite")
 
     async def open(self) -> None:
-        await self._run(self._connect)
+        await self._thread.open()
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
-        attempts = 0
-        while True:
-            attempts += 1
-            if await self._run(self._attempt, order_id, item):
-                return attempts
-            if attempts >= MOST_ATTEMPTS:
-                raise RuntimeError(f"floor: {order_id} still conflicting after {attempts}")
+        attempt = functools.partial(self._thread.run, _floor_attempt, order_id, item)
+        return await until_applied(attempt, "floor", order_id, MOST_ATTEMPTS)
 
     async def close(self) -> None:
-        await self._run(self._disconnect)
-        self._executor.shutdown()
+        await self._thread.close()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _connect(self) -> None:
-        self._conn = sqlite_connect(self._path)
-
-    def _disconnect(self) -> None:
-        self._conn.close()
-
-    def _attempt(self, order_id: str, item: LineItem) -> bool:
-        conn = self._conn
-        version, state = conn.execute(
-            "SELECT version, state FROM orders WHERE id = ?", (order_id,)
-        ).fetchone()
-        updated = conn.execute(
-            "UPDATE orders SET state = ?, version = version + 1 WHERE id = ? AND version = ?",
-            (_appended(state, item), order_id, version),
-        )
-        return bool(updated.rowcount == 1)
+def _floor_attempt(conn: sqlite3.Connection, order_id: str, item: LineItem) -> bool:
+    version, state = conn.execute(
+        "SELECT version, state FROM orders WHERE id = ?", (order_id,)
+    ).fetchone()
+    updated = conn.execute(
+        "UPDATE orders SET state = ?, version = version + 1 WHERE id = ? AND version = ?",
+        (_appended(state, item), order_id, version),
+    )
+    return bool(updated.rowcount == 1)
 
 
 class FloorPostgresWriter:
@@ -240,23 +226,19 @@ class FloorPostgresWriter:
         self.pool = pool
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
-        attempts = 0
-        while True:
-            attempts += 1
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT version, state FROM orders WHERE id = %s", (order_id,)
-                )
-                version, state = await cur.fetchone()
-                cur = await conn.execute(
-                    "UPDATE orders SET state = %s, version = version + 1 "
-                    "WHERE id = %s AND version = %s",
-                    (_appended(state, item), order_id, version),
-                )
-                if cur.rowcount == 1:
-                    return attempts
-            if attempts >= MOST_ATTEMPTS:
-                raise RuntimeError(f"floor: {order_id} still conflicting after {attempts}")
+        attempt = functools.partial(self._attempt, order_id, item)
+        return await until_applied(attempt, "floor", order_id, MOST_ATTEMPTS)
+
+    async def _attempt(self, order_id: str, item: LineItem) -> bool:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT version, state FROM orders WHERE id = %s", (order_id,))
+            version, state = await cur.fetchone()
+            cur = await conn.execute(
+                "UPDATE orders SET state = %s, version = version + 1"
+                " WHERE id = %s AND version = %s",
+                (_appended(state, item), order_id, version),
+            )
+            return bool(cur.rowcount == 1)
 
     async def close(self) -> None:
         await self.pool.close()
