@@ -13,7 +13,7 @@ losing data:
   reported conflict, not an overwrite;
 - protected fields (identity, version) always come from the latest state, never count as
   three-way conflicts, and a command's config can add to them but never remove one; the
-  rebuilt command keeps the original `command_id`, so stores can recognise a repeat.
+  rebuilt command keeps the original `command_id`, so stores can recognize a repeat.
 
 A command's `conflict_config` is outside input: its `max_attempts` is bounded by the
 behavior's `max_attempts_cap`, and a policy needing hooks (LAST_WINS, MERGE) where none were

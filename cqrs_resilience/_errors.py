@@ -105,7 +105,7 @@ class BrokenCircuitError(CqrsResilienceError):
     a first argument that is no number is the message (`BrokenCircuitError("maintenance")`).
     """
 
-    # `args` is what was given, normalised to `(retry_after,)` or `(retry_after, message)`
+    # `args` is what was given, normalized to `(retry_after,)` or `(retry_after, message)`
     # (or `()`), so the error pickles as it was built and the properties read it back. An
     # open breaker builds its refusals through `BaseException.__new__`, which fills `args`
     # without running this __init__ (its checks would double the cost of refusing a call).

@@ -153,7 +153,7 @@ def _bad_quoting(text: str, what: str) -> InvalidIdempotencyKeyError:
 
 
 def _shown(value: str | bytes) -> str:
-    """`value`'s repr, cut to a few dozen characters: enough to recognise, never a flood."""
+    """`value`'s repr, cut to a few dozen characters: enough to recognize, never a flood."""
     text = repr(value)
     if len(text) <= _SHOWN:
         return text

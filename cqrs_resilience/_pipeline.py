@@ -25,7 +25,7 @@ T = TypeVar("T")
 Behavior: TypeAlias = Callable[[Callable[..., Any]], Callable[..., Any]]
 """A behavior takes a handler and returns one that does more around it."""
 
-# What `asyncio.iscoroutinefunction` recognises, and asgiref's `markcoroutinefunction` sets
+# What `asyncio.iscoroutinefunction` recognizes, and asgiref's `markcoroutinefunction` sets
 # before Python 3.12 (3.12's own mark is seen by `inspect.iscoroutinefunction`).
 _LEGACY_MARK = getattr(asyncio.coroutines, "_is_coroutine", None)
 

@@ -9,7 +9,7 @@ what calls share is only what the user shares: a `RetryBudget`, or the deadline 
 `timeout()` around them, which no backoff may sleep past.
 
 A call whose first argument is a command runs in the command's idempotency scope (see
-`_idempotency`), so a write that committed before a timeout is recognised when retried, with
+`_idempotency`), so a write that committed before a timeout is recognized when retried, with
 `retry()` alone as with a handler. What a command asks for is bounded by the behavior's caps:
 its own `retry_policy` may not retry more than `max_retries_cap` times nor wait longer than
 `max_delay_cap_s` before one retry; an error's `retry_after` is outside input too and is capped

@@ -91,7 +91,7 @@ async def test_a_refused_update_leaves_the_aggregate_readable(make_store):
 
 
 async def test_persist_returns_what_later_reads_return(make_store):
-    """Values msgspec normalises (tuples, sets) come back from persist as reads give them."""
+    """Values msgspec normalizes (tuples, sets) come back from persist as reads give them."""
     store = make_store(Order)
     stored = await store.persist(Order(id="o", payload={"t": (1, 2), "s": {3}, "b": b"\x00"}))
     assert stored.payload == {"t": [1, 2], "s": [3], "b": b"\x00"}

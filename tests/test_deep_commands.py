@@ -93,7 +93,7 @@ async def deeper(frames: int, then: Callable[[], Awaitable[Any]]) -> Any:
 
 def test_a_deep_command_has_one_fingerprint_at_any_call_depth():
     """What a store records for a deep command is the same from any call depth, so a resend
-    from a shallow stack is recognised as the first send from a deep one."""
+    from a shallow stack is recognized as the first send from a deep one."""
     command = decoded(deep_json("deep-1"))
     shallow = fingerprint(command)
     headroom = sys.getrecursionlimit() - call_depth()

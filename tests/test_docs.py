@@ -113,7 +113,7 @@ def test_block(
     if ENV_OTLP in example.source:
         receiver = request.getfixturevalue("otlp_receiver")
         monkeypatch.setenv(ENV_OTLP, receiver.url)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the exporters honour a proxy otherwise
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the exporters honor a proxy otherwise
         monkeypatch.setenv("no_proxy", "127.0.0.1")
     monkeypatch.chdir(tmp_path)
     if eval_example.update_examples:  # pytest --update-examples rewrites the `#>` comments

@@ -57,7 +57,7 @@ async def test_without_settings_the_classes_install_only_their_own_behaviors() -
     assert [type(b).__name__ for b in handler.behaviors] == ["Retry"]
 
 
-async def test_timeout_s_is_an_overall_deadline_retries_inside_honour(
+async def test_timeout_s_is_an_overall_deadline_retries_inside_honor(
     hooks: HookRegistry, events: list[tuple[str, dict[str, Any]]]
 ) -> None:
     clock = FakeClock()

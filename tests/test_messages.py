@@ -131,7 +131,7 @@ def test_conflict_config_rejects_bad_values(kwargs: dict[str, object], field: st
 
 
 def test_conflict_config_accepts_plain_sets_and_names() -> None:
-    """Sets, lists and policy names are accepted and normalised."""
+    """Sets, lists and policy names are accepted and normalized."""
     config = ConflictConfig(policy="merge", include_fields={"a", "b"}, exclude_fields=["c"])  # type: ignore[arg-type]
     assert config.policy is ConflictResolutionPolicy.MERGE
     assert config.include_fields == frozenset({"a", "b"})

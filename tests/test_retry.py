@@ -512,7 +512,7 @@ class TimesOutAfterFirstCommit:
 
 
 async def test_a_retry_after_commit_then_timeout_does_not_apply_twice(clock: FakeClock) -> None:
-    """retry() alone carries the command's key: the retried write is recognised, not reapplied."""
+    """retry() alone carries the command's key: the retried write is recognized, not reapplied."""
     store = TimesOutAfterFirstCommit()
     await store.inner.persist(Counter(id="c"), command_id="setup")
 

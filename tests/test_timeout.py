@@ -1,5 +1,5 @@
 """timeout(): when a call is cut off, what the caller sees, and the deadline everything inside
-it honours."""
+it honors."""
 
 from __future__ import annotations
 

@@ -23,15 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cqrs_resilience"
 
 
+# British spellings a user of the US-spelled public names (`Behavior`) would trip over;
+# "cancelled" stays, as asyncio spells it (`CancelledError`).
+BRITISH = re.compile(r"behaviour|recognis|serialis|normalis|honour", re.IGNORECASE)
+
+
 def test_behavior_is_spelled_as_the_public_names_spell_it() -> None:
-    """`Behavior` and `add_behavior` decide: the package's text and the changelog say
-    "behavior", never "behaviour"."""
-    texts = [*sorted(PACKAGE.rglob("*.py")), ROOT / "CHANGELOG.md"]
+    """`Behavior` and `add_behavior` decide: the package's text, the README, the docs and the
+    changelog say "behavior", never "behaviour", and spell the rest the same way."""
+    texts = [
+        *sorted(PACKAGE.rglob("*.py")),
+        *sorted((ROOT / "docs").rglob("*.md")),
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+    ]
     found = [
         f"{path.relative_to(ROOT)}:{number}"
         for path in texts
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if re.search("behaviour", line, re.IGNORECASE)
+        if BRITISH.search(line)
     ]
     assert found == []
 

@@ -18,7 +18,7 @@ aborted; a job someone asked to abort is aborted. Workers send heartbeats;
 `recover_stalled_jobs()` hands the jobs of a worker that died (SIGKILL, a lost machine) back
 to the queue, to run again.
 
-`lock=` serialises the commands of one aggregate through procrastinate's job locks: one runs
+`lock=` serializes the commands of one aggregate through procrastinate's job locks: one runs
 at a time, in the order they were sent (an alternative to optimistic conflict resolution for
 very hot aggregates).
 """
