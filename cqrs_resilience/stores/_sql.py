@@ -6,9 +6,14 @@ column type of a state (BLOB / BYTEA), SQLite's WITHOUT ROWID and the many-ids l
 Tables:
 - `aggregate_versions`: one row per stored version of each aggregate (`namespace:id`).
 - `processed_writes`: one row per write a command made: (command, aggregate, n-th write) with
-  the fingerprint of its request and the version it stored. A repeat finds it.
-- `command_keys`: one row per command id with the fingerprint of the command that first used
-  it, so a different command reusing the id is refused on any aggregate.
+  the fingerprint of its request and the version it stored. A repeat finds it. A command
+  (not a bare id given to `persist`) also has a row of its own there, (command, `COMMAND_ROW`,
+  0), with its fingerprint, written with its first write: a different command reusing the id
+  is refused on any aggregate. It sits beside the command's writes in the primary key and is
+  recorded at the same time, so a write dirties no page more for it; and two commands racing
+  for one id meet on that key.
+- `command_keys`: where stores made before 0.1.0 kept those command rows. Still read (its rows
+  are honoured until retention prunes them), never written.
 - `command_responses`: one row per command id that `idempotent()` answers for: the fingerprint
   and the first response (msgpack), kept until `expires_at` (NULL: for good). While the
   command runs, its writes keep a *claim* there instead (no response, an `owner`, and when
@@ -27,6 +32,9 @@ from typing import Any
 
 from .._idempotency import WriteKey
 
+COMMAND_ROW = ""
+"""The `aggregate_id` of a command's own row in `processed_writes`; no aggregate's key is empty
+(keys are `namespace:id`)."""
 TABLES = ("aggregate_versions", "processed_writes", "command_keys", "command_responses")
 INDEXES = (
     "processed_writes_recorded_at",
@@ -94,10 +102,13 @@ PRUNE_WRITES = """DELETE FROM processed_writes WHERE (command_id, aggregate_id, 
     LIMIT :batch)"""
 PRUNE_COMMANDS = """DELETE FROM command_keys WHERE command_id IN (
     SELECT command_id FROM command_keys WHERE recorded_at < :cutoff LIMIT :batch)"""
+# The fingerprint recorded for a command id, from its row or a store's older `command_keys`.
+COMMAND_FINGERPRINT = f"""COALESCE(
+        (SELECT fingerprint FROM processed_writes
+            WHERE command_id = :command_id AND aggregate_id = '{COMMAND_ROW}' AND seq = 0),
+        (SELECT fingerprint FROM command_keys WHERE command_id = :command_id))"""
 # One row, always: the command's recorded fingerprint, and this write's first outcome if any.
-LOOKUP_WRITE = """SELECT
-        (SELECT fingerprint FROM command_keys WHERE command_id = :command_id),
-        w.fingerprint, w.version, v.state
+LOOKUP_WRITE = f"""SELECT {COMMAND_FINGERPRINT}, w.fingerprint, w.version, v.state
     FROM (SELECT 1 AS one) AS q
     LEFT JOIN processed_writes AS w
         ON w.command_id = :command_id AND w.aggregate_id = :id AND w.seq = :seq
@@ -106,8 +117,9 @@ LOOKUP_WRITE = """SELECT
 RECORD_WRITE = """INSERT INTO processed_writes
         (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
     VALUES (:command_id, :id, :seq, :fingerprint, :expected + 1, :now)"""
-RECORD_COMMAND = """INSERT INTO command_keys (command_id, fingerprint, recorded_at)
-    VALUES (:command_id, :fingerprint, :now)"""
+RECORD_COMMAND = f"""INSERT INTO processed_writes
+        (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
+    VALUES (:command_id, '{COMMAND_ROW}', 0, :fingerprint, 0, :now)"""
 # A command's response, or its live claim; an expired one is as good as none.
 RESPONSE = """SELECT fingerprint, response, owner, expires_at FROM command_responses
     WHERE command_id = :command_id AND (expires_at IS NULL OR expires_at > :now)"""
