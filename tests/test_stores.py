@@ -28,6 +28,7 @@ from cqrs_resilience import (
     InMemoryRepository,
     InvalidStateError,
     TransientError,
+    VersionPrunedError,
     command_scope,
     stores,
 )
@@ -590,9 +591,9 @@ async def test_sqlite_uses_wal(sqlite_path):
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-async def test_sqlite_a_command_write_logs_three_pages(sqlite_path):
-    """A command's write adds three pages to the file's log, each synced on commit: the
-    version, the command's records and their time index."""
+async def test_sqlite_a_command_write_logs_four_pages(sqlite_path):
+    """A command's write adds four pages to the file's log, each synced on commit: the
+    version and its index, the command's records and their time index."""
     async with SQLiteRepository(sqlite_path, Account) as store:
         account = await store.persist(Account(id="a"))
         with closing(sqlite3.connect(sqlite_path)) as raw:
@@ -601,7 +602,35 @@ async def test_sqlite_a_command_write_logs_three_pages(sqlite_path):
                 with command_scope(f"deposit-{n}"):
                     account = await store.persist(bump(account, balance=n))
                 _, logged, _ = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                assert logged == 3
+                assert logged == 4
+
+
+async def test_sqlite_a_file_made_before_0_1_0_keeps_working(sqlite_path):
+    """A file whose versions table was made WITHOUT ROWID, as before 0.1.0, is read, written
+    and pruned as any other."""
+    with closing(sqlite3.connect(sqlite_path)) as raw:
+        raw.execute(
+            """CREATE TABLE aggregate_versions (
+                aggregate_id TEXT NOT NULL,
+                version INTEGER NOT NULL CHECK (version > 0),
+                state BLOB NOT NULL,
+                PRIMARY KEY (aggregate_id, version)
+            ) WITHOUT ROWID"""
+        )
+    async with SQLiteRepository(sqlite_path, Account, keep_versions=4) as store:
+        account = await store.persist(Account(id="a"))
+        for n in range(1, 9):
+            with command_scope(f"deposit-{n}"):
+                account = await store.persist(bump(account, balance=n))
+        assert await store.retrieve(["a"]) == [account]
+        assert (await store.retrieve_version("a", 8)).balance == 7
+        with pytest.raises(VersionPrunedError):
+            await store.retrieve_version("a", 1)
+        with command_scope("deposit-8"):  # a resend: its first outcome
+            assert await store.persist(bump(account, version=8, balance=8)) == account
+    with closing(sqlite3.connect(sqlite_path)) as raw:
+        [(ddl,)] = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'aggregate_versions'")
+        assert "WITHOUT ROWID" in ddl
 
 
 async def test_sqlite_retrieves_more_ids_than_one_query_binds(sqlite_path):

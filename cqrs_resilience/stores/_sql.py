@@ -1,7 +1,8 @@
 """The SQL both durable stores run, written once with `:name` parameters.
 
 SQLite takes the statements as they are; `for_psycopg` turns `:name` into `%(name)s`. Only the
-column type of a state (BLOB / BYTEA), SQLite's WITHOUT ROWID and the many-ids lookup differ.
+column type of a state (BLOB / BYTEA), SQLite's WITHOUT ROWID (for the small rows of the
+record tables only) and the many-ids lookup differ.
 
 Tables:
 - `aggregate_versions`: one row per stored version of each aggregate (`namespace:id`).
@@ -43,15 +44,21 @@ INDEXES = (
 )
 
 
-def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
-    """CREATE TABLE statements, with the database's binary type and table options."""
+def schema(blob: str, record_table_options: str = "") -> tuple[str, ...]:
+    """CREATE TABLE statements, with the database's binary type and the record tables' options.
+
+    `aggregate_versions` takes no options: in SQLite a WITHOUT ROWID table keeps about 1 KB of
+    a row in its b-tree and the rest in overflow pages, so each version of a bigger state
+    would read and write pages more than a rowid table and its primary-key index do. (Files
+    made before 0.1.0 have a WITHOUT ROWID one; the same statements serve both.)
+    """
     return (
         f"""CREATE TABLE IF NOT EXISTS aggregate_versions (
             aggregate_id TEXT NOT NULL,
             version INTEGER NOT NULL CHECK (version > 0),
             state {blob} NOT NULL,
             PRIMARY KEY (aggregate_id, version)
-        ){table_options}""",
+        )""",
         f"""CREATE TABLE IF NOT EXISTS processed_writes (
             command_id TEXT NOT NULL,
             aggregate_id TEXT NOT NULL,
@@ -60,19 +67,19 @@ def schema(blob: str, table_options: str = "") -> tuple[str, ...]:
             version INTEGER NOT NULL,
             recorded_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (command_id, aggregate_id, seq)
-        ){table_options}""",
+        ){record_table_options}""",
         f"""CREATE TABLE IF NOT EXISTS command_keys (
             command_id TEXT NOT NULL PRIMARY KEY,
             fingerprint {blob} NOT NULL,
             recorded_at DOUBLE PRECISION NOT NULL
-        ){table_options}""",
+        ){record_table_options}""",
         f"""CREATE TABLE IF NOT EXISTS command_responses (
             command_id TEXT NOT NULL PRIMARY KEY,
             fingerprint {blob} NOT NULL,
             response {blob},
             owner TEXT,
             expires_at DOUBLE PRECISION
-        ){table_options}""",
+        ){record_table_options}""",
         "CREATE INDEX IF NOT EXISTS processed_writes_recorded_at ON processed_writes (recorded_at)",
         "CREATE INDEX IF NOT EXISTS command_keys_recorded_at ON command_keys (recorded_at)",
         "CREATE INDEX IF NOT EXISTS command_responses_expires_at ON command_responses (expires_at)",
