@@ -605,6 +605,22 @@ async def test_sqlite_a_command_write_logs_four_pages(sqlite_path):
                 assert logged == 4
 
 
+async def test_sqlite_a_state_of_1_5_kb_takes_half_a_page(sqlite_path):
+    """Versions of a 1.5 KB state are stored two to a 4 KB page, none spilling into an
+    overflow page of its own, so a read or a write of one touches few pages."""
+    async with SQLiteRepository(sqlite_path, Account, keep_versions=None) as store:
+        account = await store.persist(Account(id="a"))
+        with closing(sqlite3.connect(sqlite_path)) as raw:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            [(pages_before,)] = raw.execute("PRAGMA page_count")
+            for n in range(20):
+                account = await store.persist(bump(account, tags=[f"{n:040}"] * 35))
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            [(pages_after,)] = raw.execute("PRAGMA page_count")
+    assert len(msgspec.msgpack.encode(account)) > 1500
+    assert pages_after - pages_before <= 12
+
+
 async def test_sqlite_a_file_made_before_0_1_0_keeps_working(sqlite_path):
     """A file whose versions table was made WITHOUT ROWID, as before 0.1.0, is read, written
     and pruned as any other."""
