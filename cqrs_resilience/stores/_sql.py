@@ -124,9 +124,9 @@ LOOKUP_WRITE = f"""SELECT {COMMAND_FINGERPRINT}, w.fingerprint, w.version, v.sta
 RECORD_WRITE = """INSERT INTO processed_writes
         (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
     VALUES (:command_id, :id, :seq, :fingerprint, :expected + 1, :now)"""
-RECORD_COMMAND = f"""INSERT INTO processed_writes
-        (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
-    VALUES (:command_id, '{COMMAND_ROW}', 0, :fingerprint, 0, :now)"""
+# A command's first write: the write's row and the command's own, in one statement.
+RECORD_FIRST_WRITE = f"""{RECORD_WRITE},
+        (:command_id, '{COMMAND_ROW}', 0, :fingerprint, 0, :now)"""
 # A command's response, or its live claim; an expired one is as good as none.
 RESPONSE = """SELECT fingerprint, response, owner, expires_at FROM command_responses
     WHERE command_id = :command_id AND (expires_at IS NULL OR expires_at > :now)"""
