@@ -33,7 +33,7 @@ from cqrs_resilience import (
     stores,
 )
 from cqrs_resilience._idempotency import fingerprint
-from cqrs_resilience._retention import PRUNE_EVERY_S
+from cqrs_resilience._retention import PRUNE_BATCH, PRUNE_EVERY_S
 from cqrs_resilience.stores import (
     CorruptStateError,
     PostgresRepository,
@@ -282,6 +282,20 @@ async def test_command_ids_recorded_by_a_store_before_0_1_0_are_honoured(durable
     await store.persist(Account(id="c"))  # a write prunes what expired
     assert durable_store.execute("SELECT command_id FROM command_keys") == []
     assert (await _send(store, other)).id == "b"
+
+
+async def test_a_pruning_takes_a_batch_of_expired_commands_with_their_writes(durable_store):
+    """One pruning removes `PRUNE_BATCH` expired commands and each one's write, so records
+    stay bounded at a write per command for up to that many commands a pruning."""
+    clock = FakeClock()
+    store = durable_store.open(Account, keep_commands_s=3600, clock=clock)
+    await store.persist(Account(id="a"))
+    for n in range(PRUNE_BATCH):
+        with command_scope(f"create-{n}"):
+            await store.persist(Account(id=f"account-{n}"))
+    clock.advance(3601 + PRUNE_EVERY_S)
+    await store.persist(Account(id="b"))  # a write prunes what expired
+    assert durable_store.execute("SELECT count(*) FROM processed_writes") == [(0,)]
 
 
 async def test_concurrent_writers_of_one_version_leave_one_winner(make_store):

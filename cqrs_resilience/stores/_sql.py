@@ -104,9 +104,11 @@ VERSION_RANGE = """SELECT
 LATEST_STATE = """SELECT version, state FROM aggregate_versions WHERE aggregate_id = :id
     ORDER BY version DESC LIMIT 1"""
 PRUNE_VERSIONS = "DELETE FROM aggregate_versions WHERE aggregate_id = :id AND version < :oldest"
+# Twice the batch: the table holds each command's own row beside its writes' rows, so a
+# pruning still takes a batch of commands with a write each, as when they had a table apiece.
 PRUNE_WRITES = """DELETE FROM processed_writes WHERE (command_id, aggregate_id, seq) IN (
     SELECT command_id, aggregate_id, seq FROM processed_writes WHERE recorded_at < :cutoff
-    LIMIT :batch)"""
+    LIMIT 2 * :batch)"""
 PRUNE_COMMANDS = """DELETE FROM command_keys WHERE command_id IN (
     SELECT command_id FROM command_keys WHERE recorded_at < :cutoff LIMIT :batch)"""
 # The fingerprint recorded for a command id, from its row or a store's older `command_keys`.
