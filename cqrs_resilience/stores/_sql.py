@@ -11,7 +11,7 @@ Tables:
   (not a bare id given to `persist`) also has a row of its own there, (command, `COMMAND_ROW`,
   0), with its fingerprint, written with its first write: a different command reusing the id
   is refused on any aggregate. It sits beside the command's writes in the primary key and is
-  recorded at the same time, so a write dirties no page more for it; and two commands racing
+  recorded at the same time, so a write rarely dirties a page more for it; and two commands racing
   for one id meet on that key.
 - `command_keys`: where stores made before 0.1.0 kept those command rows. Still read (its rows
   are honoured until retention prunes them), never written.
