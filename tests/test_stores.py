@@ -10,7 +10,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,19 @@ from hypothesis import strategies as st
 
 from cqrs_resilience import (
     Aggregate,
+    Command,
     ConcurrencyError,
+    FakeClock,
     IdempotencyKeyReuseError,
     InMemoryRepository,
     InvalidStateError,
     TransientError,
+    VersionPrunedError,
     command_scope,
     stores,
 )
+from cqrs_resilience._idempotency import fingerprint
+from cqrs_resilience._retention import PRUNE_BATCH, PRUNE_EVERY_S
 from cqrs_resilience.stores import (
     CorruptStateError,
     PostgresRepository,
@@ -219,6 +224,78 @@ async def test_a_failed_write_does_not_record_its_command(make_store):
     assert not await store.was_processed("cmd-1", "a")
     [latest] = await store.retrieve(["a"])
     assert (await store.persist(bump(latest, balance=5), command_id="cmd-1")).version == 2
+
+
+class Deposit(Command[None]):
+    account_id: str
+    amount: int
+
+
+async def _send(store: Any, command: Deposit) -> Account:
+    """The command's write of its account (a new one), in the command's scope."""
+    with command_scope(command):
+        stored: Account = await store.persist(Account(id=command.account_id))
+        return stored
+
+
+async def test_two_commands_racing_for_one_id_on_two_aggregates_leave_one(make_store):
+    """Two different commands under one id, written at once to different aggregates: one is
+    stored, the other refused; never both."""
+    clients = [make_store(Account), make_store(Account)]
+    for n, client in enumerate(clients):  # the tables made, each client connected
+        await client.persist(Account(id=f"made-{n}"))
+    first, second = Deposit(account_id="a", amount=1), Deposit(account_id="b", amount=2)
+    second.command_id = first.command_id
+    outcomes = await asyncio.gather(
+        _send(clients[0], first), _send(clients[1], second), return_exceptions=True
+    )
+    assert sorted(type(o).__name__ for o in outcomes) == ["Account", "IdempotencyKeyReuseError"]
+    stored = await clients[0].retrieve(["a", "b"])
+    assert [a.id for a in stored] == [o.id for o in outcomes if isinstance(o, Account)]
+
+
+async def test_command_ids_recorded_by_a_store_before_0_1_0_are_honoured(durable_store):
+    """A store made before 0.1.0 (its command records in `command_keys`) keeps refusing a
+    different command under a recorded id and answering a resend, until retention prunes them."""
+    clock = FakeClock()
+    store = durable_store.open(Account, keep_commands_s=3600, clock=clock)
+    sent = Deposit(account_id="a", amount=1)
+    created = await store.persist(Account(id="a"))  # the tables, and the command's version
+    digest, now = fingerprint(sent), clock.time()
+    # What the release before wrote for the command: its key, and its write of "a".
+    durable_store.execute(
+        "INSERT INTO command_keys (command_id, fingerprint, recorded_at) VALUES (%s, %s, %s)",
+        (sent.command_id, digest, now),
+    )
+    durable_store.execute(
+        "INSERT INTO processed_writes"
+        " (command_id, aggregate_id, seq, fingerprint, version, recorded_at)"
+        " VALUES (%s, 'Account:a', 1, %s, 1, %s)",
+        (sent.command_id, digest, now),
+    )
+    other = Deposit(account_id="b", amount=2)
+    other.command_id = sent.command_id
+    with pytest.raises(IdempotencyKeyReuseError):  # on another aggregate
+        await _send(store, other)
+    assert await _send(store, sent) == created  # the resend: its first outcome
+    clock.advance(3601 + PRUNE_EVERY_S)
+    await store.persist(Account(id="c"))  # a write prunes what expired
+    assert durable_store.execute("SELECT command_id FROM command_keys") == []
+    assert (await _send(store, other)).id == "b"
+
+
+async def test_a_pruning_takes_a_batch_of_expired_commands_with_their_writes(durable_store):
+    """One pruning removes `PRUNE_BATCH` expired commands and each one's write, so records
+    stay bounded at a write per command for up to that many commands a pruning."""
+    clock = FakeClock()
+    store = durable_store.open(Account, keep_commands_s=3600, clock=clock)
+    await store.persist(Account(id="a"))
+    for n in range(PRUNE_BATCH):
+        with command_scope(f"create-{n}"):
+            await store.persist(Account(id=f"account-{n}"))
+    clock.advance(3601 + PRUNE_EVERY_S)
+    await store.persist(Account(id="b"))  # a write prunes what expired
+    assert durable_store.execute("SELECT count(*) FROM processed_writes") == [(0,)]
 
 
 async def test_concurrent_writers_of_one_version_leave_one_winner(make_store):
@@ -526,6 +603,64 @@ async def test_sqlite_uses_wal(sqlite_path):
         pass
     with sqlite3.connect(sqlite_path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_sqlite_a_command_write_logs_four_pages(sqlite_path):
+    """A command's write adds four pages to the file's log, each synced on commit: the
+    version and its index, the command's records and their time index."""
+    async with SQLiteRepository(sqlite_path, Account) as store:
+        account = await store.persist(Account(id="a"))
+        with closing(sqlite3.connect(sqlite_path)) as raw:
+            for n in range(3):
+                raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                with command_scope(f"deposit-{n}"):
+                    account = await store.persist(bump(account, balance=n))
+                _, logged, _ = raw.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                assert logged == 4
+
+
+async def test_sqlite_a_state_of_1_5_kb_takes_half_a_page(sqlite_path):
+    """Versions of a 1.5 KB state are stored two to a 4 KB page, none spilling into an
+    overflow page of its own, so a read or a write of one touches few pages."""
+    async with SQLiteRepository(sqlite_path, Account, keep_versions=None) as store:
+        account = await store.persist(Account(id="a"))
+        with closing(sqlite3.connect(sqlite_path)) as raw:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            [(pages_before,)] = raw.execute("PRAGMA page_count")
+            for n in range(20):
+                account = await store.persist(bump(account, tags=[f"{n:040}"] * 35))
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            [(pages_after,)] = raw.execute("PRAGMA page_count")
+    assert len(msgspec.msgpack.encode(account)) > 1500
+    assert pages_after - pages_before <= 12
+
+
+async def test_sqlite_a_file_made_before_0_1_0_keeps_working(sqlite_path):
+    """A file whose versions table was made WITHOUT ROWID, as before 0.1.0, is read, written
+    and pruned as any other."""
+    with closing(sqlite3.connect(sqlite_path)) as raw:
+        raw.execute(
+            """CREATE TABLE aggregate_versions (
+                aggregate_id TEXT NOT NULL,
+                version INTEGER NOT NULL CHECK (version > 0),
+                state BLOB NOT NULL,
+                PRIMARY KEY (aggregate_id, version)
+            ) WITHOUT ROWID"""
+        )
+    async with SQLiteRepository(sqlite_path, Account, keep_versions=4) as store:
+        account = await store.persist(Account(id="a"))
+        for n in range(1, 9):
+            with command_scope(f"deposit-{n}"):
+                account = await store.persist(bump(account, balance=n))
+        assert await store.retrieve(["a"]) == [account]
+        assert (await store.retrieve_version("a", 8)).balance == 7
+        with pytest.raises(VersionPrunedError):
+            await store.retrieve_version("a", 1)
+        with command_scope("deposit-8"):  # a resend: its first outcome
+            assert await store.persist(bump(account, version=8, balance=8)) == account
+    with closing(sqlite3.connect(sqlite_path)) as raw:
+        [(ddl,)] = raw.execute("SELECT sql FROM sqlite_master WHERE name = 'aggregate_versions'")
+        assert "WITHOUT ROWID" in ddl
 
 
 async def test_sqlite_retrieves_more_ids_than_one_query_binds(sqlite_path):

@@ -90,10 +90,10 @@ _TURN_LOCK = (
 # version is still the latest, and no resolution round holds the aggregate: a round holds the
 # turn's lock exclusively, a first attempt tries it shared, so first attempts never wait for
 # each other and yield to a round instead of waiting for it. Then it records the write, the
-# command's key on its first write, and prunes versions retention no longer keeps. It returns
+# command's own row on its first write, and prunes versions retention no longer keeps. It returns
 # what Python needs to tell stored, repeat, reuse and conflict apart.
 _WRITE_TEMPLATE = f"""WITH
-    known AS (SELECT fingerprint FROM command_keys WHERE command_id = %(command_id)s),
+    known AS (SELECT {_sql.for_psycopg(_sql.COMMAND_FINGERPRINT)} AS fingerprint),
     first AS (SELECT fingerprint, version FROM processed_writes
         WHERE command_id = %(command_id)s AND aggregate_id = %(id)s AND seq = %(seq)s),
     latest AS (SELECT COALESCE((SELECT MAX(version) FROM aggregate_versions
@@ -110,9 +110,10 @@ _WRITE_TEMPLATE = f"""WITH
             (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
         SELECT %(command_id)s, %(id)s, %(seq)s, %(fingerprint)s, version, %(now)s
         FROM inserted WHERE %(command_id)s IS NOT NULL),
-    keyed AS (INSERT INTO command_keys (command_id, fingerprint, recorded_at)
-        SELECT %(command_id)s, %(fingerprint)s, %(now)s FROM inserted
-        WHERE %(whole)s AND NOT EXISTS (SELECT 1 FROM known)),
+    keyed AS (INSERT INTO processed_writes
+            (command_id, aggregate_id, seq, fingerprint, version, recorded_at)
+        SELECT %(command_id)s, '{_sql.COMMAND_ROW}', 0, %(fingerprint)s, 0, %(now)s FROM inserted
+        WHERE %(whole)s AND (SELECT fingerprint FROM known) IS NULL),
 {{claimed}}    pruned AS (DELETE FROM aggregate_versions
         WHERE aggregate_id = %(id)s AND version < %(oldest)s AND EXISTS (SELECT 1 FROM inserted))
 SELECT (SELECT fingerprint FROM known), (SELECT fingerprint FROM first),

@@ -431,9 +431,8 @@ class SQLiteRepository(StoreLifecycle, Repository[A]):
             if conn.execute(_sqlite_leases.INSERT_NEXT, args).rowcount != 1:
                 return Outcome("conflict", conn.execute(_sql.LATEST_VERSION, args).fetchone()[0])
             if recorded is not None:
-                conn.execute(_sql.RECORD_WRITE, args)
-                if recorded.whole_command and command is None:
-                    conn.execute(_sql.RECORD_COMMAND, args)
+                unrecorded = recorded.whole_command and command is None  # its first write
+                conn.execute(_sql.RECORD_FIRST_WRITE if unrecorded else _sql.RECORD_WRITE, args)
                 if "claim_owner" in args:
                     conn.execute(_sql.CLAIM, args)
             self._prune(conn, args)
