@@ -254,7 +254,7 @@ async def test_two_commands_racing_for_one_id_on_two_aggregates_leave_one(make_s
     assert [a.id for a in stored] == [o.id for o in outcomes if isinstance(o, Account)]
 
 
-async def test_command_ids_recorded_by_a_store_before_0_1_0_are_honoured(durable_store):
+async def test_command_ids_recorded_by_a_store_before_0_1_0_are_honored(durable_store):
     """A store made before 0.1.0 (its command records in `command_keys`) keeps refusing a
     different command under a recorded id and answering a resend, until retention prunes them."""
     clock = FakeClock()

@@ -14,7 +14,7 @@ Tables:
   recorded at the same time, so a write rarely dirties a page more for it; and two commands racing
   for one id meet on that key.
 - `command_keys`: where stores made before 0.1.0 kept those command rows. Still read (its rows
-  are honoured until retention prunes them), never written.
+  are honored until retention prunes them), never written.
 - `command_responses`: one row per command id that `idempotent()` answers for: the fingerprint
   and the first response (msgpack), kept until `expires_at` (NULL: for good). While the
   command runs, its writes keep a *claim* there instead (no response, an `owner`, and when
