@@ -5,7 +5,8 @@ attempt one job; PostgreSQL: psycopg's pool, one checkout per attempt, autocommi
 writing what our stores write for every command: a new version row instead of an update in
 place (history for three-way merges, pruned 16 at a time past 100 versions), a record of the
 write under the command's id with the command's fingerprint (a resend finds it and is not
-applied again) and the command id's own record (another command reusing it is refused), and
+applied again) and, in the same statement, the command id's own record beside it (another
+command reusing it is refused), and
 the state decoded back from its encoding before it is written (never a stored value that
 cannot be read back). msgpack, as our stores use.
 
@@ -45,18 +46,16 @@ _fingerprint_encode = msgspec.msgpack.Encoder(order="deterministic").encode
 
 
 def _schema(blob: str, options: str) -> list[str]:
+    """Our stores' tables: versions in a rowid table, the records WITHOUT ROWID (SQLite)."""
     return [
         f"""CREATE TABLE IF NOT EXISTS aggregate_versions (aggregate_id TEXT NOT NULL,
             version INTEGER NOT NULL, state {blob} NOT NULL,
-            PRIMARY KEY (aggregate_id, version)){options}""",
+            PRIMARY KEY (aggregate_id, version))""",
         f"""CREATE TABLE IF NOT EXISTS processed_writes (command_id TEXT NOT NULL,
-            aggregate_id TEXT NOT NULL, fingerprint {blob} NOT NULL, version INTEGER NOT NULL,
-            recorded_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (command_id, aggregate_id))
-            {options}""",
-        f"""CREATE TABLE IF NOT EXISTS command_keys (command_id TEXT NOT NULL PRIMARY KEY,
-            fingerprint {blob} NOT NULL, recorded_at DOUBLE PRECISION NOT NULL){options}""",
+            aggregate_id TEXT NOT NULL, seq INTEGER NOT NULL, fingerprint {blob} NOT NULL,
+            version INTEGER NOT NULL, recorded_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (command_id, aggregate_id, seq)){options}""",
         "CREATE INDEX IF NOT EXISTS processed_writes_at ON processed_writes (recorded_at)",
-        "CREATE INDEX IF NOT EXISTS command_keys_at ON command_keys (recorded_at)",
     ]
 
 
@@ -108,8 +107,10 @@ def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id
     conn.execute("BEGIN IMMEDIATE")
     try:
         known, done = conn.execute(
-            "SELECT (SELECT fingerprint FROM command_keys WHERE command_id = ?),"
-            " (SELECT version FROM processed_writes WHERE command_id = ? AND aggregate_id = ?)",
+            "SELECT (SELECT fingerprint FROM processed_writes"
+            " WHERE command_id = ? AND aggregate_id = '' AND seq = 0),"
+            " (SELECT version FROM processed_writes"
+            " WHERE command_id = ? AND aggregate_id = ? AND seq = 1)",
             (command_id, command_id, order_id),
         ).fetchone()
         if known not in (None, fingerprint):
@@ -125,15 +126,11 @@ def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id
         if inserted.rowcount != 1:
             conn.execute("ROLLBACK")
             return False
-        now = 0.0
+        # The write's record and, on the command's first write, the command's own row.
         conn.execute(
-            "INSERT INTO processed_writes VALUES (?, ?, ?, ?, ?)",
-            (command_id, order_id, fingerprint, version + 1, now),
+            "INSERT INTO processed_writes VALUES (?, ?, 1, ?, ?, 0), (?, '', 0, ?, 0, 0)",
+            (command_id, order_id, fingerprint, version + 1, command_id, fingerprint),
         )
-        if known is None:
-            conn.execute(
-                "INSERT INTO command_keys VALUES (?, ?, ?)", (command_id, fingerprint, now)
-            )
         oldest = _oldest_kept(version + 1)
         if oldest is not None:
             conn.execute(
@@ -150,9 +147,10 @@ def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id
 # One statement, so one round trip and atomic: insert the next version unless the write is a
 # resend or the version read is no longer the latest, record it, prune.
 _PG_WRITE = """WITH
-    known AS (SELECT fingerprint FROM command_keys WHERE command_id = %(command_id)s),
+    known AS (SELECT fingerprint FROM processed_writes
+        WHERE command_id = %(command_id)s AND aggregate_id = '' AND seq = 0),
     done AS (SELECT version FROM processed_writes
-        WHERE command_id = %(command_id)s AND aggregate_id = %(id)s),
+        WHERE command_id = %(command_id)s AND aggregate_id = %(id)s AND seq = 1),
     inserted AS (INSERT INTO aggregate_versions (aggregate_id, version, state)
         SELECT %(id)s, %(version)s + 1, %(state)s
         WHERE NOT EXISTS (SELECT 1 FROM done)
@@ -161,8 +159,8 @@ _PG_WRITE = """WITH
             = %(version)s
         RETURNING version),
     recorded AS (INSERT INTO processed_writes
-        SELECT %(command_id)s, %(id)s, %(fingerprint)s, version, 0 FROM inserted),
-    keyed AS (INSERT INTO command_keys SELECT %(command_id)s, %(fingerprint)s, 0 FROM inserted
+        SELECT %(command_id)s, %(id)s, 1, %(fingerprint)s, version, 0 FROM inserted
+        UNION ALL SELECT %(command_id)s, '', 0, %(fingerprint)s, 0, 0 FROM inserted
         WHERE NOT EXISTS (SELECT 1 FROM known)),
     pruned AS (DELETE FROM aggregate_versions
         WHERE aggregate_id = %(id)s AND version < %(oldest)s AND EXISTS (SELECT 1 FROM inserted))
