@@ -32,11 +32,12 @@ from .._turns import PROCESS_TURNS
 from . import _sql
 from ._errors import (
     map_postgres_connect_error,
+    map_postgres_error,
     postgres_errors,
     safe_target,
 )
 from ._lifecycle import StoreLifecycle
-from ._postgres_pools import GivenPool, LoopPools
+from ._postgres_pools import GivenPool, LoopPools, cursor_of
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, AsyncCursor
@@ -194,6 +195,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
+        self._driver_error = psycopg.Error
         self._pools: LoopPools | None = None  # given a DSN: a pool per event loop
         self._given: GivenPool | None = None  # given a pool: the caller's
         if isinstance(dsn_or_pool, str):
@@ -455,20 +457,62 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             await cur.execute(_WAS_PROCESSED, args)
             return await cur.fetchone() is not None
 
-    @asynccontextmanager
-    async def _cursor(self, doing: str) -> AsyncIterator[Cursor]:
-        """A tuple-row cursor on a pooled connection (a pool passed in may make other rows)."""
-        if self._closed:
-            raise StoreClosedError(f"PostgreSQL {self.target}: {doing}: the repository is closed")
-        pool = await self._pool_here()
-        from psycopg.rows import tuple_row
+    def _cursor(self, doing: str) -> _Checkout:
+        """`async with`: a tuple-row cursor on a pooled connection, for one operation; errors
+        name `doing` (see `_Checkout`)."""
+        return _Checkout(self, doing)
 
-        with postgres_errors(f"PostgreSQL {self.target}: {doing}"):
-            async with (
-                pool.connection() as conn,
-                conn.cursor(row_factory=tuple_row) as cur,
-            ):
-                yield cur
+
+class _Checkout:
+    """One operation's pooled connection: what `pool.connection()` and `async with conn`
+    together do, in one layer, which the write path pays twice a command.
+
+    The block gets a tuple-row cursor (`cursor_of`). As it ends, a connection that is not in
+    autocommit (a pool passed in) commits, or rolls back after an error, as psycopg's
+    `async with conn` does; then the connection goes back to the pool. psycopg's errors,
+    from the checkout to the return, become store errors naming what was being done.
+    """
+
+    __slots__ = ("_conn", "_doing", "_pool", "_repository")
+
+    def __init__(self, repository: PostgresRepository[Any], doing: str) -> None:
+        self._repository = repository
+        self._doing = doing
+
+    async def __aenter__(self) -> Cursor:
+        repository = self._repository
+        if repository._closed:
+            raise StoreClosedError(
+                f"PostgreSQL {repository.target}: {self._doing}: the repository is closed"
+            )
+        pool = self._pool = await repository._pool_here()
+        try:
+            conn = self._conn = await pool.getconn()
+        except repository._driver_error as exc:
+            raise self._mapped(exc) from exc
+        return cursor_of(conn)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any
+    ) -> None:
+        conn = self._conn
+        try:
+            try:
+                if not conn.autocommit:
+                    if kind is None:
+                        await conn.commit()
+                    else:
+                        with contextlib.suppress(Exception):
+                            await conn.rollback()
+            finally:
+                await self._pool.putconn(conn)
+        except self._repository._driver_error as exc:
+            raise self._mapped(exc) from exc
+        if isinstance(error, self._repository._driver_error):
+            raise self._mapped(error) from error
+
+    def _mapped(self, error: Exception) -> Exception:
+        return map_postgres_error(error, f"PostgreSQL {self._repository.target}: {self._doing}")
 
 
 def _parse_dsn(dsn: str) -> dict[str, Any]:
