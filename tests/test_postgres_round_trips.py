@@ -246,3 +246,99 @@ async def test_an_uncontended_turn_cancelled_at_any_point_leaves_no_lock(pg_data
             assert await advisory_locks(pg_database) == 1
         assert [o.version for o in await store.retrieve(["a"])] == [1]
         assert await advisory_locks(pg_database) == 0
+
+
+class RecordingConnection(psycopg.AsyncConnection[Any]):
+    """A real connection that notes, in `EVENTS`, when a turn asks for its lock (the only
+    pipeline the repository opens) and when a COMMIT comes back, with the task's name."""
+
+    async def commit(self) -> None:
+        await super().commit()
+        EVENTS.append(("commit answered", current_name()))
+
+    def pipeline(self) -> Any:
+        EVENTS.append(("lock asked", current_name()))
+        return super().pipeline()
+
+
+EVENTS: list[tuple[str, str]] = []
+
+
+def current_name() -> str:
+    task = asyncio.current_task()
+    return "" if task is None else task.get_name()
+
+
+def recording_pool(dsn: str) -> AsyncConnectionPool[Any]:
+    return AsyncConnectionPool(
+        dsn,
+        min_size=2,
+        max_size=2,
+        kwargs={"autocommit": True},
+        connection_class=RecordingConnection,
+        open=False,
+    )
+
+
+async def two_rounds(store: PostgresRepository[DemoOrder]) -> tuple[asyncio.Task[None], ...]:
+    """Tasks "first" and "second", each a round on aggregate "a": the second starts waiting
+    for the turn while the first holds it, then the first's block ends (as this returns)."""
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def a_round(holds: bool) -> None:
+        async with store.turn("a"):
+            if holds:
+                inside.set()
+                await go.wait()
+
+    first = asyncio.create_task(a_round(True), name="first")
+    await inside.wait()
+    second = asyncio.create_task(a_round(False), name="second")
+    await asyncio.sleep(0)  # one event-loop step: the second round now waits for the turn
+    go.set()
+    return first, second
+
+
+async def test_the_next_round_asks_for_the_lock_while_the_last_one_commits(pg_database):
+    """A round of this process waiting for an aggregate asks the database for its lock as
+    the round before it ends its block, not a round trip later, when that round's COMMIT is
+    back: rounds on a contended aggregate follow each other sooner."""
+    EVENTS.clear()
+    async with recording_pool(pg_database) as pool, PostgresRepository(pool, DemoOrder) as store:
+        await pool.wait()  # both connections made: no round waits for one
+        await store.persist(DemoOrder(id="a"))
+        EVENTS.clear()
+        await asyncio.gather(*await two_rounds(store))
+        assert await advisory_locks(pg_database) == 0
+    assert EVENTS.index(("lock asked", "second")) < EVENTS.index(("commit answered", "first"))
+
+
+@pytest.mark.parametrize("cancelled", ["first", "second"])
+@pytest.mark.parametrize("steps", range(8))
+async def test_rounds_following_each_other_cancelled_at_any_point_leave_no_lock(
+    pg_database, cancelled, steps
+):
+    """Of two rounds of this process following each other on one aggregate, either one
+    cancelled at any await leaves no lock behind, the other one's round completes, and the
+    next turn and write work."""
+    async with (
+        AsyncConnectionPool(
+            pg_database, min_size=2, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=5.0) as store,
+    ):
+        await pool.wait()
+        await store.persist(DemoOrder(id="a"))
+        tasks = dict(zip(["first", "second"], await two_rounds(store), strict=True))
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        tasks[cancelled].cancel()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        survivor = "second" if cancelled == "first" else "first"
+        assert results[list(tasks).index(survivor)] is None
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+        assert stored.version == 2
+        assert await advisory_locks(pg_database) == 0

@@ -9,6 +9,14 @@ it is a repeat of the command that won.
 Any number of event loops, one after another or at once on several threads, can use one
 repository given a DSN: it keeps a pool per loop (`_postgres_pools`).
 
+Connections: each operation (a read, a write, a response lookup) checks a connection out of
+the running loop's pool for itself, runs on it, and gives it back before it returns
+(`_Checkout`); a connection is never held between operations, nor by two tasks at once. A
+resolution round (`turn`) holds one more connection for its whole block: a transaction holding
+the aggregate's advisory lock, which its COMMIT releases. This process's turn for the
+aggregate (`PROCESS_TURNS`), taken before it, passes to the next round of this process as the
+block ends; that round asks for the advisory lock meanwhile and gets it once the COMMIT lands.
+
 psycopg is imported when a repository is built, so `cqrs_resilience.stores` imports without it.
 """
 
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -335,11 +343,13 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
         """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then a
-        transaction-level advisory lock on a pooled connection, held while the block runs."""
+        transaction-level advisory lock on a pooled connection, held while the block runs
+        (the process's turn passes on as the block ends, the lock with the COMMIT after)."""
         key = self._codec.key(aggregate_id)
         lock = {"id": key, "lock_timeout": f"{self.lock_timeout}s"}
+        process_turn = _ProcessTurn(PROCESS_TURNS.turn((id(self), aggregate_id)))
         async with (
-            PROCESS_TURNS.turn((id(self), aggregate_id)),
+            process_turn,
             self._cursor(f"waiting to resolve a conflict on aggregate {aggregate_id!r}") as cur,
         ):
             conn = cur.connection
@@ -356,6 +366,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                     yield
                 finally:
                     _HELD.reset(token)
+                await process_turn.release()  # the next round may ask for the lock now
                 await conn.commit()
             except BaseException:
                 # The lock ends with the transaction. A connection left in one (the rollback
@@ -461,6 +472,31 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """`async with`: a tuple-row cursor on a pooled connection, for one operation; errors
         name `doing` (see `_Checkout`)."""
         return _Checkout(self, doing)
+
+
+class _ProcessTurn:
+    """This process's turn for one aggregate, which a round gives up as soon as its block
+    ends, before its COMMIT: the next round of this process asks for the database's lock
+    meanwhile and gets it as that COMMIT releases it. The database's lock keeps the two
+    apart; what the next round saves is a round trip of waiting on a contended aggregate."""
+
+    __slots__ = ("_held", "_turn")
+
+    def __init__(self, turn: AbstractAsyncContextManager[Any]) -> None:
+        self._turn = turn
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        await self._turn.__aenter__()
+        self._held = True
+
+    async def release(self) -> None:
+        if self._held:
+            self._held = False
+            await self._turn.__aexit__(None, None, None)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.release()
 
 
 class _Checkout:
