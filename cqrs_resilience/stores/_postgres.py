@@ -23,9 +23,10 @@ psycopg is imported when a repository is built, so `cqrs_resilience.stores` impo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._clock import SYSTEM_CLOCK, Clock
@@ -136,9 +137,9 @@ _CLAIMED = """claimed AS (INSERT INTO command_responses (command_id, fingerprint
 """
 _WRITE = _WRITE_TEMPLATE.format(claimed="")
 _WRITE_CLAIMING = _WRITE_TEMPLATE.format(claimed="    " + _CLAIMED.strip() + "\n")
-# The (store, key) pairs whose resolution turn this task (and the tasks it starts) holds.
-_HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
-    "cqrs_resilience.postgres_turns", default=frozenset()
+# The resolution rounds this task (and the tasks it starts) holds, by (store, key).
+_HELD: ContextVar[Mapping[tuple[int, str], _Round]] = ContextVar(
+    "cqrs_resilience.postgres_turns", default=MappingProxyType({})
 )
 # The newest row of each id: one index probe per id, however long its history. PostgreSQL
 # plans it anew on every execution (a generic plan cannot know the array's length).
@@ -295,17 +296,29 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         if not wanted:
             return []
         keys = list(dict.fromkeys(key for _, key in wanted))
-        async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
-            if len(keys) == 1:
-                # One id (a command's read): a statement PostgreSQL plans once for all ids,
-                # where `_LATEST`'s array makes it plan again on every execution.
-                await cur.execute(_LATEST_STATE, {"id": keys[0]})
-                row = await cur.fetchone()
-                rows = {} if row is None else {keys[0]: row}
-            else:
+        if len(keys) == 1:
+            row = await self._latest(keys[0], len(wanted))
+            rows = {} if row is None else {keys[0]: row}
+        else:
+            async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
                 await cur.execute(_LATEST, (keys,))
                 rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
+
+    async def _latest(self, key: str, asked: int) -> tuple[int, bytes] | None:
+        """The latest (version, state) stored under `key`, or None: as a round this task holds
+        on it read it with its lock, if the round has not read or written it since (no
+        round trip); else read now."""
+        held = _HELD.get().get((id(self), key))
+        if held is not None and held.unread:
+            held.unread = False
+            return held.latest
+        async with self._cursor(f"retrieve of {asked} aggregate(s)") as cur:
+            # A statement PostgreSQL plans once for all ids, where `_LATEST`'s array makes it
+            # plan again on every execution.
+            await cur.execute(_LATEST_STATE, {"id": key})
+            row: tuple[int, bytes] | None = await cur.fetchone()
+        return row
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         if not self._codec.storable_version(version) or not self._codec.storable_id(aggregate_id):
@@ -354,17 +367,20 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         ):
             conn = cur.connection
             try:
-                # BEGIN and the lock in one round trip, which ends with the pipeline (held
-                # from then on); COMMIT in one more. psycopg's `transaction()` would make it
-                # three: it waits for BEGIN on its own.
+                # BEGIN, the lock and a read of the aggregate in one round trip, which ends
+                # with the pipeline (the lock held from then on); COMMIT in one more.
+                # psycopg's `transaction()` would make it more: it waits for BEGIN on its own.
                 async with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg begins one itself
                         await cur.execute("BEGIN")
                     await cur.execute(_TURN_LOCK, lock)
-                token = _HELD.set(_HELD.get() | {(id(self), key)})
+                    await cur.execute(_LATEST_STATE, {"id": key})
+                held = _Round(await cur.fetchone())
+                token = _HELD.set({**_HELD.get(), (id(self), key): held})
                 try:
                     yield
                 finally:
+                    held.unread = False  # a task started in the block may outlive it
                     _HELD.reset(token)
                 await process_turn.release()  # the next round may ask for the lock now
                 await conn.commit()
@@ -386,7 +402,10 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         args.setdefault("seq", None)
         args.setdefault("fingerprint", None)
         args["whole"] = recorded is not None and recorded.whole_command
-        args["in_turn"] = (id(self), key) in _HELD.get()
+        held = _HELD.get().get((id(self), key))
+        if held is not None:
+            held.unread = False  # this write makes what the round read under its lock stale
+        args["in_turn"] = held is not None
         args["oldest"] = self.retention.oldest_kept(expected + 1)
         claim = claim_of(recorded, self)
         write = _WRITE
@@ -472,6 +491,20 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """`async with`: a tuple-row cursor on a pooled connection, for one operation; errors
         name `doing` (see `_Checkout`)."""
         return _Checkout(self, doing)
+
+
+class _Round:
+    """A resolution round this process holds on one aggregate, and the aggregate's latest
+    (version, state) as the round read it with its lock (None: not stored), `unread` until the
+    round reads or writes the aggregate. While the round holds the lock, no other writer can
+    store a version of the aggregate (a first attempt's write tries the lock, another round
+    waits for it), so until the round writes it, that row is what a read would return."""
+
+    __slots__ = ("latest", "unread")
+
+    def __init__(self, latest: tuple[int, bytes] | None) -> None:
+        self.latest = latest
+        self.unread = True
 
 
 class _ProcessTurn:
