@@ -342,3 +342,138 @@ async def test_rounds_following_each_other_cancelled_at_any_point_leave_no_lock(
         stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
         assert stored.version == 2
         assert await advisory_locks(pg_database) == 0
+
+
+async def test_a_round_reads_its_aggregate_in_the_round_trip_that_takes_the_lock(
+    pg_database, tmp_path
+):
+    """A round that reads its aggregate and writes it costs three round trips: the lock with
+    the read, the write, the COMMIT (the read needs none of its own)."""
+    trace = tmp_path / "trace"
+    async with (
+        AsyncConnectionPool(
+            pg_database, min_size=2, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool,
+        PostgresRepository(pool, DemoOrder) as store,
+    ):
+        await pool.wait()
+        await store.persist(DemoOrder(id="a"))
+        with trace.open("w") as out:
+            conns = [await pool.getconn() for _ in range(2)]
+            for conn in conns:
+                conn.pgconn.trace(out.fileno())
+                await pool.putconn(conn)
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
+            conns = [await pool.getconn() for _ in range(2)]
+            for conn in conns:
+                conn.pgconn.untrace()
+                await pool.putconn(conn)
+        [order] = await store.retrieve(["a"])
+    assert order.version == 2
+    assert round_trips_in(trace) == 3
+
+
+async def test_a_read_in_a_round_after_its_write_sees_the_write(pg_database):
+    """In a round, a read of the aggregate after the round wrote it returns what was written,
+    not the state the round found when it took the lock."""
+    async with PostgresRepository(pg_database, DemoOrder) as store:
+        await store.persist(DemoOrder(id="a"))
+        async with store.turn("a"):
+            await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+            [order] = await store.retrieve(["a"])
+        assert (order.version, order.items) == (2, [{"id": "x"}])
+
+
+async def test_a_task_started_in_a_round_reads_afresh_once_the_round_ended(pg_database):
+    """A task started in a round that reads the aggregate after the round ended (and another
+    writer wrote it) reads what is stored then, not what the round found."""
+    async with (
+        PostgresRepository(pg_database, DemoOrder) as store,
+        PostgresRepository(pg_database, DemoOrder) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        ended = asyncio.Event()
+
+        async def read_later() -> DemoOrder:
+            await ended.wait()
+            [order] = await store.retrieve(["a"])
+            return order
+
+        async with store.turn("a"):
+            late = asyncio.create_task(read_later())
+        await other.persist(DemoOrder(id="a", version=1, items=[{"id": "y"}]))
+        ended.set()
+        order = await late
+    assert (order.version, order.items) == (2, [{"id": "y"}])
+
+
+def test_rounds_on_two_event_loops_each_read_the_others_writes(pg_database):
+    """Rounds on one aggregate from two event loops on two threads each read, in the round,
+    what the other loop's last round wrote: every write succeeds at the version it read."""
+    store = PostgresRepository(pg_database, DemoOrder, lock_timeout=30.0)
+    asyncio.run(store.persist(DemoOrder(id="a")))
+    failures: list[BaseException] = []
+
+    async def rounds(tag: str) -> None:
+        for n in range(15):
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                items = [*order.items, {"id": f"{tag}{n}"}]
+                await store.persist(DemoOrder(id="a", version=order.version, items=items))
+
+    def run(tag: str) -> None:
+        try:
+            asyncio.run(rounds(tag))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in "xy"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    async def stored() -> DemoOrder:
+        [order] = await store.retrieve(["a"])
+        await store.close()
+        return order
+
+    order = asyncio.run(stored())
+    assert failures == []
+    assert order.version == 31
+    assert sorted(item["id"] for item in order.items) == sorted(
+        f"{tag}{n}" for tag in "xy" for n in range(15)
+    )
+
+
+@pytest.mark.parametrize("steps", range(10))
+async def test_a_round_reading_and_writing_cancelled_at_any_point_leaves_the_next_one_fresh(
+    pg_database, steps
+):
+    """A round cancelled at any await while it reads and writes its aggregate leaves no lock,
+    and the next round reads what is stored, whether the cancelled write landed or not."""
+    async with PostgresRepository(pg_database, DemoOrder, max_size=2, lock_timeout=5.0) as store:
+        await store.persist(DemoOrder(id="a"))
+
+        async def a_round() -> None:
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
+
+        task = asyncio.create_task(a_round())
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await advisory_locks(pg_database) == 0
+        async with PostgresRepository(pg_database, DemoOrder) as other:
+            [stored] = await other.retrieve(["a"])
+        async with store.turn("a"):
+            [order] = await store.retrieve(["a"])
+            assert order == stored
+            again = await store.persist(DemoOrder(id="a", version=order.version))
+        assert again.version == stored.version + 1
+        assert await advisory_locks(pg_database) == 0
