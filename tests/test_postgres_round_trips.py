@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from cqrs_resilience import FakeClock, TransientError
+from cqrs_resilience import TransientError
 from cqrs_resilience._demo import DemoOrder
 from cqrs_resilience.stores import PostgresRepository
 
@@ -477,35 +477,3 @@ async def test_a_round_reading_and_writing_cancelled_at_any_point_leaves_the_nex
             again = await store.persist(DemoOrder(id="a", version=order.version))
         assert again.version == stored.version + 1
         assert await advisory_locks(pg_database) == 0
-
-
-def test_a_repository_given_a_dsn_has_its_statements_planned_once(pg_database):
-    """A repository given a DSN has PostgreSQL plan its reads and writes once per
-    connection, not again on every execution (planning the write cost more than running
-    it), and pruning expired records still works."""
-
-    clock = FakeClock(start=1_000_000.0)
-
-    async def main() -> list[tuple[str, int, int]]:
-        async with PostgresRepository(
-            pg_database, DemoOrder, max_size=1, keep_commands_s=100.0, clock=clock
-        ) as store:
-            order = await store.persist(DemoOrder(id="a"))
-            for n in range(12):
-                [order] = await store.retrieve(["a"])
-                order = await store.persist(
-                    DemoOrder(id="a", version=order.version), command_id=f"c{n}"
-                )
-                clock.now += 50.0
-            assert order.version == 13
-            assert not await store.was_processed("c0", "a")  # pruned by a later write
-            assert await store.was_processed("c11", "a")
-            async with store._cursor("reading the plans") as cur:
-                await cur.execute(
-                    "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
-                )
-                return await cur.fetchall()
-
-    plans = asyncio.run(main())
-    assert any("aggregate_versions" in statement for statement, _, _ in plans)
-    assert [(s, custom) for s, _, custom in plans if custom] == []

@@ -428,9 +428,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         cutoff = self.retention.records_cutoff(now)
         if cutoff is not None:
             prune = {"cutoff": cutoff, "batch": PRUNE_BATCH, "now": now}
-            # Its values written in, it is planned for them, where a plan made once for any
-            # time (`_postgres_pools._PLAN_ONCE`) could scan whole tables for a few records.
-            await cur.execute(_with_values(cur, _PRUNE_RECORDS, prune), prepare=False)
+            await cur.execute(_PRUNE_RECORDS, prune)
         if inserted is not None:
             return Outcome("stored", inserted)
         return Outcome("conflict", latest)
@@ -561,11 +559,7 @@ class _Checkout:
             conn = self._conn = await pool.getconn()
         except repository._driver_error as exc:
             raise self._mapped(exc) from exc
-        try:
-            return await cursor_of(conn)
-        except BaseException as exc:  # the connection goes back (a driver error mapped)
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
+        return cursor_of(conn)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any
@@ -604,13 +598,6 @@ def _parse_dsn(dsn: str) -> dict[str, Any]:
     raise StoreConfigurationError(
         "invalid PostgreSQL connection string (not shown: it may hold a password)"
     )
-
-
-def _with_values(cur: Cursor, statement: str, args: dict[str, Any]) -> str:
-    """`statement` with `args` written in as literals, by psycopg's client-side binding."""
-    from psycopg import AsyncClientCursor
-
-    return AsyncClientCursor(cur.connection).mogrify(statement, args)
 
 
 def _in_transaction() -> tuple[Any, ...]:

@@ -14,9 +14,8 @@ is done on its own loop.
 
 A connection of our pools keeps one cursor for the repository's statements (`cursor_of`): a
 new cursor per statement would look up and build the driver's adapters for every parameter
-again. On its first use, it has the session plan each prepared statement once. The cursor is
-only ever used by whoever holds its connection, one task at a time, and goes with the
-connection when the pool closes it.
+again. The cursor is only ever used by whoever holds its connection, one task at a time, and
+goes with the connection when the pool closes it.
 """
 
 from __future__ import annotations
@@ -160,30 +159,17 @@ def _pool_type() -> type[Pool]:
     return CancellablePool
 
 
-async def cursor_of(conn: AsyncConnection[Any]) -> Cursor:
+def cursor_of(conn: AsyncConnection[Any]) -> Cursor:
     """A tuple-row cursor on `conn`, for the holder of the connection: the one it keeps if it
-    is a connection of our pools (made, with `_PLAN_ONCE`, on its first use), else a new one
-    (a pool passed in makes its own kind, and its sessions' settings are the caller's)."""
+    is a connection of our pools, else a new one (a pool passed in makes its own kind)."""
     cursor: Cursor | None = getattr(conn, "store_cursor", None)
-    if cursor is not None:
-        return cursor
-    from psycopg.rows import tuple_row
+    if cursor is None:
+        from psycopg.rows import tuple_row
 
-    cursor = conn.cursor(row_factory=tuple_row)
-    if isinstance(conn, _connection_type()):
-        if conn.info.server_version >= 120000:  # PostgreSQL 12 has plan_cache_mode
-            await cursor.execute(_PLAN_ONCE)
-        cast("_KeepsCursor", conn).store_cursor = cursor
+        cursor = conn.cursor(row_factory=tuple_row)
+        if isinstance(conn, _connection_type()):
+            cast("_KeepsCursor", conn).store_cursor = cursor
     return cursor
-
-
-# PostgreSQL's default (`auto`) kept planning the write anew on every execution: a plan for
-# any parameters looked no cheaper to it than one for these, though the write, as every
-# statement the repository sends with parameters, looks rows up by key, and the same index
-# lookups serve every key. Planning was about 40% of the server's CPU per write and read.
-# The one statement whose best plan depends on its values, the pruning of expired records (a
-# range of times), goes with its values written in (`_postgres.py`).
-_PLAN_ONCE = "SET plan_cache_mode = force_generic_plan"
 
 
 class _KeepsCursor(Protocol):
