@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from cqrs_resilience import TransientError
+from cqrs_resilience import ConcurrencyError, TransientError
 from cqrs_resilience._demo import DemoOrder
 from cqrs_resilience.stores import PostgresRepository
 
@@ -477,3 +477,29 @@ async def test_a_round_reading_and_writing_cancelled_at_any_point_leaves_the_nex
             again = await store.persist(DemoOrder(id="a", version=order.version))
         assert again.version == stored.version + 1
         assert await advisory_locks(pg_database) == 0
+
+
+async def test_a_task_started_in_a_round_writes_as_a_first_attempt_once_the_round_ended(
+    pg_database,
+):
+    """A task started in a round that writes the aggregate after the round ended, while
+    another process's round holds it, gets a conflict instead of writing past that round."""
+    async with (
+        PostgresRepository(pg_database, DemoOrder) as store,
+        PostgresRepository(pg_database, DemoOrder, lock_timeout=5.0) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        ended = asyncio.Event()
+
+        async def write_later() -> DemoOrder:
+            await ended.wait()
+            return await store.persist(DemoOrder(id="a", version=1, items=[{"id": "late"}]))
+
+        async with store.turn("a"):
+            late = asyncio.create_task(write_later())
+        async with other.turn("a"):
+            ended.set()
+            with pytest.raises(ConcurrencyError):
+                await late
+        [order] = await store.retrieve(["a"])
+    assert order.version == 1

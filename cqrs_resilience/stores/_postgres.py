@@ -309,7 +309,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         """The latest (version, state) stored under `key`, or None: as a round this task holds
         on it read it with its lock, if the round has not read or written it since (no
         round trip); else read now."""
-        held = _HELD.get().get((id(self), key))
+        held = self._round(key)
         if held is not None and held.unread:
             held.unread = False
             return held.latest
@@ -346,7 +346,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
 
         # A first attempt yields to a round of this process on the same aggregate (a round
         # elsewhere is found by the write's try-lock).
-        yields = (id(self), self._codec.key(aggregate.id)) not in _HELD.get() and (
+        yields = self._round(self._codec.key(aggregate.id)) is None and (
             PROCESS_TURNS.held((id(self), aggregate.id))
         )
         return await persist_checked(
@@ -380,7 +380,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 try:
                     yield
                 finally:
-                    held.unread = False  # a task started in the block may outlive it
+                    held.end()
                     _HELD.reset(token)
                 await process_turn.release()  # the next round may ask for the lock now
                 await conn.commit()
@@ -402,7 +402,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         args.setdefault("seq", None)
         args.setdefault("fingerprint", None)
         args["whole"] = recorded is not None and recorded.whole_command
-        held = _HELD.get().get((id(self), key))
+        held = self._round(key)
         if held is not None:
             held.unread = False  # this write makes what the round read under its lock stale
         args["in_turn"] = held is not None
@@ -487,6 +487,12 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             await cur.execute(_WAS_PROCESSED, args)
             return await cur.fetchone() is not None
 
+    def _round(self, key: str) -> _Round | None:
+        """The resolution round on `key` this task runs in (or a task that started it), while
+        the round runs: a task started in a round that outlives it writes as anyone else."""
+        held = _HELD.get().get((id(self), key))
+        return held if held is not None and held.running else None
+
     def _cursor(self, doing: str) -> _Checkout:
         """`async with`: a tuple-row cursor on a pooled connection, for one operation; errors
         name `doing` (see `_Checkout`)."""
@@ -494,17 +500,22 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
 
 
 class _Round:
-    """A resolution round this process holds on one aggregate, and the aggregate's latest
-    (version, state) as the round read it with its lock (None: not stored), `unread` until the
-    round reads or writes the aggregate. While the round holds the lock, no other writer can
-    store a version of the aggregate (a first attempt's write tries the lock, another round
-    waits for it), so until the round writes it, that row is what a read would return."""
+    """A resolution round this process holds on one aggregate, `running` until its block
+    ends, and the aggregate's latest (version, state) as the round read it with its lock
+    (None: not stored), `unread` until the round reads or writes the aggregate or ends. While
+    the round holds the lock, no other writer can store a version of the aggregate (a first
+    attempt's write tries the lock, another round waits for it), so until the round writes
+    it, that row is what a read would return."""
 
-    __slots__ = ("latest", "unread")
+    __slots__ = ("latest", "running", "unread")
 
     def __init__(self, latest: tuple[int, bytes] | None) -> None:
         self.latest = latest
         self.unread = True
+        self.running = True  # a task started in the round may outlive it
+
+    def end(self) -> None:
+        self.unread = self.running = False
 
 
 class _ProcessTurn:
