@@ -4,6 +4,7 @@ on it and closed with it (see the top of `cqrs_resilience/stores/_postgres_pools
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -12,7 +13,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from cqrs_resilience import ConflictConfig, ConflictResolutionPolicy, HookRegistry
+from cqrs_resilience import (
+    ConflictConfig,
+    ConflictResolutionPolicy,
+    HookRegistry,
+    VersionPrunedError,
+)
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 from cqrs_resilience.stores import PostgresRepository, StoreConfigurationError
 
@@ -189,3 +195,80 @@ def test_an_event_loop_ends_while_the_pool_is_connecting():
             connecting.set()
             thread.join(BOUND_S)
         assert ended.is_set(), "asyncio.run never ended: a pool worker swallowed its cancel"
+
+
+def test_a_pooled_connection_keeps_one_cursor_for_every_statement(pg_database, monkeypatch):
+    """A repository given a DSN runs its statements through one cursor per pooled
+    connection: the driver sets up the adapters of its parameters once per connection, not
+    once per statement."""
+    made: list[int] = []
+    cursor = psycopg.AsyncConnection.cursor
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        made.append(1)
+        return cursor(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "cursor", counted)
+
+    async def main() -> None:
+        async with PostgresRepository(pg_database, DemoOrder, min_size=1, max_size=2) as store:
+            order = await store.persist(DemoOrder(id="a"))
+            for n in range(15):
+                [order] = await store.retrieve(["a"])
+                order = await store.persist(DemoOrder(id="a", version=order.version, items=[]))
+                assert order.version == n + 2
+
+    asyncio.run(main())
+    assert 1 <= len(made) <= 2 + 1  # one per connection, and the schema check's own
+
+
+@pytest.mark.parametrize("steps", range(10))
+def test_a_read_and_write_cancelled_at_any_point_leave_the_pool_serving(pg_database, steps):
+    """A read and a write cancelled at any await, through a pool of one connection, leave
+    it serving the next read and write, which see every write that was acknowledged."""
+
+    async def main() -> None:
+        async with PostgresRepository(pg_database, DemoOrder, max_size=1) as store:
+            await store.persist(DemoOrder(id="a"))
+
+            async def read_and_write() -> None:
+                [order] = await store.retrieve(["a"])
+                await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
+
+            task = asyncio.create_task(read_and_write())
+            for _ in range(steps):
+                await asyncio.sleep(0)  # one event-loop step, not a wait for time
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            [order] = await asyncio.wait_for(store.retrieve(["a"]), BOUND_S)
+            assert order.version in (1, 2)
+            stored = await store.persist(DemoOrder(id="a", version=order.version))
+            assert stored.version == order.version + 1
+            [again] = await store.retrieve(["a"])
+            assert again == stored
+
+    asyncio.run(main())
+
+
+def test_a_pool_not_in_autocommit_gets_its_connections_back_idle(pg_database, caplog):
+    """On a pool passed in whose connections are not in autocommit, each read's transaction
+    ends with it, also when the read fails: the pool gets every connection back idle, with
+    nothing to roll back itself."""
+    from psycopg_pool import AsyncConnectionPool
+
+    async def main() -> None:
+        async with (
+            AsyncConnectionPool(pg_database, min_size=1, max_size=1, open=False) as pool,
+            PostgresRepository(pool, DemoOrder, keep_versions=1) as store,
+        ):
+            await store.persist(DemoOrder(id="a"))
+            await store.persist(DemoOrder(id="a", version=1))
+            assert [o.version for o in await store.retrieve(["a"])] == [2]
+            with pytest.raises(VersionPrunedError):  # raised in the read's transaction
+                await store.retrieve_version("a", 1)
+            async with pool.connection() as conn:
+                assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+    asyncio.run(main())
+    assert not [r for r in caplog.records if "rolling back" in r.getMessage()]

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from cqrs_resilience import TransientError
+from cqrs_resilience import ConcurrencyError, TransientError
 from cqrs_resilience._demo import DemoOrder
 from cqrs_resilience.stores import PostgresRepository
 
@@ -246,3 +246,260 @@ async def test_an_uncontended_turn_cancelled_at_any_point_leaves_no_lock(pg_data
             assert await advisory_locks(pg_database) == 1
         assert [o.version for o in await store.retrieve(["a"])] == [1]
         assert await advisory_locks(pg_database) == 0
+
+
+class RecordingConnection(psycopg.AsyncConnection[Any]):
+    """A real connection that notes, in `EVENTS`, when a turn asks for its lock (the only
+    pipeline the repository opens) and when a COMMIT comes back, with the task's name."""
+
+    async def commit(self) -> None:
+        await super().commit()
+        EVENTS.append(("commit answered", current_name()))
+
+    def pipeline(self) -> Any:
+        EVENTS.append(("lock asked", current_name()))
+        return super().pipeline()
+
+
+EVENTS: list[tuple[str, str]] = []
+
+
+def current_name() -> str:
+    task = asyncio.current_task()
+    return "" if task is None else task.get_name()
+
+
+def recording_pool(dsn: str) -> AsyncConnectionPool[Any]:
+    return AsyncConnectionPool(
+        dsn,
+        min_size=2,
+        max_size=2,
+        kwargs={"autocommit": True},
+        connection_class=RecordingConnection,
+        open=False,
+    )
+
+
+async def two_rounds(store: PostgresRepository[DemoOrder]) -> tuple[asyncio.Task[None], ...]:
+    """Tasks "first" and "second", each a round on aggregate "a": the second starts waiting
+    for the turn while the first holds it, then the first's block ends (as this returns)."""
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def a_round(holds: bool) -> None:
+        async with store.turn("a"):
+            if holds:
+                inside.set()
+                await go.wait()
+
+    first = asyncio.create_task(a_round(True), name="first")
+    await inside.wait()
+    second = asyncio.create_task(a_round(False), name="second")
+    await asyncio.sleep(0)  # one event-loop step: the second round now waits for the turn
+    go.set()
+    return first, second
+
+
+async def test_the_next_round_asks_for_the_lock_while_the_last_one_commits(pg_database):
+    """A round of this process waiting for an aggregate asks the database for its lock as
+    the round before it ends its block, not a round trip later, when that round's COMMIT is
+    back: rounds on a contended aggregate follow each other sooner."""
+    EVENTS.clear()
+    async with recording_pool(pg_database) as pool, PostgresRepository(pool, DemoOrder) as store:
+        await pool.wait()  # both connections made: no round waits for one
+        await store.persist(DemoOrder(id="a"))
+        EVENTS.clear()
+        await asyncio.gather(*await two_rounds(store))
+        assert await advisory_locks(pg_database) == 0
+    assert EVENTS.index(("lock asked", "second")) < EVENTS.index(("commit answered", "first"))
+
+
+@pytest.mark.parametrize("cancelled", ["first", "second"])
+@pytest.mark.parametrize("steps", range(8))
+async def test_rounds_following_each_other_cancelled_at_any_point_leave_no_lock(
+    pg_database, cancelled, steps
+):
+    """Of two rounds of this process following each other on one aggregate, either one
+    cancelled at any await leaves no lock behind, the other one's round completes, and the
+    next turn and write work."""
+    async with (
+        AsyncConnectionPool(
+            pg_database, min_size=2, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool,
+        PostgresRepository(pool, DemoOrder, lock_timeout=5.0) as store,
+    ):
+        await pool.wait()
+        await store.persist(DemoOrder(id="a"))
+        tasks = dict(zip(["first", "second"], await two_rounds(store), strict=True))
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        tasks[cancelled].cancel()
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        survivor = "second" if cancelled == "first" else "first"
+        assert results[list(tasks).index(survivor)] is None
+        assert await advisory_locks(pg_database) == 0
+        async with store.turn("a"):
+            assert await advisory_locks(pg_database) == 1
+        stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+        assert stored.version == 2
+        assert await advisory_locks(pg_database) == 0
+
+
+async def test_a_round_reads_its_aggregate_in_the_round_trip_that_takes_the_lock(
+    pg_database, tmp_path
+):
+    """A round that reads its aggregate and writes it costs three round trips: the lock with
+    the read, the write, the COMMIT (the read needs none of its own)."""
+    trace = tmp_path / "trace"
+    async with (
+        AsyncConnectionPool(
+            pg_database, min_size=2, max_size=2, kwargs={"autocommit": True}, open=False
+        ) as pool,
+        PostgresRepository(pool, DemoOrder) as store,
+    ):
+        await pool.wait()
+        await store.persist(DemoOrder(id="a"))
+        with trace.open("w") as out:
+            conns = [await pool.getconn() for _ in range(2)]
+            for conn in conns:
+                conn.pgconn.trace(out.fileno())
+                await pool.putconn(conn)
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
+            conns = [await pool.getconn() for _ in range(2)]
+            for conn in conns:
+                conn.pgconn.untrace()
+                await pool.putconn(conn)
+        [order] = await store.retrieve(["a"])
+    assert order.version == 2
+    assert round_trips_in(trace) == 3
+
+
+async def test_a_read_in_a_round_after_its_write_sees_the_write(pg_database):
+    """In a round, a read of the aggregate after the round wrote it returns what was written,
+    not the state the round found when it took the lock."""
+    async with PostgresRepository(pg_database, DemoOrder) as store:
+        await store.persist(DemoOrder(id="a"))
+        async with store.turn("a"):
+            await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+            [order] = await store.retrieve(["a"])
+        assert (order.version, order.items) == (2, [{"id": "x"}])
+
+
+async def test_a_task_started_in_a_round_reads_afresh_once_the_round_ended(pg_database):
+    """A task started in a round that reads the aggregate after the round ended (and another
+    writer wrote it) reads what is stored then, not what the round found."""
+    async with (
+        PostgresRepository(pg_database, DemoOrder) as store,
+        PostgresRepository(pg_database, DemoOrder) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        ended = asyncio.Event()
+
+        async def read_later() -> DemoOrder:
+            await ended.wait()
+            [order] = await store.retrieve(["a"])
+            return order
+
+        async with store.turn("a"):
+            late = asyncio.create_task(read_later())
+        await other.persist(DemoOrder(id="a", version=1, items=[{"id": "y"}]))
+        ended.set()
+        order = await late
+    assert (order.version, order.items) == (2, [{"id": "y"}])
+
+
+def test_rounds_on_two_event_loops_each_read_the_others_writes(pg_database):
+    """Rounds on one aggregate from two event loops on two threads each read, in the round,
+    what the other loop's last round wrote: every write succeeds at the version it read."""
+    store = PostgresRepository(pg_database, DemoOrder, lock_timeout=30.0)
+    asyncio.run(store.persist(DemoOrder(id="a")))
+    failures: list[BaseException] = []
+
+    async def rounds(tag: str) -> None:
+        for n in range(15):
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                items = [*order.items, {"id": f"{tag}{n}"}]
+                await store.persist(DemoOrder(id="a", version=order.version, items=items))
+
+    def run(tag: str) -> None:
+        try:
+            asyncio.run(rounds(tag))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(tag,)) for tag in "xy"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    async def stored() -> DemoOrder:
+        [order] = await store.retrieve(["a"])
+        await store.close()
+        return order
+
+    order = asyncio.run(stored())
+    assert failures == []
+    assert order.version == 31
+    assert sorted(item["id"] for item in order.items) == sorted(
+        f"{tag}{n}" for tag in "xy" for n in range(15)
+    )
+
+
+@pytest.mark.parametrize("steps", range(10))
+async def test_a_round_reading_and_writing_cancelled_at_any_point_leaves_the_next_one_fresh(
+    pg_database, steps
+):
+    """A round cancelled at any await while it reads and writes its aggregate leaves no lock,
+    and the next round reads what is stored, whether the cancelled write landed or not."""
+    async with PostgresRepository(pg_database, DemoOrder, max_size=2, lock_timeout=5.0) as store:
+        await store.persist(DemoOrder(id="a"))
+
+        async def a_round() -> None:
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
+
+        task = asyncio.create_task(a_round())
+        for _ in range(steps):
+            await asyncio.sleep(0)  # one event-loop step, not a wait for time
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert await advisory_locks(pg_database) == 0
+        async with PostgresRepository(pg_database, DemoOrder) as other:
+            [stored] = await other.retrieve(["a"])
+        async with store.turn("a"):
+            [order] = await store.retrieve(["a"])
+            assert order == stored
+            again = await store.persist(DemoOrder(id="a", version=order.version))
+        assert again.version == stored.version + 1
+        assert await advisory_locks(pg_database) == 0
+
+
+async def test_a_task_started_in_a_round_writes_as_a_first_attempt_once_the_round_ended(
+    pg_database,
+):
+    """A task started in a round that writes the aggregate after the round ended, while
+    another process's round holds it, gets a conflict instead of writing past that round."""
+    async with (
+        PostgresRepository(pg_database, DemoOrder) as store,
+        PostgresRepository(pg_database, DemoOrder, lock_timeout=5.0) as other,
+    ):
+        await store.persist(DemoOrder(id="a"))
+        ended = asyncio.Event()
+
+        async def write_later() -> DemoOrder:
+            await ended.wait()
+            return await store.persist(DemoOrder(id="a", version=1, items=[{"id": "late"}]))
+
+        async with store.turn("a"):
+            late = asyncio.create_task(write_later())
+        async with other.turn("a"):
+            ended.set()
+            with pytest.raises(ConcurrencyError):
+                await late
+        [order] = await store.retrieve(["a"])
+    assert order.version == 1

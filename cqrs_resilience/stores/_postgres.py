@@ -9,15 +9,24 @@ it is a repeat of the command that won.
 Any number of event loops, one after another or at once on several threads, can use one
 repository given a DSN: it keeps a pool per loop (`_postgres_pools`).
 
+Connections: each operation (a read, a write, a response lookup) checks a connection out of
+the running loop's pool for itself, runs on it, and gives it back before it returns
+(`_Checkout`); a connection is never held between operations, nor by two tasks at once. A
+resolution round (`turn`) holds one more connection for its whole block: a transaction holding
+the aggregate's advisory lock, which its COMMIT releases. This process's turn for the
+aggregate (`PROCESS_TURNS`), taken before it, passes to the next round of this process as the
+block ends; that round asks for the advisory lock meanwhile and gets it once the COMMIT lands.
+
 psycopg is imported when a repository is built, so `cqrs_resilience.stores` imports without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._clock import SYSTEM_CLOCK, Clock
@@ -32,11 +41,12 @@ from .._turns import PROCESS_TURNS
 from . import _sql
 from ._errors import (
     map_postgres_connect_error,
+    map_postgres_error,
     postgres_errors,
     safe_target,
 )
 from ._lifecycle import StoreLifecycle
-from ._postgres_pools import GivenPool, LoopPools
+from ._postgres_pools import GivenPool, LoopPools, cursor_of
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, AsyncCursor
@@ -128,9 +138,9 @@ _CLAIMED = """claimed AS (INSERT INTO command_responses (command_id, fingerprint
 """
 _WRITE = _WRITE_TEMPLATE.format(claimed="")
 _WRITE_CLAIMING = _WRITE_TEMPLATE.format(claimed="    " + _CLAIMED.strip() + "\n")
-# The (store, key) pairs whose resolution turn this task (and the tasks it starts) holds.
-_HELD: ContextVar[frozenset[tuple[int, str]]] = ContextVar(
-    "cqrs_resilience.postgres_turns", default=frozenset()
+# The resolution rounds this task (and the tasks it starts) holds, by (store, key).
+_HELD: ContextVar[Mapping[tuple[int, str], _Round]] = ContextVar(
+    "cqrs_resilience.postgres_turns", default=MappingProxyType({})
 )
 # The newest row of each id: one index probe per id, however long its history. PostgreSQL
 # plans it anew on every execution (a generic plan cannot know the array's length).
@@ -195,6 +205,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         self.aggregate_type = aggregate_type
         self.namespace = self._codec.namespace
         self._unique_violation = psycopg.errors.UniqueViolation
+        self._driver_error = psycopg.Error
         self._pools: LoopPools | None = None  # given a DSN: a pool per event loop
         self._given: GivenPool | None = None  # given a pool: the caller's
         if isinstance(dsn_or_pool, str):
@@ -286,17 +297,29 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         if not wanted:
             return []
         keys = list(dict.fromkeys(key for _, key in wanted))
-        async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
-            if len(keys) == 1:
-                # One id (a command's read): a statement PostgreSQL plans once for all ids,
-                # where `_LATEST`'s array makes it plan again on every execution.
-                await cur.execute(_LATEST_STATE, {"id": keys[0]})
-                row = await cur.fetchone()
-                rows = {} if row is None else {keys[0]: row}
-            else:
+        if len(keys) == 1:
+            row = await self._latest(keys[0], len(wanted))
+            rows = {} if row is None else {keys[0]: row}
+        else:
+            async with self._cursor(f"retrieve of {len(wanted)} aggregate(s)") as cur:
                 await cur.execute(_LATEST, (keys,))
                 rows = {row[0]: (row[1], row[2]) for row in await cur.fetchall()}
         return [self._codec.decode(rows[k][1], i, rows[k][0]) for i, k in wanted if k in rows]
+
+    async def _latest(self, key: str, asked: int) -> tuple[int, bytes] | None:
+        """The latest (version, state) stored under `key`, or None: as a round this task holds
+        on it read it with its lock, if the round has not read or written it since (no
+        round trip); else read now."""
+        held = self._round(key)
+        if held is not None and held.unread:
+            held.unread = False
+            return held.latest
+        async with self._cursor(f"retrieve of {asked} aggregate(s)") as cur:
+            # A statement PostgreSQL plans once for all ids, where `_LATEST`'s array makes it
+            # plan again on every execution.
+            await cur.execute(_LATEST_STATE, {"id": key})
+            row: tuple[int, bytes] | None = await cur.fetchone()
+        return row
 
     async def retrieve_version(self, aggregate_id: str, version: int) -> A | None:
         if not self._codec.storable_version(version) or not self._codec.storable_id(aggregate_id):
@@ -324,7 +347,7 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
 
         # A first attempt yields to a round of this process on the same aggregate (a round
         # elsewhere is found by the write's try-lock).
-        yields = (id(self), self._codec.key(aggregate.id)) not in _HELD.get() and (
+        yields = self._round(self._codec.key(aggregate.id)) is None and (
             PROCESS_TURNS.held((id(self), aggregate.id))
         )
         return await persist_checked(
@@ -334,27 +357,33 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
     @asynccontextmanager
     async def turn(self, aggregate_id: Any) -> AsyncIterator[None]:
         """Hold the turn to resolve a conflict on `aggregate_id`: this process's turn, then a
-        transaction-level advisory lock on a pooled connection, held while the block runs."""
+        transaction-level advisory lock on a pooled connection, held while the block runs
+        (the process's turn passes on as the block ends, the lock with the COMMIT after)."""
         key = self._codec.key(aggregate_id)
         lock = {"id": key, "lock_timeout": f"{self.lock_timeout}s"}
+        process_turn = _ProcessTurn(PROCESS_TURNS.turn((id(self), aggregate_id)))
         async with (
-            PROCESS_TURNS.turn((id(self), aggregate_id)),
+            process_turn,
             self._cursor(f"waiting to resolve a conflict on aggregate {aggregate_id!r}") as cur,
         ):
             conn = cur.connection
             try:
-                # BEGIN and the lock in one round trip, which ends with the pipeline (held
-                # from then on); COMMIT in one more. psycopg's `transaction()` would make it
-                # three: it waits for BEGIN on its own.
+                # BEGIN, the lock and a read of the aggregate in one round trip, which ends
+                # with the pipeline (the lock held from then on); COMMIT in one more.
+                # psycopg's `transaction()` would make it more: it waits for BEGIN on its own.
                 async with conn.pipeline():
                     if conn.autocommit:  # otherwise psycopg begins one itself
                         await cur.execute("BEGIN")
                     await cur.execute(_TURN_LOCK, lock)
-                token = _HELD.set(_HELD.get() | {(id(self), key)})
+                    await cur.execute(_LATEST_STATE, {"id": key})
+                held = _Round(await cur.fetchone())
+                token = _HELD.set({**_HELD.get(), (id(self), key): held})
                 try:
                     yield
                 finally:
+                    held.end()
                     _HELD.reset(token)
+                await process_turn.release()  # the next round may ask for the lock now
                 await conn.commit()
             except BaseException:
                 # The lock ends with the transaction. A connection left in one (the rollback
@@ -374,7 +403,10 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
         args.setdefault("seq", None)
         args.setdefault("fingerprint", None)
         args["whole"] = recorded is not None and recorded.whole_command
-        args["in_turn"] = (id(self), key) in _HELD.get()
+        held = self._round(key)
+        if held is not None:
+            held.unread = False  # this write makes what the round read under its lock stale
+        args["in_turn"] = held is not None
         args["oldest"] = self.retention.oldest_kept(expected + 1)
         claim = claim_of(recorded, self)
         write = _WRITE
@@ -456,20 +488,112 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
             await cur.execute(_WAS_PROCESSED, args)
             return await cur.fetchone() is not None
 
-    @asynccontextmanager
-    async def _cursor(self, doing: str) -> AsyncIterator[Cursor]:
-        """A tuple-row cursor on a pooled connection (a pool passed in may make other rows)."""
-        if self._closed:
-            raise StoreClosedError(f"PostgreSQL {self.target}: {doing}: the repository is closed")
-        pool = await self._pool_here()
-        from psycopg.rows import tuple_row
+    def _round(self, key: str) -> _Round | None:
+        """The resolution round on `key` this task runs in (or a task that started it), while
+        the round runs: a task started in a round that outlives it writes as anyone else."""
+        held = _HELD.get().get((id(self), key))
+        return held if held is not None and held.running else None
 
-        with postgres_errors(f"PostgreSQL {self.target}: {doing}"):
-            async with (
-                pool.connection() as conn,
-                conn.cursor(row_factory=tuple_row) as cur,
-            ):
-                yield cur
+    def _cursor(self, doing: str) -> _Checkout:
+        """`async with`: a tuple-row cursor on a pooled connection, for one operation; errors
+        name `doing` (see `_Checkout`)."""
+        return _Checkout(self, doing)
+
+
+class _Round:
+    """A resolution round this process holds on one aggregate, `running` until its block
+    ends, and the aggregate's latest (version, state) as the round read it with its lock
+    (None: not stored), `unread` until the round reads or writes the aggregate or ends. While
+    the round holds the lock, no other writer can store a version of the aggregate (a first
+    attempt's write tries the lock, another round waits for it), so until the round writes
+    it, that row is what a read would return."""
+
+    __slots__ = ("latest", "running", "unread")
+
+    def __init__(self, latest: tuple[int, bytes] | None) -> None:
+        self.latest = latest
+        self.unread = True
+        self.running = True  # a task started in the round may outlive it
+
+    def end(self) -> None:
+        self.unread = self.running = False
+
+
+class _ProcessTurn:
+    """This process's turn for one aggregate, which a round gives up as soon as its block
+    ends, before its COMMIT: the next round of this process asks for the database's lock
+    meanwhile and gets it as that COMMIT releases it. The database's lock keeps the two
+    apart; what the next round saves is a round trip of waiting on a contended aggregate."""
+
+    __slots__ = ("_held", "_turn")
+
+    def __init__(self, turn: AbstractAsyncContextManager[Any]) -> None:
+        self._turn = turn
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        await self._turn.__aenter__()
+        self._held = True
+
+    async def release(self) -> None:
+        if self._held:
+            self._held = False
+            await self._turn.__aexit__(None, None, None)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.release()
+
+
+class _Checkout:
+    """One operation's pooled connection: what `pool.connection()` and `async with conn`
+    together do, in one layer, which the write path pays twice a command.
+
+    The block gets a tuple-row cursor (`cursor_of`). As it ends, a connection that is not in
+    autocommit (a pool passed in) commits, or rolls back after an error, as psycopg's
+    `async with conn` does; then the connection goes back to the pool. psycopg's errors,
+    from the checkout to the return, become store errors naming what was being done.
+    """
+
+    __slots__ = ("_conn", "_doing", "_pool", "_repository")
+
+    def __init__(self, repository: PostgresRepository[Any], doing: str) -> None:
+        self._repository = repository
+        self._doing = doing
+
+    async def __aenter__(self) -> Cursor:
+        repository = self._repository
+        if repository._closed:
+            raise StoreClosedError(
+                f"PostgreSQL {repository.target}: {self._doing}: the repository is closed"
+            )
+        pool = self._pool = await repository._pool_here()
+        try:
+            conn = self._conn = await pool.getconn()
+        except repository._driver_error as exc:
+            raise self._mapped(exc) from exc
+        return cursor_of(conn)
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any
+    ) -> None:
+        conn = self._conn
+        try:
+            try:
+                if not conn.autocommit:
+                    if kind is None:
+                        await conn.commit()
+                    else:
+                        with contextlib.suppress(Exception):
+                            await conn.rollback()
+            finally:
+                await self._pool.putconn(conn)
+        except self._repository._driver_error as exc:
+            raise self._mapped(exc) from exc
+        if isinstance(error, self._repository._driver_error):
+            raise self._mapped(error) from error
+
+    def _mapped(self, error: Exception) -> Exception:
+        return map_postgres_error(error, f"PostgreSQL {self._repository.target}: {self._doing}")
 
 
 def _parse_dsn(dsn: str) -> dict[str, Any]:

@@ -11,6 +11,11 @@ the caller's (`GivenPool`): it serves the loop it was first used on, and another
 
 The map from loop to pool is read and written under a thread lock; everything done to a pool
 is done on its own loop.
+
+A connection of our pools keeps one cursor for the repository's statements (`cursor_of`): a
+new cursor per statement would look up and build the driver's adapters for every parameter
+again. The cursor is only ever used by whoever holds its connection, one task at a time, and
+goes with the connection when the pool closes it.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import types
 import weakref
 from collections.abc import AsyncGenerator
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 from .._errors import StoreClosedError, StoreConfigurationError
 from ._errors import postgres_errors
 
 if TYPE_CHECKING:
+    from psycopg import AsyncConnection, AsyncCursor
+    from psycopg.rows import TupleRow
     from psycopg_pool import AsyncConnectionPool
 
+    Cursor: TypeAlias = AsyncCursor[TupleRow]
     Pool: TypeAlias = AsyncConnectionPool[Any]
 
 _pool_log = logging.getLogger("psycopg.pool")  # where the pool's own workers log
@@ -64,7 +72,9 @@ class LoopPools:
             if found is None:
                 if self.closed:  # closed from another loop meanwhile: open no new pool
                     raise StoreClosedError(f"PostgreSQL {self.target}: the repository is closed")
-                pool: Pool = _pool_type()(self.conninfo, **self.options)
+                pool: Pool = _pool_type()(
+                    self.conninfo, connection_class=_connection_type(), **self.options
+                )
                 closer = _closing(pool)
                 found = self._pools[loop] = (pool, closer)
         if closer is not None:
@@ -147,6 +157,34 @@ def _pool_type() -> type[Pool]:
                     raise asyncio.CancelledError
 
     return CancellablePool
+
+
+def cursor_of(conn: AsyncConnection[Any]) -> Cursor:
+    """A tuple-row cursor on `conn`, for the holder of the connection: the one it keeps if it
+    is a connection of our pools, else a new one (a pool passed in makes its own kind)."""
+    cursor: Cursor | None = getattr(conn, "store_cursor", None)
+    if cursor is None:
+        from psycopg.rows import tuple_row
+
+        cursor = conn.cursor(row_factory=tuple_row)
+        if isinstance(conn, _connection_type()):
+            cast("_KeepsCursor", conn).store_cursor = cursor
+    return cursor
+
+
+class _KeepsCursor(Protocol):
+    store_cursor: Cursor | None
+
+
+@functools.cache
+def _connection_type() -> type[AsyncConnection[Any]]:
+    """psycopg's async connection, with room for the one cursor `cursor_of` keeps on it."""
+    from psycopg import AsyncConnection
+
+    class StoreConnection(AsyncConnection[Any]):
+        store_cursor: Cursor | None = None
+
+    return StoreConnection
 
 
 async def _closing(pool: Pool) -> AsyncGenerator[None, None]:
