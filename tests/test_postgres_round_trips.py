@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from cqrs_resilience import ConcurrencyError, TransientError
@@ -409,19 +412,25 @@ async def test_a_task_started_in_a_round_reads_afresh_once_the_round_ended(pg_da
     assert (order.version, order.items) == (2, [{"id": "y"}])
 
 
-def test_rounds_on_two_event_loops_each_read_the_others_writes(pg_database):
-    """Rounds on one aggregate from two event loops on two threads each read, in the round,
-    what the other loop's last round wrote: every write succeeds at the version it read."""
-    store = PostgresRepository(pg_database, DemoOrder, lock_timeout=30.0)
-    asyncio.run(store.persist(DemoOrder(id="a")))
+ISOLATIONS = ["read committed", "repeatable read", "serializable"]
+
+
+def rounds_on_two_threads(
+    dsn: str, store_here: Callable[[], AbstractAsyncContextManager[PostgresRepository[DemoOrder]]]
+) -> DemoOrder:
+    """Two threads, each on its event loop, each making 15 rounds on aggregate "a" through
+    the store `async with store_here()` gives it there: read in the round, add an item, write
+    at the version read. Every write must succeed; the order as stored at the end."""
+    asyncio.run(_created(dsn))
     failures: list[BaseException] = []
 
     async def rounds(tag: str) -> None:
-        for n in range(15):
-            async with store.turn("a"):
-                [order] = await store.retrieve(["a"])
-                items = [*order.items, {"id": f"{tag}{n}"}]
-                await store.persist(DemoOrder(id="a", version=order.version, items=items))
+        async with store_here() as store:
+            for n in range(15):
+                async with store.turn("a"):
+                    [order] = await store.retrieve(["a"])
+                    items = [*order.items, {"id": f"{tag}{n}"}]
+                    await store.persist(DemoOrder(id="a", version=order.version, items=items))
 
     def run(tag: str) -> None:
         try:
@@ -434,18 +443,61 @@ def test_rounds_on_two_event_loops_each_read_the_others_writes(pg_database):
         thread.start()
     for thread in threads:
         thread.join(60)
-
-    async def stored() -> DemoOrder:
-        [order] = await store.retrieve(["a"])
-        await store.close()
-        return order
-
-    order = asyncio.run(stored())
     assert failures == []
+    order = asyncio.run(_stored(dsn))
     assert order.version == 31
     assert sorted(item["id"] for item in order.items) == sorted(
         f"{tag}{n}" for tag in "xy" for n in range(15)
     )
+    return order
+
+
+async def _created(dsn: str) -> None:
+    async with PostgresRepository(dsn, DemoOrder) as store:
+        await store.persist(DemoOrder(id="a"))
+
+
+async def _stored(dsn: str) -> DemoOrder:
+    async with PostgresRepository(dsn, DemoOrder) as store:
+        [order] = await store.retrieve(["a"])
+    return order
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_rounds_on_two_event_loops_each_read_the_others_writes(pg_database, isolation):
+    """Rounds on one aggregate from two event loops on two threads, sharing one repository,
+    each read in the round what the other loop's last round wrote: every write succeeds at
+    the version it read. So too on a server whose transactions default to a stricter
+    isolation, where a round's snapshot could otherwise date from before it waited for the
+    lock and miss what the lock's last holder wrote."""
+    level = isolation.replace(" ", "\\ ")  # libpq's options take a space escaped
+    dsn = make_conninfo(pg_database, options=f"-c default_transaction_isolation={level}")
+    store = PostgresRepository(dsn, DemoOrder, lock_timeout=30.0)
+
+    @contextlib.asynccontextmanager
+    async def shared() -> AsyncIterator[PostgresRepository[DemoOrder]]:
+        yield store  # closed once, after both threads
+
+    rounds_on_two_threads(dsn, shared)
+    asyncio.run(store.close())
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS[1:])
+def test_rounds_on_pools_not_in_autocommit_read_the_others_writes(pg_database, isolation):
+    """Each thread's repository on a pool of its own that is not in autocommit and begins its
+    transactions at a stricter isolation: a round still reads what the last round wrote."""
+    level = psycopg.IsolationLevel[isolation.upper().replace(" ", "_")]
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.set_isolation_level(level)
+
+    @contextlib.asynccontextmanager
+    async def own_pool() -> AsyncIterator[PostgresRepository[DemoOrder]]:
+        pool = AsyncConnectionPool(pg_database, min_size=2, configure=configure, open=False)
+        async with pool, PostgresRepository(pool, DemoOrder, lock_timeout=30.0) as store:
+            yield store
+
+    rounds_on_two_threads(pg_database, own_pool)
 
 
 @pytest.mark.parametrize("steps", range(10))

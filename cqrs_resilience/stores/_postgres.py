@@ -371,9 +371,14 @@ class PostgresRepository(StoreLifecycle, Repository[A]):
                 # BEGIN, the lock and a read of the aggregate in one round trip, which ends
                 # with the pipeline (the lock held from then on); COMMIT in one more.
                 # psycopg's `transaction()` would make it more: it waits for BEGIN on its own.
+                # READ COMMITTED whatever the server's or the pool's default: the read must
+                # see what the lock's last holder wrote, so its snapshot is taken once the
+                # lock is granted, not when the transaction began (REPEATABLE READ would).
                 async with conn.pipeline():
-                    if conn.autocommit:  # otherwise psycopg begins one itself
-                        await cur.execute("BEGIN")
+                    if conn.autocommit:
+                        await cur.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    else:  # psycopg begins one itself, at the pool's isolation level
+                        await cur.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     await cur.execute(_TURN_LOCK, lock)
                     await cur.execute(_LATEST_STATE, {"id": key})
                 held = _Round(await cur.fetchone())
