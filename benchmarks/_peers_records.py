@@ -89,14 +89,18 @@ class RecordsSQLiteWriter:
         await self._thread.open()
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
-        attempt = functools.partial(self._thread.run, _attempt, order_id, item, command_id)
+        attempt = functools.partial(self._thread.run, sqlite_attempt, order_id, item, command_id)
         return await until_applied(attempt, "records", order_id, MOST_ATTEMPTS)
 
     async def close(self) -> None:
         await self._thread.close()
 
 
-def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id: str) -> bool:
+def sqlite_attempt(
+    conn: sqlite3.Connection, order_id: str, item: LineItem, command_id: str, records: bool = True
+) -> bool:
+    """One attempt on SQLite: read, check, write the next version; with `records`, looked up
+    and recorded under the command's id. Whether it was applied (False: a version race)."""
     _, state = conn.execute(
         "SELECT version, state FROM aggregate_versions WHERE aggregate_id = ?"
         " ORDER BY version DESC LIMIT 1",
@@ -106,18 +110,19 @@ def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id
     fingerprint = _fingerprint(order_id, item, command_id)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        known, done = conn.execute(
-            "SELECT (SELECT fingerprint FROM processed_writes"
-            " WHERE command_id = ? AND aggregate_id = '' AND seq = 0),"
-            " (SELECT version FROM processed_writes"
-            " WHERE command_id = ? AND aggregate_id = ? AND seq = 1)",
-            (command_id, command_id, order_id),
-        ).fetchone()
-        if known not in (None, fingerprint):
-            raise RuntimeError(f"records: command id {command_id!r} reused")
-        if done is not None:
-            conn.execute("COMMIT")
-            return True  # a resend: applied already
+        if records:
+            known, done = conn.execute(
+                "SELECT (SELECT fingerprint FROM processed_writes"
+                " WHERE command_id = ? AND aggregate_id = '' AND seq = 0),"
+                " (SELECT version FROM processed_writes"
+                " WHERE command_id = ? AND aggregate_id = ? AND seq = 1)",
+                (command_id, command_id, order_id),
+            ).fetchone()
+            if known not in (None, fingerprint):
+                raise RuntimeError(f"records: command id {command_id!r} reused")
+            if done is not None:
+                conn.execute("COMMIT")
+                return True  # a resend: applied already
         inserted = conn.execute(
             "INSERT INTO aggregate_versions SELECT ?, ?, ? WHERE"
             " (SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = ?) = ?",
@@ -126,11 +131,11 @@ def _attempt(conn: sqlite3.Connection, order_id: str, item: LineItem, command_id
         if inserted.rowcount != 1:
             conn.execute("ROLLBACK")
             return False
-        # The write's record and, on the command's first write, the command's own row.
-        conn.execute(
-            "INSERT INTO processed_writes VALUES (?, ?, 1, ?, ?, 0), (?, '', 0, ?, 0, 0)",
-            (command_id, order_id, fingerprint, version + 1, command_id, fingerprint),
-        )
+        if records:  # the write's record and the command's own row, one statement
+            conn.execute(
+                "INSERT INTO processed_writes VALUES (?, ?, 1, ?, ?, 0), (?, '', 0, ?, 0, 0)",
+                (command_id, order_id, fingerprint, version + 1, command_id, fingerprint),
+            )
         oldest = _oldest_kept(version + 1)
         if oldest is not None:
             conn.execute(

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 from _peers_common import LineItem, seed_items, sqlite_connect
-from _peers_records import _fingerprint, _next_state, _oldest_kept, _schema
+from _peers_records import _fingerprint, _next_state, _schema, sqlite_attempt
 from _peers_sides import FloorOrder, Order, _appended
 
 HOT = "hot"
@@ -66,44 +66,12 @@ def checked(conn: sqlite3.Connection, item: LineItem, command_id: str) -> None:
     conn.execute("COMMIT")
 
 
-def history(
-    conn: sqlite3.Connection, item: LineItem, command_id: str, *, records: bool = False
-) -> None:
-    (state,) = conn.execute(
-        "SELECT state FROM aggregate_versions WHERE aggregate_id = ? ORDER BY version DESC LIMIT 1",
-        (HOT,),
-    ).fetchone()
-    version, encoded = _next_state(state, item)
-    fingerprint = _fingerprint(HOT, item, command_id)
-    conn.execute("BEGIN IMMEDIATE")
-    if records:
-        conn.execute(
-            "SELECT (SELECT fingerprint FROM processed_writes"
-            " WHERE command_id = ? AND aggregate_id = '' AND seq = 0),"
-            " (SELECT version FROM processed_writes"
-            " WHERE command_id = ? AND aggregate_id = ? AND seq = 1)",
-            (command_id, command_id, HOT),
-        ).fetchone()
-    conn.execute(
-        "INSERT INTO aggregate_versions SELECT ?, ?, ? WHERE"
-        " (SELECT MAX(version) FROM aggregate_versions WHERE aggregate_id = ?) = ?",
-        (HOT, version + 1, encoded, HOT, version),
-    )
-    if records:
-        conn.execute(
-            "INSERT INTO processed_writes VALUES (?, ?, 1, ?, ?, 0), (?, '', 0, ?, 0, 0)",
-            (command_id, HOT, fingerprint, version + 1, command_id, fingerprint),
-        )
-    oldest = _oldest_kept(version + 1)
-    if oldest is not None:
-        conn.execute(
-            "DELETE FROM aggregate_versions WHERE aggregate_id = ? AND version < ?", (HOT, oldest)
-        )
-    conn.execute("COMMIT")
+def history(conn: sqlite3.Connection, item: LineItem, command_id: str) -> None:
+    sqlite_attempt(conn, HOT, item, command_id, records=False)
 
 
 def records(conn: sqlite3.Connection, item: LineItem, command_id: str) -> None:
-    history(conn, item, command_id, records=True)
+    sqlite_attempt(conn, HOT, item, command_id)
 
 
 Attempt = Callable[[sqlite3.Connection, LineItem, str], None]

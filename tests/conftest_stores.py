@@ -6,13 +6,14 @@ server, PostgreSQL tests skip locally and fail in CI (`CI=true`), where skipping
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,14 @@ def writer_thread_blocked(store: SQLiteRepository[Any]) -> AbstractContextManage
 
 def reader_thread_blocked(store: SQLiteRepository[Any]) -> AbstractContextManager[None]:
     return thread_blocked(store._reader)
+
+
+async def cancel_after_steps(task: asyncio.Task[Any], steps: int) -> bool:
+    """Let `task` run `steps` event-loop steps (not a wait for time), cancel it and wait for
+    it to end; whether the cancel caught it (False: it had finished first)."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+    return task.cancelled()

@@ -4,7 +4,6 @@ on it and closed with it (see the top of `cqrs_resilience/stores/_postgres_pools
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ from cqrs_resilience import (
 )
 from cqrs_resilience._demo import AddLineItem, AddLineItemHandler, DemoOrder
 from cqrs_resilience.stores import PostgresRepository, StoreConfigurationError
+from tests.conftest_stores import cancel_after_steps
 
 pytestmark = pytest.mark.postgres
 
@@ -236,11 +236,7 @@ def test_a_read_and_write_cancelled_at_any_point_leave_the_pool_serving(pg_datab
                 await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
 
             task = asyncio.create_task(read_and_write())
-            for _ in range(steps):
-                await asyncio.sleep(0)  # one event-loop step, not a wait for time
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_after_steps(task, steps)
             [order] = await asyncio.wait_for(store.retrieve(["a"]), BOUND_S)
             assert order.version in (1, 2)
             stored = await store.persist(DemoOrder(id="a", version=order.version))

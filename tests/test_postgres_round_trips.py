@@ -19,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from cqrs_resilience import ConcurrencyError, TransientError
 from cqrs_resilience._demo import DemoOrder
 from cqrs_resilience.stores import PostgresRepository
+from tests.conftest_stores import cancel_after_steps
 
 pytestmark = pytest.mark.postgres
 
@@ -134,11 +135,7 @@ async def test_a_turn_cancelled_at_any_point_leaves_no_lock_and_a_usable_pool(pg
                     pytest.fail("took the turn another process holds")
 
             task = asyncio.create_task(take())
-            for _ in range(steps):
-                await asyncio.sleep(0)  # one event-loop step, not a wait for time
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            assert await cancel_after_steps(task, steps)
         assert await advisory_locks(pg_database) == 0
         async with store.turn("a"):
             assert await advisory_locks(pg_database) == 1
@@ -167,11 +164,7 @@ async def test_a_turn_cancelled_while_held_releases_the_lock(pg_database, steps)
         task = asyncio.create_task(hold())
         if steps:
             await held.wait()
-        for _ in range(steps):
-            await asyncio.sleep(0)  # one event-loop step, not a wait for time
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        assert await cancel_after_steps(task, steps)
         async with other.turn("a"):
             assert await advisory_locks(pg_database) == 1
         async with store.turn("a"):
@@ -239,11 +232,7 @@ async def test_an_uncontended_turn_cancelled_at_any_point_leaves_no_lock(pg_data
                 await asyncio.sleep(0)
 
         task = asyncio.create_task(take())
-        for _ in range(steps):
-            await asyncio.sleep(0)  # one event-loop step, not a wait for time
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_after_steps(task, steps)
         assert await advisory_locks(pg_database) == 0
         async with store.turn("a"):
             assert await advisory_locks(pg_database) == 1
@@ -515,11 +504,7 @@ async def test_a_round_reading_and_writing_cancelled_at_any_point_leaves_the_nex
                 await store.persist(DemoOrder(id="a", version=order.version, items=[{"id": "x"}]))
 
         task = asyncio.create_task(a_round())
-        for _ in range(steps):
-            await asyncio.sleep(0)  # one event-loop step, not a wait for time
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_after_steps(task, steps)
         assert await advisory_locks(pg_database) == 0
         async with PostgresRepository(pg_database, DemoOrder) as other:
             [stored] = await other.retrieve(["a"])
