@@ -55,7 +55,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -317,31 +316,6 @@ def _size(size_bytes: int) -> str:
     return f"{size_bytes / 1e6:.1f} MB" if size_bytes >= 1e6 else f"{size_bytes / 1e3:.0f} kB"
 
 
-TARGETS: tuple[tuple[str, float, Callable[[Row], bool]], ...] = (
-    ("Zipf load, {processes} process(es)", 1.0, lambda row: row.load == "zipf"),
-    ("single writer", 0.9, lambda row: row.load == "hot" and row.writers == 1),
-    ("one hot aggregate, 8 writers", 0.5, lambda row: row.load == "hot" and row.writers == 8),
-)
-
-
-def format_targets(rows: list[Row]) -> str:
-    lines = [
-        "| target | store | needed | measured | result |",
-        "|---|---|---:|---:|---|",
-    ]
-    for name, needed, applies in TARGETS:
-        matching = [row for row in rows if applies(row)]
-        if not matching:
-            lines.append(f"| {name.format(processes='any')} | - | ≥ {needed:.2f}x | - | not run |")
-        for row in matching:
-            verdict = "PASS" if row.ratio >= needed else "FAIL"
-            lines.append(
-                f"| {name.format(processes=row.processes)} | {row.store} | ≥ {needed:.2f}x "
-                f"| {row.ratio:.2f}x | {verdict} |"
-            )
-    return "\n".join(lines)
-
-
 # --- main -------------------------------------------------------------------------------
 
 
@@ -391,8 +365,6 @@ def main(args: argparse.Namespace) -> None:
                 rows.append(compare(store, "zipf", plan, args.repeat))
                 print(format_row(rows[-1]), flush=True)
 
-    print("\nTargets (optimistic / pessimistic throughput)\n")
-    print(format_targets(rows))
     print(f"\n({time.perf_counter() - began:.0f} s)", file=sys.stderr)
 
 
