@@ -118,6 +118,19 @@ async def advisory_locks(dsn: str) -> int:
     return int(row[0])
 
 
+async def assert_no_lock_and_the_next_turn_and_write_work(
+    store: PostgresRepository[DemoOrder], dsn: str
+) -> None:
+    """No advisory lock is left; the store's next turn holds one, and its next write of "a"
+    (at version 1) stores version 2 and leaves none."""
+    assert await advisory_locks(dsn) == 0
+    async with store.turn("a"):
+        assert await advisory_locks(dsn) == 1
+    stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
+    assert stored.version == 2
+    assert await advisory_locks(dsn) == 0
+
+
 @pytest.mark.parametrize("steps", range(12))
 async def test_a_turn_cancelled_at_any_point_leaves_no_lock_and_a_usable_pool(pg_database, steps):
     """A turn cancelled while it waits for another process's round, at any await, holds no
@@ -136,12 +149,7 @@ async def test_a_turn_cancelled_at_any_point_leaves_no_lock_and_a_usable_pool(pg
 
             task = asyncio.create_task(take())
             assert await cancel_after_steps(task, steps)
-        assert await advisory_locks(pg_database) == 0
-        async with store.turn("a"):
-            assert await advisory_locks(pg_database) == 1
-        stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
-        assert stored.version == 2
-        assert await advisory_locks(pg_database) == 0
+        await assert_no_lock_and_the_next_turn_and_write_work(store, pg_database)
 
 
 @pytest.mark.parametrize("steps", range(12))
@@ -328,12 +336,7 @@ async def test_rounds_following_each_other_cancelled_at_any_point_leave_no_lock(
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
         survivor = "second" if cancelled == "first" else "first"
         assert results[list(tasks).index(survivor)] is None
-        assert await advisory_locks(pg_database) == 0
-        async with store.turn("a"):
-            assert await advisory_locks(pg_database) == 1
-        stored = await store.persist(DemoOrder(id="a", version=1, items=[{"id": "x"}]))
-        assert stored.version == 2
-        assert await advisory_locks(pg_database) == 0
+        await assert_no_lock_and_the_next_turn_and_write_work(store, pg_database)
 
 
 async def test_a_round_reads_its_aggregate_in_the_round_trip_that_takes_the_lock(
