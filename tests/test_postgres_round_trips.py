@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,6 +25,7 @@ from cqrs_resilience.stores import PostgresRepository
 from tests.conftest_stores import cancel_after_steps
 
 pytestmark = pytest.mark.postgres
+BOUND_S = 20.0  # a bound on waits that end long before, never a wait for time
 
 
 def one_connection_pool(dsn: str) -> AsyncConnectionPool[Any]:
@@ -543,3 +547,46 @@ async def test_a_task_started_in_a_round_writes_as_a_first_attempt_once_the_roun
                 await late
         [order] = await store.retrieve(["a"])
     assert order.version == 1
+
+
+def _hold_a_round(dsn: str, ready: Any) -> None:
+    """In a child process: in a round on "a", write it (the write is acknowledged), say so,
+    and hang, holding the round and its lock, until killed."""
+
+    async def main() -> None:
+        async with PostgresRepository(dsn, DemoOrder) as store, store.turn("a"):
+            [order] = await store.retrieve(["a"])
+            items = [*order.items, {"id": "before the kill"}]
+            await store.persist(DemoOrder(id="a", version=order.version, items=items))
+            ready.set()
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+async def test_a_process_killed_in_a_round_leaves_its_write_and_frees_the_aggregate(pg_database):
+    """SIGKILL a process while its round holds an aggregate, after its write was acknowledged:
+    the server drops the dead process's lock, and this process's round takes it, reads that
+    write (not a state from before it) and writes after it; no lock is left."""
+    async with PostgresRepository(pg_database, DemoOrder, lock_timeout=BOUND_S) as store:
+        await store.persist(DemoOrder(id="a"))
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        child = context.Process(target=_hold_a_round, args=(pg_database, ready), daemon=True)
+        child.start()
+        assert await asyncio.to_thread(ready.wait, BOUND_S), "the child never wrote in a round"
+        assert await advisory_locks(pg_database) == 1
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        await asyncio.to_thread(child.join, BOUND_S)
+
+        async def a_round() -> DemoOrder:
+            async with store.turn("a"):
+                [order] = await store.retrieve(["a"])
+                items = [*order.items, {"id": "after the kill"}]
+                return await store.persist(DemoOrder(id="a", version=order.version, items=items))
+
+        written = await asyncio.wait_for(a_round(), BOUND_S)
+        assert written.version == 3
+        assert written.items == [{"id": "before the kill"}, {"id": "after the kill"}]
+        assert await advisory_locks(pg_database) == 0
