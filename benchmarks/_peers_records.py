@@ -35,7 +35,7 @@ from _peers_common import (
     seed_items,
     sqlite_connect,
 )
-from _peers_sides import MOST_ATTEMPTS, AddItem, Order, _pg_connect, _pg_pool
+from _peers_sides import MOST_ATTEMPTS, AddItem, Order, pg_connect, pg_pool
 
 KEEP_VERSIONS = 100  # our stores' default
 PRUNE_EVERY = 16  # our SQLite store prunes old versions 16 at a time
@@ -45,7 +45,7 @@ _decode = msgspec.msgpack.Decoder(Order).decode
 _fingerprint_encode = msgspec.msgpack.Encoder(order="deterministic").encode
 
 
-def _schema(blob: str, options: str) -> list[str]:
+def schema(blob: str, options: str) -> list[str]:
     """Our stores' tables: versions in a rowid table, the records WITHOUT ROWID (SQLite)."""
     return [
         f"""CREATE TABLE IF NOT EXISTS aggregate_versions (aggregate_id TEXT NOT NULL,
@@ -59,7 +59,7 @@ def _schema(blob: str, options: str) -> list[str]:
     ]
 
 
-def _next_state(state: bytes, item: LineItem) -> tuple[int, bytes]:
+def next_state(state: bytes, item: LineItem) -> tuple[int, bytes]:
     """The order's version read and its next state, checked to read back."""
     order = _decode(state)
     stored = msgspec.structs.replace(order, items=[*order.items, item], version=order.version + 1)
@@ -68,7 +68,7 @@ def _next_state(state: bytes, item: LineItem) -> tuple[int, bytes]:
     return order.version, encoded
 
 
-def _fingerprint(order_id: str, item: LineItem, command_id: str) -> bytes:
+def fingerprint_of(order_id: str, item: LineItem, command_id: str) -> bytes:
     command = AddItem(order_id=order_id, item=item, command_id=command_id)
     return hashlib.blake2b(_fingerprint_encode(command), digest_size=16).digest()
 
@@ -106,8 +106,8 @@ def sqlite_attempt(
         " ORDER BY version DESC LIMIT 1",
         (order_id,),
     ).fetchone()
-    version, encoded = _next_state(state, item)
-    fingerprint = _fingerprint(order_id, item, command_id)
+    version, encoded = next_state(state, item)
+    fingerprint = fingerprint_of(order_id, item, command_id)
     conn.execute("BEGIN IMMEDIATE")
     try:
         if records:
@@ -179,7 +179,7 @@ class RecordsPostgresWriter:
         self.pool = pool
 
     async def add(self, order_id: str, item: LineItem, command_id: str) -> int:
-        fingerprint = _fingerprint(order_id, item, command_id)
+        fingerprint = fingerprint_of(order_id, item, command_id)
         attempt = functools.partial(self._attempt, order_id, item, command_id, fingerprint)
         return await until_applied(attempt, "records", order_id, MOST_ATTEMPTS)
 
@@ -195,7 +195,7 @@ class RecordsPostgresWriter:
                 (order_id,),
             )
             (state,) = await cur.fetchone()
-            version, encoded = _next_state(state, item)
+            version, encoded = next_state(state, item)
             args = {
                 "id": order_id,
                 "version": version,
@@ -225,7 +225,7 @@ class FloorRecords:
         if isinstance(db, SQLiteDatabase):
             conn = sqlite_connect(db.path(self))
             try:
-                for statement in _schema("BLOB", " WITHOUT ROWID"):
+                for statement in schema("BLOB", " WITHOUT ROWID"):
                     conn.execute(statement)
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany("INSERT INTO aggregate_versions VALUES (?, ?, ?)", rows)
@@ -233,8 +233,8 @@ class FloorRecords:
             finally:
                 conn.close()
             return
-        async with await _pg_connect(db, self) as conn:
-            for statement in _schema("BYTEA", ""):
+        async with await pg_connect(db, self) as conn:
+            for statement in schema("BYTEA", ""):
                 await conn.execute(statement)
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany("INSERT INTO aggregate_versions VALUES (%s, %s, %s)", rows)
@@ -244,7 +244,7 @@ class FloorRecords:
             writer = RecordsSQLiteWriter(db.path(self))
             await writer.open()
             return writer
-        return RecordsPostgresWriter(await _pg_pool(db.dsn_for(self), PG_POOL_SIZE))
+        return RecordsPostgresWriter(await pg_pool(db.dsn_for(self), PG_POOL_SIZE))
 
     async def stored(self, db: Database, ids: Sequence[str]) -> dict[str, Stored]:
         latest = """SELECT state FROM aggregate_versions AS v WHERE aggregate_id = {mark}
@@ -261,7 +261,7 @@ class FloorRecords:
             finally:
                 conn.close()
         else:
-            async with await _pg_connect(db, self) as conn:
+            async with await pg_connect(db, self) as conn:
                 for i in ids:
                     cur = await conn.execute(latest.format(mark="%s"), (i,))
                     row = await cur.fetchone()

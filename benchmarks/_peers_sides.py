@@ -185,7 +185,7 @@ _FLOOR_TABLE = """CREATE TABLE IF NOT EXISTS orders
     (id TEXT PRIMARY KEY, version INTEGER NOT NULL, state {blob} NOT NULL){options}"""
 
 
-def _appended(state: bytes, item: LineItem) -> bytes:
+def appended(state: bytes, item: LineItem) -> bytes:
     order = _floor_decode(state)
     order.items.append(item)
     return _floor_encode(order)
@@ -214,7 +214,7 @@ def _floor_attempt(conn: sqlite3.Connection, order_id: str, item: LineItem) -> b
     ).fetchone()
     updated = conn.execute(
         "UPDATE orders SET state = ?, version = version + 1 WHERE id = ? AND version = ?",
-        (_appended(state, item), order_id, version),
+        (appended(state, item), order_id, version),
     )
     return bool(updated.rowcount == 1)
 
@@ -236,7 +236,7 @@ class FloorPostgresWriter:
             cur = await conn.execute(
                 "UPDATE orders SET state = %s, version = version + 1"
                 " WHERE id = %s AND version = %s",
-                (_appended(state, item), order_id, version),
+                (appended(state, item), order_id, version),
             )
             return bool(cur.rowcount == 1)
 
@@ -244,7 +244,7 @@ class FloorPostgresWriter:
         await self.pool.close()
 
 
-async def _pg_pool(dsn: str, size: int) -> Any:
+async def pg_pool(dsn: str, size: int) -> Any:
     from psycopg_pool import AsyncConnectionPool
 
     pool = AsyncConnectionPool(
@@ -271,7 +271,7 @@ class Floor:
             finally:
                 conn.close()
             return
-        async with await _pg_connect(db, self) as conn:
+        async with await pg_connect(db, self) as conn:
             await conn.execute(_FLOOR_TABLE.format(blob="BYTEA", options=""))
             async with conn.transaction(), conn.cursor() as cur:
                 await cur.executemany("INSERT INTO orders VALUES (%s, 1, %s)", rows)
@@ -281,7 +281,7 @@ class Floor:
             writer = FloorSQLiteWriter(db.path(self))
             await writer.open()
             return writer
-        return FloorPostgresWriter(await _pg_pool(db.dsn_for(self), PG_POOL_SIZE))
+        return FloorPostgresWriter(await pg_pool(db.dsn_for(self), PG_POOL_SIZE))
 
     async def stored(self, db: Database, ids: Sequence[str]) -> dict[str, Stored]:
         if isinstance(db, SQLiteDatabase):
@@ -294,7 +294,7 @@ class Floor:
             finally:
                 conn.close()
         else:
-            async with await _pg_connect(db, self) as conn:
+            async with await pg_connect(db, self) as conn:
                 cur = await conn.execute(
                     "SELECT id, version, state FROM orders WHERE id = ANY(%s)", (list(ids),)
                 )
@@ -305,7 +305,7 @@ class Floor:
         }
 
 
-async def _pg_connect(db: PostgresDatabase, side: Any) -> Any:
+async def pg_connect(db: PostgresDatabase, side: Any) -> Any:
     import psycopg
 
     return await psycopg.AsyncConnection.connect(db.dsn_for(side), autocommit=True)

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import msgspec
 from _peers_common import LineItem, seed_items, sqlite_connect
-from _peers_records import _fingerprint, _next_state, _schema, sqlite_attempt
-from _peers_sides import FloorOrder, Order, _appended
+from _peers_records import fingerprint_of, next_state, schema, sqlite_attempt
+from _peers_sides import FloorOrder, Order, appended
 
 HOT = "hot"
 _encode = msgspec.msgpack.Encoder().encode
@@ -50,14 +50,14 @@ def floor(conn: sqlite3.Connection, item: LineItem, command_id: str) -> None:
     ).fetchone()
     conn.execute(
         "UPDATE orders SET state = ?, version = version + 1 WHERE id = ? AND version = ?",
-        (_appended(state, item), HOT, version),
+        (appended(state, item), HOT, version),
     )
 
 
 def checked(conn: sqlite3.Connection, item: LineItem, command_id: str) -> None:
     (state,) = conn.execute("SELECT state FROM orders WHERE id = ?", (HOT,)).fetchone()
-    version, encoded = _next_state(state, item)
-    _fingerprint(HOT, item, command_id)
+    version, encoded = next_state(state, item)
+    fingerprint_of(HOT, item, command_id)
     conn.execute("BEGIN IMMEDIATE")
     conn.execute(
         "UPDATE orders SET state = ?, version = version + 1 WHERE id = ? AND version = ?",
@@ -96,7 +96,7 @@ def seeded(path: str, attempt: Attempt) -> sqlite3.Connection:
             state = _encode(Order(id=HOT, version=1, items=seed_items()))
         conn.execute("INSERT INTO orders VALUES (?, 1, ?)", (HOT, state))
     else:
-        for statement in _schema("BLOB", " WITHOUT ROWID"):
+        for statement in schema("BLOB", " WITHOUT ROWID"):
             conn.execute(statement)
         state = _encode(Order(id=HOT, version=1, items=seed_items()))
         conn.execute("INSERT INTO aggregate_versions VALUES (?, 1, ?)", (HOT, state))
